@@ -1,0 +1,28 @@
+"""lipscope: find, explain and fix the Lipschitz singularity of diffusion models near t = 0.
+
+Yang et al., "Lipschitz Singularities in Diffusion Models", ICLR 2024 (arXiv 2306.11251).
+"""
+
+from .data import load_data
+from .errors import InputError, ModelOutputError
+from .models import EpsModel, from_callable, from_unet, load_model
+from .probe import probe, summary
+from .schedules import Schedule, default_schedule, parse_grid, schedule_from_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EpsModel",
+    "InputError",
+    "ModelOutputError",
+    "Schedule",
+    "default_schedule",
+    "from_callable",
+    "from_unet",
+    "load_data",
+    "load_model",
+    "parse_grid",
+    "probe",
+    "schedule_from_config",
+    "summary",
+]

@@ -1,0 +1,270 @@
+"""x0 sources, all returned as float32 tensors (N, C, H, W) scaled to [−1, 1].
+
+Sources (``load_data(spec, …)``):
+  * ``digits``: scikit-learn's 8×8 digits (values 0..16 → [−1, 1]), resized to the model's size and
+    replicated to its channels;
+  * a folder of images: resized (shorter side) and centre-cropped to the model's size, converted to
+    L or RGB to match its channels;
+  * ``.npy`` / ``.npz`` / ``.pt`` arrays, NCHW or NHWC: uint8 is mapped by x/127.5 − 1; float data in
+    [0, 1] by 2x − 1; float data already in [−1, 1] is kept; anything else is refused;
+  * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``);
+  * ``model``: x0 drawn from the model itself with DDIM, cached in the run folder.
+
+Which n samples are used is decided by ``seed`` alone (a seeded permutation; sampling with
+replacement, with a notice, if the source has fewer than n).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+log = logging.getLogger("lipscope")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
+
+
+def choose_indices(available: int, n: int, seed: int) -> np.ndarray:
+    """Which of ``available`` items to use for n samples: depends on (seed, available, n) only."""
+    if available <= 0:
+        raise InputError("the data source is empty; pass --data with at least one sample")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
+    if available >= n:
+        return np.sort(rng.permutation(available)[:n])
+    log.warning("data has %d samples but %d were asked for: sampling with replacement", available, n)
+    return rng.integers(0, available, size=n)
+
+
+def sample_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The generator of sample ``index`` (EDM-style: one stream per sample, not per batch)."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state) & ((1 << 63) - 1))
+    return g
+
+
+def per_sample_noise(seed: int, n: int, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
+    """ε_i ~ N(0, I) for i = offset..offset+n−1, each from its own generator (float32, CPU)."""
+    return torch.stack([torch.randn(shape, generator=sample_generator(seed, offset + i)) for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    return F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def _match_channels(x: torch.Tensor, c: int, what: str) -> torch.Tensor:
+    if x.shape[1] == c:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, c, -1, -1).contiguous()
+    raise InputError(f"{what} has {x.shape[1]} channels but the model takes {c}; pass data with {c} channels")
+
+
+def scale_array(a: np.ndarray, what: str) -> np.ndarray:
+    """uint8 → x/127.5 − 1; floats in [0, 1] → 2x − 1; floats in [−1, 1] kept; else refused."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 127.5 - 1.0
+    if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"{what}: dtype {a.dtype} not supported; use uint8 or float arrays")
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{what} contains NaN/inf; clean the data first")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return 2.0 * a - 1.0
+    if lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3:
+        return np.clip(a, -1.0, 1.0)
+    raise InputError(f"{what}: float values span [{lo:.3g}, {hi:.3g}]; scale them to [0, 1] or [−1, 1] (or save uint8)")
+
+
+def to_nchw(a: np.ndarray, channels: int | None, what: str) -> np.ndarray:
+    """Accept (N,C,H,W), (N,H,W,C) or (N,H,W); decide by which axis matches the channel count."""
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4:
+        raise InputError(f"{what}: expected a 4-d array (N,C,H,W) or (N,H,W,C), got shape {a.shape}")
+    c_first, c_last = a.shape[1], a.shape[3]
+    cands = (channels,) if channels is not None else (1, 3, 4)
+    if c_first in cands and c_last not in cands:
+        return a
+    if c_last in cands and c_first not in cands:
+        return a.transpose(0, 3, 1, 2)
+    if c_first in cands:  # ambiguous (e.g. 3×…×3): NCHW is diffusers' layout
+        return a
+    raise InputError(
+        f"{what}: shape {a.shape} has no channel axis of size {channels if channels else '1/3'}; "
+        f"the model takes {channels} channels"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+
+
+def digits_array() -> np.ndarray:
+    """scikit-learn's digits as (1797, 1, 8, 8) float32 in [−1, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits().images.astype(np.float32)  # 0..16
+    return (d / 8.0 - 1.0)[:, None]
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                key = next((k for k in ("x0", "images", "samples", "arr_0") if k in keys), None)
+                if key is None and len(keys) == 1:
+                    key = keys[0]
+                if key is None:
+                    raise InputError(f"--data {path}: npz holds {keys}; name the array x0 (or save a single array)")
+                return z[key]
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in ("x0", "images", "samples") if k in obj), None)
+        if not isinstance(obj, torch.Tensor):
+            raise InputError(f"--data {path}: expected a tensor (or a dict with key x0)")
+        return obj.numpy()
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"--data {path}: could not read the array ({str(e).splitlines()[0][:200]})") from e
+
+
+def _image_to_array(img, c: int, hw: tuple[int, int]) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    mode = {1: "L", 3: "RGB"}.get(c)
+    if mode is None:
+        raise InputError(f"image data can feed 1- or 3-channel models, this one takes {c}")
+    img = ImageOps.exif_transpose(img).convert(mode)
+    img = ImageOps.fit(img, (hw[1], hw[0]), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _image_folder(path: Path, n: int, seed: int, c: int, hw: tuple[int, int]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise InputError(f"--data {path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder")
+    idx = choose_indices(len(files), n, seed)
+    out = []
+    for i in idx:
+        try:
+            with Image.open(files[i]) as img:
+                out.append(_image_to_array(img, c, hw))
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"--data: cannot read image {files[i]} ({e.__class__.__name__}); remove or fix it") from e
+    return np.stack(out).astype(np.float32) / 127.5 - 1.0
+
+
+def _hf_dataset(name: str, split: str, n: int, seed: int, c: int, hw: tuple[int, int]) -> np.ndarray:
+    try:
+        import datasets
+    except ImportError as e:
+        raise InputError("--data hf:… needs the datasets package: pip install 'lipscope[hf]'") from e
+    try:
+        p = Path(name)
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise InputError(
+            f"--data hf:{name}:{split}: could not load the dataset ({str(e).splitlines()[0][:200]})"
+        ) from e
+    col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    col = col or next((k for k in ("img", "image", "pixel_values") if k in ds.column_names), None)
+    if col is None:
+        raise InputError(f"--data hf:{name}: no image column among {ds.column_names}")
+    idx = choose_indices(len(ds), n, seed)
+    imgs = [_image_to_array(ds[int(i)][col], c, hw) for i in idx]
+    return np.stack(imgs).astype(np.float32) / 127.5 - 1.0
+
+
+def load_data(
+    spec: str | np.ndarray | torch.Tensor,
+    n: int,
+    seed: int = 0,
+    sample_shape: tuple[int, ...] | None = None,
+    model=None,
+    cache_dir: str | Path | None = None,
+) -> torch.Tensor:
+    """Load n x0 samples as float32 (n, C, H, W) in [−1, 1], matched to ``sample_shape`` (C, H, W)."""
+    if n < 1:
+        raise InputError("--samples must be ≥ 1")
+    c = sample_shape[0] if sample_shape else None
+    hw = tuple(sample_shape[1:]) if sample_shape else None
+    if isinstance(spec, (np.ndarray, torch.Tensor)):
+        a = spec.detach().cpu().numpy() if isinstance(spec, torch.Tensor) else spec
+        a = to_nchw(np.asarray(a), c, "data array")
+        x = torch.from_numpy(scale_array(a, "data array")[choose_indices(a.shape[0], n, seed)])
+        return _finish(x, c, hw, "data array", resize=False)
+    spec = str(spec)
+    if spec == "model":
+        if model is None:
+            raise InputError("--data model needs a model to sample from")
+        from .sampling import model_samples
+
+        return model_samples(model, n, seed, cache_dir=cache_dir)
+    if spec == "digits":
+        a = digits_array()
+        x = torch.from_numpy(a[choose_indices(a.shape[0], n, seed)])
+        return _finish(x, c, hw, "digits", resize=True)
+    if spec.startswith("hf:"):
+        if c is None:
+            raise InputError("--data hf:… needs a model with a known sample size")
+        parts = spec[3:].split(":")
+        name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
+        return torch.from_numpy(_hf_dataset(name, split, n, seed, c, hw))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"--data {spec}: no such file or folder; use digits, model, hf:NAME, an image folder or an array file"
+        )
+    if path.is_dir():
+        if c is None:
+            raise InputError(f"--data {spec}: image folders need a model with a known sample size")
+        return torch.from_numpy(_image_folder(path, n, seed, c, hw))
+    if path.suffix.lower() not in ARRAY_SUFFIXES:
+        raise InputError(f"--data {spec}: unknown file type; use {'/'.join(ARRAY_SUFFIXES)} or an image folder")
+    a = to_nchw(_load_array(path), c, f"--data {spec}")
+    if a.shape[0] == 0:
+        raise InputError(f"--data {spec}: the array holds no samples")
+    x = torch.from_numpy(scale_array(a[choose_indices(a.shape[0], n, seed)], f"--data {spec}"))
+    return _finish(x, c, hw, f"--data {spec}", resize=False)
+
+
+def _finish(x: torch.Tensor, c: int | None, hw, what: str, resize: bool) -> torch.Tensor:
+    x = x.float().contiguous()
+    if c is not None:
+        x = _match_channels(x, c, what)
+    if hw is not None and tuple(x.shape[-2:]) != tuple(hw):
+        if not resize:
+            raise InputError(
+                f"{what}: samples are {tuple(x.shape[-2:])} but the model takes {tuple(hw)}; resize the data"
+            )
+        x = _resize(x, hw)
+    return x

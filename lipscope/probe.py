@@ -1,0 +1,333 @@
+"""Lipschitz-in-t estimators over an EpsModel, and the batched runner.
+
+Finite differences (paper, Fig. 1; DESIGN.md):
+
+    K(t) = E_{x0,ε} ‖εθ(x_t, t_b) − εθ(x_t, t_a)‖₂ / ((t_b − t_a)/T)
+
+with x_t = α_t x0 + σ_t ε drawn at t and the SAME x_t fed at both conditions. Schemes:
+``forward`` (t_a = t, t_b = t + Δ) and ``central`` (t_a = t − Δ/2, t_b = t + Δ/2). Δ is in model
+steps and may be fractional. K is per unit of normalised time τ = t/T.
+
+The runner packs (sample, timestep) pairs of many timesteps into each forward pass: every batch holds
+P pairs, i.e. 2P forwards (the P inputs at t_a followed by the same P inputs at t_b).
+Sample i always uses the noise ε_i of its own generator (``data.sample_generator``), shared across
+timesteps (common random numbers), so results do not depend on the batch size or the grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import load_data, per_sample_noise
+from .errors import InputError, ModelOutputError
+from .models import EpsModel
+from .schedules import parse_grid
+
+log = logging.getLogger("lipscope")
+
+SCHEMES = ("forward", "central")
+CPU_AUTO_BATCH = 64
+CUDA_AUTO_BATCH = 1024
+
+
+@dataclass
+class FDPoints:
+    """Where x_t is drawn (t) and the two conditions it is fed at (t_a < t_b), all in model steps."""
+
+    t: np.ndarray
+    t_a: np.ndarray
+    t_b: np.ndarray
+
+    @property
+    def dt(self) -> np.ndarray:
+        return self.t_b - self.t_a
+
+
+def fd_points(grid: np.ndarray, dt: float, scheme: str, T: int) -> FDPoints:
+    """Evaluation points of the FD scheme; refuses any that fall outside [0, T−1]."""
+    if not dt > 0 or not math.isfinite(dt):
+        raise InputError(f"--dt must be > 0 (got {dt}); it is the FD step in model steps, fractional allowed")
+    if scheme not in SCHEMES:
+        raise InputError(f"--scheme {scheme!r} not known; use {' or '.join(SCHEMES)}")
+    g = np.asarray(grid, dtype=np.float64)
+    ta, tb = (g, g + dt) if scheme == "forward" else (g - dt / 2, g + dt / 2)
+    bad = (ta < 0) | (tb > T - 1)
+    if bad.any():
+        k = float(g[bad][0])
+        raise InputError(
+            f"timestep {k:g} with --dt {dt:g} ({scheme}) needs the model at [{ta[bad][0]:g}, {tb[bad][0]:g}], "
+            f"outside [0, {T - 1}]; drop it from --timesteps or change --dt/--scheme"
+        )
+    return FDPoints(t=g, t_a=ta, t_b=tb)
+
+
+def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
+    """The span of t where the scheme's evaluation points stay inside [0, T−1]."""
+    if scheme == "central":
+        return dt / 2, T - 1 - dt / 2
+    return 0.0, T - 1 - dt
+
+
+def noisy_inputs(model: EpsModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = α_t x0 + σ_t ε per row (t float64 (B,)), in the model's dtype and device."""
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    a = model.schedule.alpha(t).reshape(shape)
+    s = model.schedule.sigma(t).reshape(shape)
+    x = a.to(torch.float32) * x0.float() + s.to(torch.float32) * noise.float()
+    return x.to(model.device, model.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStats:
+    forwards: int = 0
+    seconds: float = 0.0
+    batch_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def forwards_per_s(self) -> float:
+        return self.forwards / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def resolve_batch_size(batch_size: int | str, model: EpsModel, total: int) -> int:
+    """Forwards per batch (even, so pairs stay together). ``auto`` starts large and backs off on OOM."""
+    if batch_size == "auto":
+        bs = CUDA_AUTO_BATCH if model.device.type == "cuda" else CPU_AUTO_BATCH
+    else:
+        try:
+            bs = int(batch_size)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"--batch-size {batch_size!r}: use a positive integer or auto") from e
+        if bs < 2:
+            raise InputError(f"--batch-size {bs}: must be ≥ 2 (each FD pair takes two forwards)")
+    bs = min(bs, 2 * total)
+    return max(2, bs - bs % 2)
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, label: str) -> Iterator:
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+    ) as p:
+        task = p.add_task(label, total=total)
+        yield lambda k: p.advance(task, k)
+
+
+def fd_norms(
+    model: EpsModel,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    pts: FDPoints,
+    batch_size: int | str = "auto",
+    progress: bool = False,
+    stats: RunStats | None = None,
+) -> torch.Tensor:
+    """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ for every (sample i, grid point j): float64 (n, G).
+
+    Items are ordered grid-major (j, i) and packed P pairs per batch, whatever j they belong to.
+    """
+    n, G = x0.shape[0], len(pts.t)
+    total = n * G
+    t_x = torch.as_tensor(pts.t, dtype=torch.float64)
+    t_a = torch.as_tensor(pts.t_a, dtype=torch.float64)
+    t_b = torch.as_tensor(pts.t_b, dtype=torch.float64)
+    out = torch.empty(total, dtype=torch.float64)
+    bs = resolve_batch_size(batch_size, model, total)
+    stats = stats if stats is not None else RunStats()
+    start = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode(), _progress(progress, total, f"probe {model.name}") as advance:
+        while start < total:
+            P = bs // 2
+            idx = torch.arange(start, min(start + P, total))
+            j, i = idx // n, idx % n
+            try:
+                x = noisy_inputs(model, x0[i], noise[i], t_x[j])
+                tt = torch.cat([t_a[j], t_b[j]])
+                eps = model(torch.cat([x, x]), tt)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                if _is_oom(e) and bs > 2:
+                    bs = max(2, (bs // 2) - (bs // 2) % 2)
+                    log.warning("out of memory: backing off to batch size %d", bs)
+                    if model.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                raise
+            m = idx.numel()
+            if not torch.isfinite(eps).all():
+                bad = (~torch.isfinite(eps.reshape(2 * m, -1))).any(1).reshape(2, m).any(0)
+                jj = j[bad]
+                raise ModelOutputError(
+                    f"model output has NaN/inf at t={float(t_a[jj[0]]):g}..{float(t_b[jj[0]]):g} "
+                    f"({int(bad.sum())} of {m} pairs in this batch); not averaged in. Check the weights, "
+                    "try --dtype float32, or leave these timesteps out of --timesteps"
+                )
+            d = (eps[m:] - eps[:m]).reshape(m, -1).double()
+            out[start : start + m] = torch.linalg.vector_norm(d, dim=1).cpu()
+            start += m
+            stats.forwards += 2 * m
+            advance(m)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.seconds += time.perf_counter() - t0
+    stats.batch_size = bs
+    return out.reshape(G, n).T.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# reduction
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize_samples(values: np.ndarray, confidence: float = 0.95) -> dict[str, np.ndarray]:
+    """Mean, std (ddof=1), s.e.m. and Student-t CI over axis 0 of an (n, G) array."""
+    from scipy import stats as st
+
+    v = np.asarray(values, dtype=np.float64)
+    n = v.shape[0]
+    mean = v.mean(axis=0)
+    std = v.std(axis=0, ddof=1) if n > 1 else np.full_like(mean, np.nan)
+    sem = std / np.sqrt(n)
+    q = st.t.ppf(0.5 + confidence / 2, df=n - 1) if n > 1 else np.nan
+    return {"mean": mean, "std": std, "sem": sem, "ci_low": mean - q * sem, "ci_high": mean + q * sem}
+
+
+def fd_table(model: EpsModel, pts: FDPoints, norms: torch.Tensor, scheme: str) -> pd.DataFrame:
+    """Long-format table, one row per grid point (DESIGN.md contract columns)."""
+    T = model.T
+    K = norms.numpy() / (pts.dt / T)[None, :]
+    s = summarize_samples(K)
+    D = math.prod(model.sample_shape) if model.sample_shape else int(np.prod(norms.shape[1:]) or 1)
+    t64 = torch.as_tensor(pts.t, dtype=torch.float64)
+    return pd.DataFrame(
+        {
+            "t": pts.t,
+            "t_prime": pts.t_b,
+            "t_a": pts.t_a,
+            "t_b": pts.t_b,
+            "dt": pts.dt,
+            "tau": pts.t / T,
+            "method": f"fd-{scheme}",
+            "n": K.shape[0],
+            "K_mean": s["mean"],
+            "K_std": s["std"],
+            "K_sem": s["sem"],
+            "K_ci_low": s["ci_low"],
+            "K_ci_high": s["ci_high"],
+            "K_median": np.median(K, axis=0),
+            "K_max": K.max(axis=0),
+            "K_mean_per_dim": s["mean"] / math.sqrt(D),
+            "alpha": model.schedule.alpha(t64).numpy(),
+            "sigma": model.schedule.sigma(t64).numpy(),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+
+def probe(
+    model: EpsModel,
+    data: str | np.ndarray | torch.Tensor = "digits",
+    *,
+    timesteps: str | np.ndarray | list[float] | None = None,
+    dt: float = 1.0,
+    scheme: str = "forward",
+    samples: int = 64,
+    seed: int = 0,
+    batch_size: int | str = "auto",
+    progress: bool = False,
+    cache_dir: str | None = None,
+) -> pd.DataFrame:
+    """Measure K(t) of ``model`` by finite differences; returns the long-format table.
+
+    ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size) and the
+    per-sample K matrix under ``K_samples`` (n × G) for further analysis.
+    """
+    T = model.T
+    lo, hi = valid_range(dt, scheme, T) if dt > 0 else (0.0, T - 1.0)
+    if timesteps is None or isinstance(timesteps, str):
+        grid = parse_grid(timesteps, T, t_max=hi)
+        if timesteps is None or not _is_explicit(timesteps):
+            grid = grid[grid >= lo]
+    else:
+        grid = parse_grid(",".join(repr(float(v)) for v in np.asarray(timesteps).ravel()), T)
+    pts = fd_points(grid, dt, scheme, T)
+    x0 = data if isinstance(data, torch.Tensor) and data.ndim == 4 and data.shape[0] == samples else None
+    if x0 is None:
+        x0 = load_data(data, samples, seed, model.sample_shape, model=model, cache_dir=cache_dir)
+    if model.sample_shape is not None and tuple(x0.shape[1:]) != tuple(model.sample_shape):
+        raise InputError(
+            f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
+        )
+    noise = per_sample_noise(seed, x0.shape[0], tuple(x0.shape[1:]))
+    stats = RunStats()
+    norms = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
+    df = fd_table(model, pts, norms, scheme)
+    df.attrs.update(
+        {
+            "forwards": stats.forwards,
+            "seconds": stats.seconds,
+            "forwards_per_s": stats.forwards_per_s,
+            "batch_size": stats.batch_size,
+            "T": T,
+            "K_samples": (norms.numpy() / (pts.dt / T)[None, :]),
+        }
+    )
+    return df
+
+
+def _is_explicit(spec: str) -> bool:
+    s = spec.strip()
+    return s.startswith("range:") or not any(
+        s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
+    )
+
+
+def summary(df: pd.DataFrame, T: int, t_split: float | None = None) -> dict[str, float]:
+    """Peak K and its t, median K over t ≥ t_split, and the singularity ratio.
+
+    ``t_split`` defaults to T/10 (= 100 for T = 1000, the paper's t̃). Ratio = mean K over t < t_split
+    divided by median K over t ≥ t_split.
+    """
+    t_split = T / 10 if t_split is None else t_split
+    k = df["K_mean"].to_numpy()
+    t = df["t"].to_numpy()
+    i = int(np.nanargmax(k))
+    low, high = k[t < t_split], k[t >= t_split]
+    med_hi = float(np.median(high)) if high.size else float("nan")
+    mean_lo = float(np.mean(low)) if low.size else float("nan")
+    return {
+        "peak_K": float(k[i]),
+        "peak_t": float(t[i]),
+        "t_split": float(t_split),
+        "median_K_above": med_hi,
+        "mean_K_below": mean_lo,
+        "singularity_ratio": mean_lo / med_hi if med_hi and math.isfinite(med_hi) and med_hi > 0 else float("nan"),
+    }

@@ -1,0 +1,192 @@
+"""VP noise schedules as small pure functions (DESIGN.md, "The science").
+
+Discrete DDPM-family schedules: ᾱ_k = ∏_{i≤k}(1−β_i), α_k = √ᾱ_k, σ_k = √(1−ᾱ_k),
+x_k = α_k x0 + σ_k ε, normalised time τ = k/T.
+
+Fractional k uses piecewise-linear interpolation of log ᾱ between integer steps (as DPM-Solver's
+discrete ``NoiseScheduleVP`` does). log ᾱ is then continuous and exact at integer k; its slope is
+constant on each [j, j+1). Derivatives at an integer k use the segment to the right, [k, k+1)
+(the left segment at k = T−1): a one-sided derivative, documented in docs/theory.md.
+
+All arithmetic is float64: near k = 0, σ² = 1 − ᾱ ≈ β_0 = 1e-4 and float32 ᾱ would lose three
+significant digits of σ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete VP schedule: log ᾱ at integer steps 0..T−1 (float64) and the model's prediction type."""
+
+    log_alpha_bar: torch.Tensor  # (T,) float64
+    prediction_type: str = "epsilon"
+
+    @property
+    def T(self) -> int:  # noqa: N802 - paper notation
+        return int(self.log_alpha_bar.numel())
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_k at integer steps (float64)."""
+        return self.log_alpha_bar.exp()
+
+    def log_alpha_bar_at(self, k: torch.Tensor) -> torch.Tensor:
+        """log ᾱ at fractional step k, piecewise-linear between integer steps."""
+        return interp_log_alpha_bar(self.log_alpha_bar, k)
+
+    def alpha(self, k: torch.Tensor) -> torch.Tensor:
+        """α_k = √ᾱ_k."""
+        return (0.5 * self.log_alpha_bar_at(k)).exp()
+
+    def sigma(self, k: torch.Tensor) -> torch.Tensor:
+        """σ_k = √(1 − ᾱ_k), computed with expm1 so it stays accurate near k = 0."""
+        return torch.sqrt(-torch.expm1(self.log_alpha_bar_at(k)))
+
+    def dlog_alpha_bar_dk(self, k: torch.Tensor) -> torch.Tensor:
+        """Slope of log ᾱ in k (right-sided at integer k, left-sided at k = T−1)."""
+        return slope_log_alpha_bar(self.log_alpha_bar, k)
+
+    def dalpha_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        """dα/dτ with τ = k/T: α · ½ d log ᾱ/dk · T."""
+        return self.alpha(k) * 0.5 * self.dlog_alpha_bar_dk(k) * self.T
+
+    def dsigma_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        """dσ/dτ = −α (dα/dτ) / σ (from α² + σ² = 1); infinite where σ = 0."""
+        return -self.alpha(k) * self.dalpha_dtau(k) / self.sigma(k)
+
+
+def _as_f64(k: torch.Tensor | float | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(k, dtype=torch.float64)
+
+
+def interp_log_alpha_bar(log_ab: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
+    """Piecewise-linear interpolation of log ᾱ (given at 0..T−1) at fractional k ∈ [0, T−1]."""
+    kk = _as_f64(k).to(log_ab.device)
+    T = log_ab.numel()
+    lo = kk.floor().clamp(0, T - 2).long()
+    w = kk - lo.to(torch.float64)
+    return log_ab[lo] * (1 - w) + log_ab[lo + 1] * w
+
+
+def slope_log_alpha_bar(log_ab: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
+    """d log ᾱ / dk of the interpolant: the slope of the segment [⌊k⌋, ⌊k⌋+1)."""
+    kk = _as_f64(k).to(log_ab.device)
+    T = log_ab.numel()
+    lo = kk.floor().clamp(0, T - 2).long()
+    return log_ab[lo + 1] - log_ab[lo]
+
+
+def schedule_from_config(config: dict[str, Any]) -> Schedule:
+    """Build a Schedule from any diffusers DDPM-family scheduler config.
+
+    The betas come from ``DDPMScheduler.from_config`` (so linear, scaled_linear, squaredcos_cap_v2,
+    sigmoid, trained_betas and rescale_betas_zero_snr follow diffusers exactly); the cumulative
+    product is then taken in float64 as Σ log(1 − β).
+    """
+    from diffusers import DDPMScheduler
+
+    cfg = dict(config)
+    if "num_train_timesteps" not in cfg and "timesteps" in cfg:  # very old configs (google/ddpm-*)
+        cfg["num_train_timesteps"] = cfg["timesteps"]
+    try:
+        sched = DDPMScheduler.from_config(cfg)
+    except (ValueError, NotImplementedError, TypeError) as e:
+        raise InputError(f"scheduler config not understood ({e}); pass a DDPM-family scheduler_config.json") from e
+    betas = sched.betas.to(torch.float64)
+    log_ab = torch.cumsum(torch.log1p(-betas), dim=0)
+    # zero-terminal-SNR schedules have ᾱ_{T-1} = 0: keep log finite (σ = 1 there to float64 precision)
+    log_ab = log_ab.clamp(min=-745.0)
+    return Schedule(log_alpha_bar=log_ab, prediction_type=str(sched.config.prediction_type))
+
+
+def default_schedule() -> Schedule:
+    """The DDPM default: linear betas 1e-4 … 0.02, T = 1000, ε-prediction."""
+    return schedule_from_config(DEFAULT_SCHEDULER_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# timestep grids
+# ---------------------------------------------------------------------------------------------
+
+
+def default_grid(T: int, t_max: float | None = None, dense_below: int = 20, n_log: int = 44) -> np.ndarray:
+    """Every integer step below ``dense_below``, then ``n_log`` log-spaced integers up to ``t_max``.
+
+    With T = 1000 this is about 64 points: the region near 0 where K blows up is sampled at every
+    step, the rest on a log scale.
+    """
+    t_max = float(T - 1 if t_max is None else t_max)
+    dense = np.arange(0, min(dense_below, int(np.floor(t_max)) + 1), dtype=np.float64)
+    if t_max <= dense_below:
+        return dense
+    logs = np.round(np.geomspace(dense_below, t_max, n_log))
+    logs = np.minimum(logs, np.floor(t_max))
+    return np.unique(np.concatenate([dense, logs]))
+
+
+def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarray:
+    """Parse a timestep grid spec into sorted unique float64 steps in [0, T).
+
+    Specs: ``default``/None, ``all`` (0..t_max), ``linear:N`` (N rounded linspace of 0..t_max),
+    ``log:N`` (N rounded geomspace of 1..t_max, deduplicated), ``range:a:b:s`` (a ≤ k < b step s,
+    fractional allowed), or an explicit comma list ``0,1,2.5``. ``t_max`` (default T−1) is the
+    largest step the generated grids use; explicit steps are validated against [0, T).
+    """
+    hi = float(T - 1 if t_max is None else t_max)
+    s = (spec or "default").strip()
+    try:
+        if s == "default":
+            grid = default_grid(T, hi)
+        elif s == "all":
+            grid = np.arange(0, np.floor(hi) + 1, dtype=np.float64)
+        elif s.startswith("linear:"):
+            n = int(s.split(":", 1)[1])
+            _positive(n, s)
+            grid = np.unique(np.round(np.linspace(0, hi, n)))
+        elif s.startswith("log:"):
+            n = int(s.split(":", 1)[1])
+            _positive(n, s)
+            grid = np.unique(np.minimum(np.round(np.geomspace(1, max(hi, 1), n)), np.floor(hi)))
+        elif s.startswith("range:"):
+            parts = s.split(":")[1:]
+            if len(parts) != 3:
+                raise ValueError
+            a, b, st = (float(p) for p in parts)
+            if st <= 0:
+                raise InputError(f"--timesteps {s}: the step must be > 0")
+            grid = np.arange(a, b, st, dtype=np.float64)
+        else:
+            grid = np.array([float(p) for p in s.split(",") if p.strip()], dtype=np.float64)
+    except ValueError as e:
+        raise InputError(
+            f"--timesteps {s!r} not understood; use default, all, linear:N, log:N, range:a:b:s or a list like 0,1,2.5"
+        ) from e
+    grid = np.unique(grid)
+    if grid.size == 0:
+        raise InputError(f"--timesteps {s!r} gives no timesteps")
+    if grid.min() < 0 or grid.max() >= T or not np.all(np.isfinite(grid)):
+        raise InputError(f"--timesteps {s!r} has steps outside [0, {T}) (T = {T}); keep every step in 0..{T - 1}")
+    return grid
+
+
+def _positive(n: int, s: str) -> None:
+    if n < 1:
+        raise InputError(f"--timesteps {s}: N must be ≥ 1")

@@ -1,0 +1,176 @@
+"""The lipscope command end to end (real console script in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_models import _hf_cache
+
+CONTRACT = [
+    "t",
+    "t_prime",
+    "dt",
+    "method",
+    "n",
+    "K_mean",
+    "K_std",
+    "K_sem",
+    "K_ci_low",
+    "K_ci_high",
+    "K_mean_per_dim",
+    "alpha",
+    "sigma",
+]
+
+
+def run(args, env=None, cwd=None):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=300
+    )
+
+
+def test_probe_default_builtin(tmp_path):
+    out = tmp_path / "r"
+    r = run(["probe", "--out", str(out), "--samples", "8", "--timesteps", "0,1,5,50,200,900"])
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out / "lipschitz.csv")
+    assert set(CONTRACT) <= set(df.columns) and len(df) == 6
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["seed"] == 0 and meta["model"]["config_hash"] and meta["forwards_per_s"] > 0
+    assert meta["versions"]["torch"] and meta["device"] == "cpu" and meta["dtype"] == "float64"
+    assert (out / "lipschitz.png").read_bytes()[:4] == b"\x89PNG"
+    assert "singularity ratio" in r.stdout
+    assert not list(out.glob(".*tmp"))
+
+
+def test_probe_hub_id_from_cache_built_by_the_test(tmp_path, pipeline_dir):
+    """`--model google/ddpm-cifar10-32` resolved offline from an HF cache laid out by the test."""
+    _hf_cache(tmp_path / "hub", "google/ddpm-cifar10-32", pipeline_dir, flat=True)
+    out = tmp_path / "cifar"
+    r = run(
+        [
+            "probe",
+            "--model",
+            "google/ddpm-cifar10-32",
+            "--data",
+            "digits",
+            "--samples",
+            "4",
+            "--timesteps",
+            "log:6",
+            "--batch-size",
+            "6",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+        env={"HF_HUB_CACHE": str(tmp_path / "hub")},
+    )
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out / "lipschitz.csv")
+    assert (df["K_mean"] > 0).all()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["model"]["name"] == "google/ddpm-cifar10-32" and meta["batch_size_used"] == 6
+    # same seed, different batch size → same numbers (float32 BLAS rounding only)
+    r2 = run(
+        [
+            "probe",
+            "--model",
+            "google/ddpm-cifar10-32",
+            "--data",
+            "digits",
+            "--samples",
+            "4",
+            "--timesteps",
+            "log:6",
+            "--batch-size",
+            "auto",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path / "c2"),
+        ],
+        env={"HF_HUB_CACHE": str(tmp_path / "hub")},
+    )
+    assert r2.returncode == 0, r2.stderr
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "c2" / "lipschitz.csv")["K_mean"], df["K_mean"], rtol=1e-5)
+
+
+def _bad_inputs(tmp_path, pipeline_dir):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "w.safetensors").write_bytes(b"junk")
+    (tmp_path / "corrupt" / "c.json").write_text((pipeline_dir / "unet" / "config.json").read_text())
+    cfg = json.loads((pipeline_dir / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [8, 16]
+    (tmp_path / "mismatch.json").write_text(json.dumps(cfg))
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "rgb.npy", np.zeros((4, 3, 8, 8), dtype=np.uint8))
+    (tmp_path / "nanmod.py").write_text(
+        "import torch\nclass N(torch.nn.Module):\n    sample_shape=(1,8,8)\n"
+        "    def forward(self, x, t):\n        return x*float('nan')\n"
+        "def make():\n    return N()\n"
+    )
+    p = str(pipeline_dir)
+    weights = str(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    return {
+        "nonexistent path": ["--model", "./nope/nothing"],
+        "hub id not cached": ["--model", "someone/not-cached-model"],
+        "corrupt weights": [
+            "--model",
+            str(tmp_path / "corrupt" / "w.safetensors"),
+            "--config",
+            str(tmp_path / "corrupt" / "c.json"),
+        ],
+        "config mismatch": ["--model", weights, "--config", str(tmp_path / "mismatch.json")],
+        "wrong channels": ["--model", p, "--data", str(tmp_path / "rgb.npy")],
+        "empty folder": ["--model", p, "--data", str(tmp_path / "empty")],
+        "grid outside": ["--model", p, "--data", "digits", "--timesteps", "0,1000"],
+        "dt <= 0": ["--model", p, "--data", "digits", "--dt", "0"],
+        "nan output": ["--model", "py:nanmod:make", "--data", "digits"],
+        "bad device": ["--model", p, "--device", "tpu9"],
+        "bad batch": ["--model", p, "--data", "digits", "--batch-size", "lots"],
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nonexistent path",
+        "hub id not cached",
+        "corrupt weights",
+        "config mismatch",
+        "wrong channels",
+        "empty folder",
+        "grid outside",
+        "dt <= 0",
+        "nan output",
+        "bad device",
+        "bad batch",
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, pipeline_dir, case):
+    args = _bad_inputs(tmp_path, pipeline_dir)[case]
+    out = tmp_path / "out"
+    r = run(
+        ["probe", "--samples", "2", "--out", str(out), *args],
+        env={"HF_HUB_CACHE": str(tmp_path / "emptycache"), "PYTHONPATH": str(tmp_path)},
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_help_lists_probe():
+    r = run(["--help"])
+    assert r.returncode == 0 and "probe" in r.stdout

@@ -1,0 +1,227 @@
+"""Every loader path of load_model, prediction-type conversion and the timestep contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, tiny_unet
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+
+from lipscope import load_model
+from lipscope.errors import InputError
+from lipscope.models import from_unet, to_epsilon
+from lipscope.schedules import default_schedule
+
+
+def _same_outputs(m, ref: UNet2DModel):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    t = torch.tensor([0.0, 10.0, 500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t), ref(x, t).sample, rtol=0, atol=0)
+
+
+def test_pipeline_folder(pipeline_dir, unet):
+    m = load_model(str(pipeline_dir))
+    assert m.sample_shape == (1, 8, 8) and m.T == 1000 and m.prediction_type == "epsilon"
+    _same_outputs(m, unet)
+
+
+def test_unet_folder_with_sibling_scheduler(pipeline_dir, unet, caplog):
+    m = load_model(str(pipeline_dir / "unet"))
+    assert "no scheduler config" not in caplog.text
+    _same_outputs(m, unet)
+
+
+def test_unet_folder_without_scheduler_warns(tmp_path, unet, caplog):
+    unet.save_pretrained(tmp_path / "u")
+    m = load_model(str(tmp_path / "u"))
+    assert "DDPM default" in caplog.text and m.T == 1000
+
+
+def test_scheduler_config_is_read(tmp_path, unet):
+    unet.save_pretrained(tmp_path / "u")
+    DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "u")
+    m = load_model(str(tmp_path / "u"))
+    assert m.T == 500
+    ref = DDPMScheduler(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    torch.testing.assert_close(m.schedule.alphas_cumprod, ref, rtol=500 * 2**-24, atol=0)
+
+
+def test_safetensors_file_with_config(tmp_path, unet):
+    save_file(unet.state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "c.json").write_text(json.dumps(dict(unet.config)))
+    m = load_model(str(tmp_path / "w.safetensors"), config=tmp_path / "c.json")
+    _same_outputs(m, unet)
+
+
+def test_bin_file_loads_weights_only(tmp_path, unet):
+    torch.save(unet.state_dict(), tmp_path / "w.bin")
+    (tmp_path / "c.json").write_text(json.dumps(dict(unet.config)))
+    _same_outputs(load_model(str(tmp_path / "w.bin"), config=tmp_path / "c.json"), unet)
+
+
+class _Pickled:  # an object torch.load(weights_only=True) refuses
+    def __init__(self, sd):
+        self.sd = sd
+
+
+def test_full_pickle_needs_trust(tmp_path, unet):
+    torch.save({"state_dict": unet.state_dict(), "extra": _Pickled(1)}, tmp_path / "w.pt")
+    (tmp_path / "c.json").write_text(json.dumps(dict(unet.config)))
+    with pytest.raises(InputError, match="--trust-pickle"):
+        load_model(str(tmp_path / "w.pt"), config=tmp_path / "c.json")
+    _same_outputs(load_model(str(tmp_path / "w.pt"), config=tmp_path / "c.json", trust_pickle=True), unet)
+
+
+def test_weights_file_needs_config(tmp_path, unet):
+    save_file(unet.state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(InputError, match="--config"):
+        load_model(str(tmp_path / "w.safetensors"))
+
+
+def test_config_weights_mismatch(tmp_path, unet):
+    save_file(unet.state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "c.json").write_text(json.dumps({**dict(unet.config), "block_out_channels": [8, 8]}))
+    with pytest.raises(InputError, match="does not match"):
+        load_model(str(tmp_path / "w.safetensors"), config=tmp_path / "c.json")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_corrupt_weights_file(tmp_path, unet, suffix):
+    (tmp_path / f"w{suffix}").write_bytes(b"\x00garbage" * 10)
+    (tmp_path / "c.json").write_text(json.dumps(dict(unet.config)))
+    with pytest.raises(InputError, match="corrupt"):
+        load_model(str(tmp_path / f"w{suffix}"), config=tmp_path / "c.json")
+
+
+def test_corrupt_weights_in_folder(tmp_path, unet):
+    unet.save_pretrained(tmp_path / "u")
+    (tmp_path / "u" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError):
+        load_model(str(tmp_path / "u"))
+
+
+def test_nonexistent_path():
+    with pytest.raises(InputError, match="no such file"):
+        load_model("./does/not/exist")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(InputError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_condition_model_refused(tmp_path):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "config.json").write_text(
+        json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 64})
+    )
+    with pytest.raises(InputError, match="UNet2DConditionModel is not supported"):
+        load_model(str(tmp_path / "u"))
+
+
+def _hf_cache(root: Path, repo: str, src: Path, flat: bool) -> None:
+    """Lay out a Hugging Face hub cache by hand: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    base = root / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / rev
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(rev)
+    if flat:  # google/ddpm-cifar10-32 style: config.json + scheduler_config.json at the root
+        snap.mkdir(parents=True)
+        for f in (src / "unet").iterdir():
+            shutil.copy(f, snap / f.name)
+        shutil.copy(src / "scheduler" / "scheduler_config.json", snap / "scheduler_config.json")
+        shutil.copy(src / "model_index.json", snap / "model_index.json")
+    else:
+        shutil.copytree(src, snap)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "subfolders"])
+def test_hub_id_from_offline_cache(tmp_path, monkeypatch, pipeline_dir, unet, flat, no_network):
+    _hf_cache(tmp_path / "hub", "google/ddpm-cifar10-32", pipeline_dir, flat)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = load_model("google/ddpm-cifar10-32")
+    assert m.name == "google/ddpm-cifar10-32" and m.T == 1000
+    _same_outputs(m, unet)
+
+
+def test_hub_id_not_cached_offline(tmp_path, monkeypatch, no_network):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="not in the Hugging Face cache"):
+        load_model("google/ddpm-cifar10-32", offline=True)
+
+
+def test_fractional_timesteps_reach_the_network_unrounded(unet):
+    seen = []
+    h = unet.time_proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    try:
+        m = from_unet(unet)
+        t = torch.tensor([0.25, 3.5, 999.0])
+        m(torch.zeros(3, 1, 8, 8), t)
+        m(torch.zeros(1, 1, 8, 8), 7.75)  # a Python float too (diffusers would truncate it to 7)
+    finally:
+        h.remove()
+    assert seen[0].dtype.is_floating_point
+    torch.testing.assert_close(seen[0], t, rtol=0, atol=0)
+    assert float(seen[1][0]) == 7.75
+
+
+def test_fourier_time_embedding():
+    u = tiny_unet(time_embedding_type="fourier", flip_sin_to_cos=False)
+    m = from_unet(u)
+    out = m(torch.randn(2, 1, 8, 8), torch.tensor([1.5, 20.0]))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("pred", ["v_prediction", "sample"])
+def test_prediction_types_convert_to_epsilon(pred):
+    s = default_schedule()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (
+        torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64),
+    )
+    t = torch.tensor([1.0, 50.5, 400.0, 999.0], dtype=torch.float64)
+    a, sg = s.alpha(t).view(-1, 1, 1, 1), s.sigma(t).view(-1, 1, 1, 1)
+    x = a * x0 + sg * eps
+    out = a * eps - sg * x0 if pred == "v_prediction" else x0  # a perfect network's output
+    torch.testing.assert_close(to_epsilon(out, x, t, s, pred), eps, rtol=0, atol=1e-9)
+
+
+def test_learned_variance_output_is_split():
+    u = tiny_unet(out_channels=2)
+    m = from_unet(u)
+    assert m(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])).shape == (2, 1, 8, 8)
+
+
+def test_py_factory(tmp_path, monkeypatch):
+    (tmp_path / "mynet.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    sample_shape = (1, 4, 4)\n"
+        "    def forward(self, x, t):\n"
+        "        return x * 0 + t.view(-1, 1, 1, 1) / 1000\n"
+        "def factory():\n"
+        "    return Net()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("py:mynet:factory")
+    assert m.sample_shape == (1, 4, 4)
+    assert float(m(torch.zeros(1, 1, 4, 4), torch.tensor([500.0])).mean()) == pytest.approx(0.5)
+    with pytest.raises(InputError, match="cannot import"):
+        load_model("py:no_such_module_xyz:factory")
+    with pytest.raises(InputError, match="no callable"):
+        load_model("py:mynet:nope")
+
+
+def test_tiny_config_is_what_the_tests_claim():
+    assert TINY["block_out_channels"] == (4, 8) and TINY["norm_num_groups"] == 2

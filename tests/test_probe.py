@@ -1,0 +1,168 @@
+"""The FD estimator against a brute-force per-sample loop and against models with known K."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_unet
+
+from lipscope import from_callable, probe
+from lipscope.data import load_data, per_sample_noise, sample_generator
+from lipscope.errors import InputError, ModelOutputError
+from lipscope.models import from_unet
+from lipscope.probe import fd_norms, fd_points, summary
+from lipscope.schedules import default_schedule
+
+GRID = [0, 1, 2.5, 10, 99.5, 500, 998]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return from_unet(tiny_unet(seed=3))
+
+
+def test_matches_brute_force_loop(model):
+    """One (sample, t) at a time, noise re-drawn from the documented per-sample generator contract."""
+    n, seed, dt = 5, 7, 0.5
+    df = probe(model, "digits", timesteps=GRID, dt=dt, samples=n, seed=seed, batch_size=6)
+    x0 = load_data("digits", n, seed, model.sample_shape)
+    s, T = model.schedule, model.T
+    K = np.zeros((n, len(GRID)))
+    with torch.no_grad():
+        for i in range(n):
+            eps = torch.randn((1, 8, 8), generator=sample_generator(seed, i))
+            for j, t in enumerate(GRID):
+                tt = torch.tensor([float(t)], dtype=torch.float64)
+                x = (s.alpha(tt).float() * x0[i] + s.sigma(tt).float() * eps)[None]
+                e0 = model.net(x, torch.tensor([float(t)]))
+                e1 = model.net(x, torch.tensor([float(t) + dt]))
+                K[i, j] = torch.linalg.vector_norm((e1 - e0).double()) / (dt / T)
+    # float32 network, identical inputs; only batched-vs-single BLAS summation order differs (~1e-6 rel)
+    np.testing.assert_allclose(df["K_mean"], K.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(df.attrs["K_samples"], K, rtol=1e-4)
+    np.testing.assert_allclose(df["K_std"], K.std(0, ddof=1), rtol=1e-4)
+
+
+def test_batch_size_independence(model):
+    runs = [probe(model, "digits", timesteps=GRID, samples=6, seed=1, batch_size=b) for b in (2, 8, 42, "auto")]
+    for r in runs[1:]:
+        # same inputs per item; batch composition changes only the BLAS blocking (float32 rounding)
+        np.testing.assert_allclose(r["K_mean"], runs[0]["K_mean"], rtol=1e-5)
+
+
+def test_seed_changes_and_reproduces(model):
+    a = probe(model, "digits", timesteps=GRID, samples=4, seed=1)
+    b = probe(model, "digits", timesteps=GRID, samples=4, seed=1)
+    c = probe(model, "digits", timesteps=GRID, samples=4, seed=2)
+    np.testing.assert_array_equal(a["K_mean"], b["K_mean"])
+    assert not np.allclose(a["K_mean"], c["K_mean"])
+
+
+def test_noise_is_per_sample_not_per_batch():
+    a = per_sample_noise(3, 5, (2, 2))
+    b = per_sample_noise(3, 2, (2, 2))
+    torch.testing.assert_close(a[:2], b, rtol=0, atol=0)
+
+
+def test_model_ignoring_t_has_zero_K():
+    m = from_callable(lambda x, t: torch.tanh(x) * 3.0, sample_shape=(1, 8, 8))
+    df = probe(m, "digits", samples=4, timesteps="linear:8")
+    assert (df["K_mean"] == 0).all() and (df["K_ci_high"] == 0).all()
+
+
+@pytest.mark.parametrize("scheme,dt", [("forward", 1.0), ("forward", 0.25), ("central", 3.0)])
+def test_model_linear_in_t_gives_its_slope(scheme, dt):
+    c = 0.02  # ε = c·t·1 + x ⇒ ‖Δε‖ = c·Δt·√D, K = c·T·√D exactly
+    m = from_callable(lambda x, t: x + c * t.view(-1, 1, 1, 1).to(x.dtype), sample_shape=(1, 8, 8), dtype="float64")
+    df = probe(m, "digits", samples=3, timesteps="range:2:900:50", dt=dt, scheme=scheme)
+    np.testing.assert_allclose(df["K_mean"], c * 1000 * 8, rtol=1e-9)
+    np.testing.assert_allclose(df["K_mean_per_dim"], c * 1000, rtol=1e-9)
+    assert df["method"].iloc[0] == f"fd-{scheme}"
+
+
+def test_gaussian_closed_form_shows_singularity():
+    from lipscope.builtins import load_builtin
+
+    df = probe(load_builtin("digits-gaussian"), "digits", samples=16)
+    s = summary(df, 1000)
+    assert s["peak_t"] == 0 and s["singularity_ratio"] > 5
+
+
+def test_table_contract_columns(model):
+    df = probe(model, "digits", samples=3, timesteps="0,5")
+    for col in (
+        "t",
+        "t_prime",
+        "dt",
+        "method",
+        "n",
+        "K_mean",
+        "K_std",
+        "K_sem",
+        "K_ci_low",
+        "K_ci_high",
+        "K_mean_per_dim",
+        "alpha",
+        "sigma",
+    ):
+        assert col in df.columns
+    assert (df["K_ci_low"] <= df["K_mean"]).all() and (df["K_mean"] <= df["K_ci_high"]).all()
+    s = default_schedule()
+    np.testing.assert_allclose(df["sigma"], s.sigma(torch.tensor([0.0, 5.0], dtype=torch.float64)).numpy())
+
+
+def test_ci_is_student_t(model):
+    from scipy import stats
+
+    df = probe(model, "digits", samples=4, timesteps="3")
+    K = df.attrs["K_samples"][:, 0]
+    half = stats.t.ppf(0.975, 3) * K.std(ddof=1) / math.sqrt(4)
+    assert df["K_ci_high"].iloc[0] - df["K_mean"].iloc[0] == pytest.approx(half, rel=1e-12)
+
+
+def test_default_grid_respects_dt():
+    m = from_callable(lambda x, t: x, sample_shape=(1, 8, 8))
+    df = probe(m, "digits", samples=2, dt=5)
+    assert df["t_prime"].max() <= 999 and df["t"].min() == 0
+    dfc = probe(m, "digits", samples=2, dt=4, scheme="central")
+    assert dfc["t_a"].min() >= 0 and dfc["t_b"].max() <= 999
+
+
+@pytest.mark.parametrize("dt", [0.0, -1.0, float("nan")])
+def test_bad_dt(model, dt):
+    with pytest.raises(InputError, match="--dt"):
+        probe(model, "digits", samples=2, timesteps="1", dt=dt)
+
+
+def test_explicit_grid_outside_range(model):
+    with pytest.raises(InputError, match="outside"):
+        probe(model, "digits", samples=2, timesteps="999")
+    with pytest.raises(InputError, match="outside"):
+        probe(model, "digits", samples=2, timesteps="range:0:1200:100")
+
+
+def test_nan_output_is_reported_not_averaged():
+    m = from_callable(lambda x, t: torch.where(t.view(-1, 1, 1, 1) > 50, x * float("nan"), x), sample_shape=(1, 8, 8))
+    with pytest.raises(ModelOutputError, match="NaN/inf"):
+        probe(m, "digits", samples=2, timesteps="1,100")
+
+
+def test_oom_backs_off(monkeypatch):
+    calls = []
+
+    def net(x, t):
+        calls.append(x.shape[0])
+        if x.shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x * t.view(-1, 1, 1, 1)
+
+    m = from_callable(net, sample_shape=(1, 8, 8))
+    x0 = load_data("digits", 4, 0, (1, 8, 8))
+    pts = fd_points(np.array([1.0, 2.0, 3.0]), 1.0, "forward", 1000)
+    ref = fd_norms(m, x0, per_sample_noise(0, 4, (1, 8, 8)), pts, batch_size=4)
+    got = fd_norms(m, x0, per_sample_noise(0, 4, (1, 8, 8)), pts, batch_size=24)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert 24 in calls and max(c for c in calls[calls.index(24) :] if c <= 8) <= 8
