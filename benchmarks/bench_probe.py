@@ -26,7 +26,7 @@ from diffusers import UNet2DModel
 import lipscope
 from lipscope.data import per_sample_noise
 from lipscope.models import from_unet
-from lipscope.probe import fd_norms, fd_points, noisy_inputs
+from lipscope.probe import RunStats, fd_norms, fd_points, noisy_inputs
 
 # google/ddpm-cifar10-32's unet/config.json (35.7 M parameters)
 CIFAR10_DDPM = dict(
@@ -115,11 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     pts = fd_points(np.linspace(0, 900, a.grid).round(), 1.0, "forward", 1000)
 
     def probe_rate(bs) -> float:
-        st = lipscope.probe.__globals__["RunStats"]()
+        st = RunStats()
         fd_norms(model, x0, noise, pts, batch_size=bs, stats=st)
         return st.forwards_per_s
 
-    probe_rate(best_b)  # warm-up
     probe_auto, probe_best = probe_rate("auto"), probe_rate(best_b)
 
     # naive: one (sample, t) pair per call, Python loop over timesteps and samples

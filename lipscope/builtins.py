@@ -22,8 +22,8 @@ def load_builtin(name: str, device: torch.device | str = "cpu", dtype: torch.dty
     if name not in BUILTINS:
         raise InputError(f"--model builtin:{name} is not a built-in model; choose one of: {', '.join(BUILTINS)}")
     from .data import digits_array
-    from .theory import Gaussian, gaussian_eps_model
+    from .theory import GaussianMixture, gaussian_eps_model
 
-    g = Gaussian.fit(torch.from_numpy(digits_array()))
+    g = GaussianMixture.fit(torch.from_numpy(digits_array()))
     # closed forms are cheap and exact in float64 on the CPU, whatever device/dtype was asked for
     return gaussian_eps_model(g, name=f"builtin:{name}")

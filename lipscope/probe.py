@@ -36,8 +36,8 @@ from .schedules import parse_grid
 log = logging.getLogger("lipscope")
 
 SCHEMES = ("forward", "central")
-CPU_AUTO_BATCH = 64
 CUDA_AUTO_BATCH = 1024
+CPU_AUTO_CANDIDATES = (8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -108,10 +108,40 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+class AutoBatch:
+    """Batch size search for ``auto`` on CPU, where throughput peaks at small batches.
+
+    Tries the candidates in increasing order on real work (nothing is computed twice), one timed
+    batch each after one warm-up batch, stops once throughput falls 5% under the best seen, then
+    keeps the best. (Measured on 2 cores: the CIFAR-10 DDPM UNet peaks at 16, a tiny UNet at ≥ 128.)
+    """
+
+    def __init__(self, candidates: tuple[int, ...], total: int):
+        self.cands = [c for c in candidates if c <= 2 * total] or [max(2, 2 * total)]
+        self.i, self.warm, self.rates = 0, False, {}
+        self.best: int | None = None
+
+    def size(self) -> int:
+        return self.best if self.best is not None else self.cands[self.i]
+
+    def record(self, size: int, forwards: int, seconds: float) -> None:
+        if self.best is not None:
+            return
+        if not self.warm:
+            self.warm = True
+            return
+        self.rates[size] = forwards / max(seconds, 1e-9)
+        top = max(self.rates, key=self.rates.get)
+        self.i += 1
+        if self.rates[size] < 0.95 * self.rates[top] or self.i >= len(self.cands):
+            self.best = top
+
+
 def resolve_batch_size(batch_size: int | str, model: EpsModel, total: int) -> int:
-    """Forwards per batch (even, so pairs stay together). ``auto`` starts large and backs off on OOM."""
+    """Forwards per batch (even, so pairs stay together). ``auto``: 1024 on CUDA, backing off on OOM;
+    on CPU the first candidate of :class:`AutoBatch`."""
     if batch_size == "auto":
-        bs = CUDA_AUTO_BATCH if model.device.type == "cuda" else CPU_AUTO_BATCH
+        bs = CUDA_AUTO_BATCH if model.device.type == "cuda" else CPU_AUTO_CANDIDATES[0]
     else:
         try:
             bs = int(batch_size)
@@ -157,12 +187,16 @@ def fd_norms(
     t_b = torch.as_tensor(pts.t_b, dtype=torch.float64)
     out = torch.empty(total, dtype=torch.float64)
     bs = resolve_batch_size(batch_size, model, total)
+    auto = AutoBatch(CPU_AUTO_CANDIDATES, total) if batch_size == "auto" and model.device.type == "cpu" else None
     stats = stats if stats is not None else RunStats()
     start = 0
     t0 = time.perf_counter()
     with torch.inference_mode(), _progress(progress, total, f"probe {model.name}") as advance:
         while start < total:
+            if auto is not None:
+                bs = auto.size()
             P = bs // 2
+            tb = time.perf_counter()
             idx = torch.arange(start, min(start + P, total))
             j, i = idx // n, idx % n
             try:
@@ -189,6 +223,8 @@ def fd_norms(
             d = (eps[m:] - eps[:m]).reshape(m, -1).double()
             out[start : start + m] = torch.linalg.vector_norm(d, dim=1).cpu()
             start += m
+            if auto is not None:
+                auto.record(bs, 2 * m, time.perf_counter() - tb)
             stats.forwards += 2 * m
             advance(m)
     if model.device.type == "cuda":

@@ -14,6 +14,7 @@ significant digits of σ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,12 +75,14 @@ class Schedule:
 
 
 def _as_f64(k: torch.Tensor | float | np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(k, dtype=torch.float64)
+    """k as float64, keeping autograd/forward-AD graphs (so JVPs flow through the schedule)."""
+    return k.to(torch.float64) if isinstance(k, torch.Tensor) else torch.as_tensor(k, dtype=torch.float64)
 
 
 def interp_log_alpha_bar(log_ab: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
     """Piecewise-linear interpolation of log ᾱ (given at 0..T−1) at fractional k ∈ [0, T−1]."""
-    kk = _as_f64(k).to(log_ab.device)
+    kk = _as_f64(k)
+    log_ab = log_ab.to(kk.device)
     T = log_ab.numel()
     lo = kk.floor().clamp(0, T - 2).long()
     w = kk - lo.to(torch.float64)
@@ -88,10 +91,61 @@ def interp_log_alpha_bar(log_ab: torch.Tensor, k: torch.Tensor | float) -> torch
 
 def slope_log_alpha_bar(log_ab: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
     """d log ᾱ / dk of the interpolant: the slope of the segment [⌊k⌋, ⌊k⌋+1)."""
-    kk = _as_f64(k).to(log_ab.device)
+    kk = _as_f64(k)
+    log_ab = log_ab.to(kk.device)
     T = log_ab.numel()
     lo = kk.floor().clamp(0, T - 2).long()
     return log_ab[lo + 1] - log_ab[lo]
+
+
+@dataclass(frozen=True)
+class ContinuousSchedule(Schedule):
+    """A continuous-time VP schedule, τ ∈ [0, 1], measured in ``T`` model steps (t = τT).
+
+    ``vp-linear`` (Song et al. 2021): log ᾱ(τ) = −½(β₁ − β₀)τ² − β₀τ, β₀ = 0.1, β₁ = 20.
+    ``vp-cosine`` (Nichol & Dhariwal 2021): ᾱ(τ) = cos²(π/2·(τ+s)/(1+s)) / cos²(π/2·s/(1+s)), s = 0.008.
+    σ(0) = 0 for both: the singularity sits exactly at t = 0.
+    """
+
+    kind: str = "vp-linear"
+
+    def _tau(self, k: torch.Tensor) -> torch.Tensor:
+        return _as_f64(k) / self.T
+
+    def log_alpha_bar_at(self, k: torch.Tensor) -> torch.Tensor:
+        tau = self._tau(k)
+        if self.kind == "vp-linear":
+            return -0.5 * (20.0 - 0.1) * tau**2 - 0.1 * tau
+        u = (tau + 0.008) / 1.008 * (math.pi / 2)
+        return 2 * torch.log(torch.cos(u)) - 2 * math.log(math.cos(0.008 / 1.008 * math.pi / 2))
+
+    def dlog_alpha_bar_dk(self, k: torch.Tensor) -> torch.Tensor:
+        tau = self._tau(k)
+        if self.kind == "vp-linear":
+            return (-(20.0 - 0.1) * tau - 0.1) / self.T
+        u = (tau + 0.008) / 1.008 * (math.pi / 2)
+        return -2 * torch.tan(u) * (math.pi / 2) / 1.008 / self.T
+
+
+CONTINUOUS = ("vp-linear", "vp-cosine")
+NAMED = {
+    "linear": {"beta_schedule": "linear"},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+    "sigmoid": {"beta_schedule": "sigmoid"},
+}
+
+
+def named_schedule(name: str, T: int = 1000) -> Schedule:
+    """A schedule by name: discrete ``linear``, ``scaled_linear``, ``cosine`` (squaredcos_cap_v2),
+    ``sigmoid`` (through diffusers), or continuous ``vp-linear``, ``vp-cosine``."""
+    if name in CONTINUOUS:
+        k = torch.arange(T, dtype=torch.float64)
+        proto = ContinuousSchedule(log_alpha_bar=torch.zeros(T, dtype=torch.float64), kind=name)
+        return ContinuousSchedule(log_alpha_bar=proto.log_alpha_bar_at(k), kind=name)
+    if name not in NAMED:
+        raise InputError(f"--schedule {name!r} not known; use one of {', '.join([*NAMED, *CONTINUOUS])}")
+    return schedule_from_config({**NAMED[name], "num_train_timesteps": T})
 
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:

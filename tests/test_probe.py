@@ -166,3 +166,16 @@ def test_oom_backs_off(monkeypatch):
     got = fd_norms(m, x0, per_sample_noise(0, 4, (1, 8, 8)), pts, batch_size=24)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert 24 in calls and max(c for c in calls[calls.index(24) :] if c <= 8) <= 8
+
+
+def test_autobatch_search_keeps_the_fastest():
+    from lipscope.probe import AutoBatch
+
+    a = AutoBatch((8, 16, 32, 64), total=1000)
+    rates = {8: 10.0, 16: 14.0, 32: 12.0, 64: 20.0}  # falls at 32 → stops before ever trying 64
+    a.record(a.size(), 8, 1.0)  # warm-up batch, ignored
+    while a.best is None:
+        s = a.size()
+        a.record(s, s, s / rates[s])
+    assert a.best == 16 and 64 not in a.rates
+    assert AutoBatch((8, 16), total=3).cands == [6]  # never more forwards than the work holds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lipscope.theory import Gaussian, gaussian_eps_model
+from lipscope.theory import GaussianMixture, gaussian_eps_model
 
 
 def test_eps_star_equals_direct_solve():
@@ -15,7 +15,7 @@ def test_eps_star_equals_direct_solve():
     cov[0] = 0
     cov[:, 0] = 0  # one zero-variance direction, like the constant border pixels of digits
     mu = torch.randn(D, generator=g, dtype=torch.float64)
-    gauss = Gaussian.from_cov(mu, cov)
+    gauss = GaussianMixture.gaussian(mu, cov)
     m = gaussian_eps_model(gauss)
     x = torch.randn(3, D, generator=g, dtype=torch.float64)
     t = torch.tensor([0.0, 10.5, 700.0], dtype=torch.float64)
