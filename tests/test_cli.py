@@ -179,8 +179,22 @@ def test_help_lists_probe():
 def test_documented_py_example_runs(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "own"
-    r = run(["probe", "--model", "py:examples.own_eps:make", "--data", "digits", "--samples", "4",
-             "--timesteps", "0,10,100", "--out", str(out)], cwd=root)
+    r = run(
+        [
+            "probe",
+            "--model",
+            "py:examples.own_eps:make",
+            "--data",
+            "digits",
+            "--samples",
+            "4",
+            "--timesteps",
+            "0,10,100",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr
     assert "no schedule" not in r.stderr  # the example carries its own schedule
     assert (pd.read_csv(out / "lipschitz.csv")["K_mean"] > 0).all()

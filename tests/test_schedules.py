@@ -100,3 +100,27 @@ def test_parse_log_grid_is_unique_and_in_range():
 def test_bad_grids(spec):
     with pytest.raises(InputError):
         parse_grid(spec, 1000)
+
+
+@pytest.mark.parametrize("name", ["vp-linear", "vp-cosine", "cosine", "scaled_linear"])
+def test_named_schedules_derivatives(name):
+    from lipscope.schedules import named_schedule
+
+    s = named_schedule(name)
+    k = torch.tensor([0.5, 3.3, 250.5, 900.5], dtype=torch.float64)
+    h = 1e-4  # smooth inside a segment (discrete) or everywhere (continuous): FD error O(h²)
+    fd_a = (s.alpha(k + h) - s.alpha(k - h)) / (2 * h / s.T)
+    torch.testing.assert_close(s.dalpha_dtau(k), fd_a, rtol=1e-7, atol=0)
+    assert float(s.alpha(torch.tensor(0.0))) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_continuous_schedule_closed_form():
+    from lipscope.schedules import named_schedule
+
+    s = named_schedule("vp-linear")
+    tau = 0.37
+    expect = np.exp(-0.25 * tau**2 * (20 - 0.1) - 0.5 * tau * 0.1)  # Song et al. 2021, α(τ)
+    assert float(s.alpha(torch.tensor(tau * 1000))) == pytest.approx(expect, rel=1e-14)
+    assert float(s.sigma(torch.tensor(0.0))) == 0.0
+    with pytest.raises(InputError):
+        named_schedule("nope")

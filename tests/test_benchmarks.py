@@ -1,0 +1,20 @@
+"""The benchmark scripts keep running (tiny smoke configuration)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_probe_tiny(tmp_path, monkeypatch):
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["bench_probe.py", "--tiny", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_probe.py"), run_name="__main__")
+    import json
+
+    res = json.loads(out.read_text())
+    for key in ("raw_best", "probe_auto", "naive_loop", "ratio_probe_auto_vs_raw_best"):
+        assert res[key] > 0
