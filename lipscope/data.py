@@ -50,9 +50,13 @@ def sample_generator(seed: int, index: int, device: str | torch.device = "cpu") 
     return g
 
 
-def per_sample_noise(seed: int, n: int, shape: tuple[int, ...], offset: int = 0) -> torch.Tensor:
-    """ε_i ~ N(0, I) for i = offset..offset+n−1, each from its own generator (float32, CPU)."""
-    return torch.stack([torch.randn(shape, generator=sample_generator(seed, offset + i)) for i in range(n)])
+def per_sample_noise(
+    seed: int, n: int, shape: tuple[int, ...], offset: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """ε_i ~ N(0, I) for i = offset..offset+n−1, each from its own generator (CPU; float32 unless
+    ``dtype`` is float64, drawn in float64 then)."""
+    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.stack([torch.randn(shape, generator=sample_generator(seed, offset + i), dtype=dt) for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +83,8 @@ def noisy_inputs(model: EpsModel, x0: torch.Tensor, noise: torch.Tensor, t: torc
     shape = (-1,) + (1,) * (x0.ndim - 1)
     a = model.schedule.alpha(t).reshape(shape)
     s = model.schedule.sigma(t).reshape(shape)
-    x = a.to(torch.float32) * x0.float() + s.to(torch.float32) * noise.float()
+    work = torch.float64 if model.dtype == torch.float64 else torch.float32
+    x = a.to(work) * x0.to(work) + s.to(work) * noise.to(work)
     return x.to(model.device, model.dtype)
 
 
@@ -167,6 +168,70 @@ def _progress(enabled: bool, total: int, label: str) -> Iterator:
         yield lambda k: p.advance(task, k)
 
 
+def _check_finite(out: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf rows (out: (m, …) per item) instead of averaging them in."""
+    bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
+    if bad.any():
+        k = int(bad.nonzero()[0, 0])
+        raise ModelOutputError(
+            f"model {what} has NaN/inf at t={float(t_lo[k]):g}..{float(t_hi[k]):g} ({int(bad.sum())} of "
+            f"{out.shape[0]} items in this batch); not averaged in. Check the weights, try --dtype float32, "
+            "or leave these timesteps out of --timesteps"
+        )
+
+
+def run_batched(
+    model: EpsModel,
+    total: int,
+    inputs_per_item: int,
+    compute: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int | str = "auto",
+    progress: bool = False,
+    stats: RunStats | None = None,
+    label: str = "probe",
+) -> torch.Tensor:
+    """Run ``compute(idx) -> float64 (m,)`` over items 0..total−1, packed into batches of network inputs.
+
+    ``inputs_per_item`` network inputs per item (2 for an FD pair, 1 for a JVP). Backs off on
+    out-of-memory (retrying the same items) and, for ``auto`` on CPU, searches the fastest batch.
+    """
+    out = torch.empty(total, dtype=torch.float64)
+    bs = resolve_batch_size(batch_size, model, total)
+    auto = AutoBatch(CPU_AUTO_CANDIDATES, total) if batch_size == "auto" and model.device.type == "cpu" else None
+    stats = stats if stats is not None else RunStats()
+    start = 0
+    t0 = time.perf_counter()
+    with _progress(progress, total, f"{label} {model.name}") as advance:
+        while start < total:
+            if auto is not None:
+                bs = auto.size()
+            per = max(1, bs // inputs_per_item)
+            tb = time.perf_counter()
+            idx = torch.arange(start, min(start + per, total))
+            try:
+                vals = compute(idx)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                if _is_oom(e) and bs > 2:
+                    bs = max(2, (bs // 2) - (bs // 2) % 2)
+                    log.warning("out of memory: backing off to batch size %d", bs)
+                    if model.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                raise
+            m = idx.numel()
+            out[start : start + m] = vals.cpu()
+            start += m
+            if auto is not None:
+                auto.record(bs, inputs_per_item * m, time.perf_counter() - tb)
+            stats.forwards += inputs_per_item * m
+            advance(m)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    stats.seconds += time.perf_counter() - t0
+    stats.batch_size = bs
+    return out
+
+
 def fd_norms(
     model: EpsModel,
     x0: torch.Tensor,
@@ -178,60 +243,96 @@ def fd_norms(
 ) -> torch.Tensor:
     """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ for every (sample i, grid point j): float64 (n, G).
 
-    Items are ordered grid-major (j, i) and packed P pairs per batch, whatever j they belong to.
+    Items are ordered grid-major (j, i) and packed P pairs per batch, whatever j they belong to:
+    the P inputs at t_a, then the same P inputs at t_b, in one call.
     """
     n, G = x0.shape[0], len(pts.t)
-    total = n * G
     t_x = torch.as_tensor(pts.t, dtype=torch.float64)
     t_a = torch.as_tensor(pts.t_a, dtype=torch.float64)
     t_b = torch.as_tensor(pts.t_b, dtype=torch.float64)
-    out = torch.empty(total, dtype=torch.float64)
-    bs = resolve_batch_size(batch_size, model, total)
-    auto = AutoBatch(CPU_AUTO_CANDIDATES, total) if batch_size == "auto" and model.device.type == "cpu" else None
-    stats = stats if stats is not None else RunStats()
-    start = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode(), _progress(progress, total, f"probe {model.name}") as advance:
-        while start < total:
-            if auto is not None:
-                bs = auto.size()
-            P = bs // 2
-            tb = time.perf_counter()
-            idx = torch.arange(start, min(start + P, total))
-            j, i = idx // n, idx % n
-            try:
-                x = noisy_inputs(model, x0[i], noise[i], t_x[j])
-                tt = torch.cat([t_a[j], t_b[j]])
-                eps = model(torch.cat([x, x]), tt)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if _is_oom(e) and bs > 2:
-                    bs = max(2, (bs // 2) - (bs // 2) % 2)
-                    log.warning("out of memory: backing off to batch size %d", bs)
-                    if model.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                raise
-            m = idx.numel()
-            if not torch.isfinite(eps).all():
-                bad = (~torch.isfinite(eps.reshape(2 * m, -1))).any(1).reshape(2, m).any(0)
-                jj = j[bad]
-                raise ModelOutputError(
-                    f"model output has NaN/inf at t={float(t_a[jj[0]]):g}..{float(t_b[jj[0]]):g} "
-                    f"({int(bad.sum())} of {m} pairs in this batch); not averaged in. Check the weights, "
-                    "try --dtype float32, or leave these timesteps out of --timesteps"
-                )
-            d = (eps[m:] - eps[:m]).reshape(m, -1).double()
-            out[start : start + m] = torch.linalg.vector_norm(d, dim=1).cpu()
-            start += m
-            if auto is not None:
-                auto.record(bs, 2 * m, time.perf_counter() - tb)
-            stats.forwards += 2 * m
-            advance(m)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    stats.seconds += time.perf_counter() - t0
-    stats.batch_size = bs
+
+    def compute(idx: torch.Tensor) -> torch.Tensor:
+        j, i = idx // n, idx % n
+        m = idx.numel()
+        x = noisy_inputs(model, x0[i], noise[i], t_x[j])
+        with torch.inference_mode():
+            eps = model(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]))
+        d = (eps[m:] - eps[:m]).reshape(m, -1).double()
+        _check_finite(torch.cat([eps[:m], eps[m:]], dim=1), t_a[j], t_b[j], "output")
+        return torch.linalg.vector_norm(d, dim=1)
+
+    out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "probe fd")
     return out.reshape(G, n).T.contiguous()
+
+
+def jvp_norms(
+    model: EpsModel,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: np.ndarray,
+    batch_size: int | str = "auto",
+    progress: bool = False,
+    stats: RunStats | None = None,
+) -> torch.Tensor:
+    """‖∂εθ(x_t, t)/∂τ‖₂ by forward-mode AD (``torch.func.jvp``) w.r.t. the timestep input: (n, G).
+
+    x_t is held fixed (drawn at t); the tangent is 1 step, times T for per-unit-τ. Runs inside
+    :func:`lipscope.models.forward_ad_patches`, which restores the model afterwards.
+    """
+    from .models import forward_ad_patches
+
+    n, G = x0.shape[0], len(t)
+    t_x = torch.as_tensor(np.asarray(t, dtype=np.float64))
+    T = model.T
+    _refuse_learned_embedding(model)
+    checked = [False]
+
+    def compute(idx: torch.Tensor) -> torch.Tensor:
+        j, i = idx // n, idx % n
+        x = noisy_inputs(model, x0[i], noise[i], t_x[j])
+        tt = t_x[j].to(model.device, torch.float64 if model.dtype == torch.float64 else torch.float32)
+        with torch.no_grad():
+            out, tangent = torch.func.jvp(lambda s: model(x, s), (tt,), (torch.ones_like(tt),))
+        _check_finite(torch.cat([out, tangent], dim=1), t_x[j], t_x[j], "output or its t-derivative")
+        if not checked[0]:
+            checked[0] = True
+            _check_tangent_reaches(model, x, tt, tangent)
+        return torch.linalg.vector_norm(tangent.reshape(idx.numel(), -1).double(), dim=1) * T
+
+    try:
+        with forward_ad_patches(model.module):
+            out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "probe jvp")
+    except (NotImplementedError, RuntimeError) as e:
+        if _is_oom(e):
+            raise
+        raise InputError(
+            f"{model.name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
+            "use --method fd"
+        ) from e
+    return out.reshape(G, n).T.contiguous()
+
+
+def _refuse_learned_embedding(model: EpsModel) -> None:
+    if model.config.get("time_embedding_type") == "learned":
+        raise InputError(
+            f"{model.name} looks timesteps up in a learned embedding table: ε is not differentiable in t; "
+            "use --method fd"
+        )
+
+
+def _check_tangent_reaches(model: EpsModel, x: torch.Tensor, tt: torch.Tensor, tangent: torch.Tensor) -> None:
+    """A zero tangent where a finite difference moves means t reaches the network through an integer
+    cast or a table: forward AD would silently report 0."""
+    if tangent.abs().max() > 0:
+        return
+    with torch.inference_mode():
+        lo = torch.clamp(tt - 1, min=0)
+        d = model(x, lo + 1) - model(x, lo)
+    if d.abs().max() > 0:
+        raise InputError(
+            f"{model.name}: the timestep does not reach the network differentiably (d/dt is 0 but ε changes "
+            "between steps: an integer cast or embedding table); use --method fd"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,12 +353,10 @@ def summarize_samples(values: np.ndarray, confidence: float = 0.95) -> dict[str,
     return {"mean": mean, "std": std, "sem": sem, "ci_low": mean - q * sem, "ci_high": mean + q * sem}
 
 
-def fd_table(model: EpsModel, pts: FDPoints, norms: torch.Tensor, scheme: str) -> pd.DataFrame:
-    """Long-format table, one row per grid point (DESIGN.md contract columns)."""
+def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) -> pd.DataFrame:
+    """Long-format table from per-sample K (n, G), one row per grid point (DESIGN.md contract columns)."""
     T = model.T
-    K = norms.numpy() / (pts.dt / T)[None, :]
     s = summarize_samples(K)
-    D = math.prod(model.sample_shape) if model.sample_shape else int(np.prod(norms.shape[1:]) or 1)
     t64 = torch.as_tensor(pts.t, dtype=torch.float64)
     return pd.DataFrame(
         {
@@ -267,7 +366,7 @@ def fd_table(model: EpsModel, pts: FDPoints, norms: torch.Tensor, scheme: str) -
             "t_b": pts.t_b,
             "dt": pts.dt,
             "tau": pts.t / T,
-            "method": f"fd-{scheme}",
+            "method": method,
             "n": K.shape[0],
             "K_mean": s["mean"],
             "K_std": s["std"],
@@ -288,6 +387,17 @@ def fd_table(model: EpsModel, pts: FDPoints, norms: torch.Tensor, scheme: str) -
 # ---------------------------------------------------------------------------------------------
 
 
+METHODS = ("fd", "jvp")
+
+
+def parse_methods(method: str) -> list[str]:
+    """``fd``, ``jvp`` or both (``fd,jvp``)."""
+    ms = [m.strip() for m in method.split(",") if m.strip()]
+    if not ms or any(m not in METHODS for m in ms):
+        raise InputError(f"--method {method!r} not known; use fd, jvp or fd,jvp")
+    return list(dict.fromkeys(ms))
+
+
 def probe(
     model: EpsModel,
     data: str | np.ndarray | torch.Tensor = "digits",
@@ -295,37 +405,53 @@ def probe(
     timesteps: str | np.ndarray | list[float] | None = None,
     dt: float = 1.0,
     scheme: str = "forward",
+    method: str = "fd",
     samples: int = 64,
     seed: int = 0,
     batch_size: int | str = "auto",
     progress: bool = False,
     cache_dir: str | None = None,
 ) -> pd.DataFrame:
-    """Measure K(t) of ``model`` by finite differences; returns the long-format table.
+    """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
+    ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
 
     ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size) and the
-    per-sample K matrix under ``K_samples`` (n × G) for further analysis.
+    per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``).
     """
+    methods = parse_methods(method)
     T = model.T
-    lo, hi = valid_range(dt, scheme, T) if dt > 0 else (0.0, T - 1.0)
+    use_fd = "fd" in methods
+    lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
     if timesteps is None or isinstance(timesteps, str):
         grid = parse_grid(timesteps, T, t_max=hi)
         if timesteps is None or not _is_explicit(timesteps):
             grid = grid[grid >= lo]
     else:
         grid = parse_grid(",".join(repr(float(v)) for v in np.asarray(timesteps).ravel()), T)
-    pts = fd_points(grid, dt, scheme, T)
-    x0 = data if isinstance(data, torch.Tensor) and data.ndim == 4 and data.shape[0] == samples else None
+    pts = fd_points(grid, dt, scheme, T) if use_fd else None
+    x0 = data if isinstance(data, torch.Tensor) and data.shape[0] == samples else None
     if x0 is None:
         x0 = load_data(data, samples, seed, model.sample_shape, model=model, cache_dir=cache_dir)
     if model.sample_shape is not None and tuple(x0.shape[1:]) != tuple(model.sample_shape):
         raise InputError(
             f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
         )
-    noise = per_sample_noise(seed, x0.shape[0], tuple(x0.shape[1:]))
+    noise = per_sample_noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
+    D = math.prod(x0.shape[1:])
     stats = RunStats()
-    norms = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
-    df = fd_table(model, pts, norms, scheme)
+    tables, Ks = [], []
+    if use_fd:
+        norms = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
+        Ks.append(norms.numpy() / (pts.dt / T)[None, :])
+        tables.append(k_table(model, pts, Ks[-1], f"fd-{scheme}", D))
+    if "jvp" in methods:
+        jst = RunStats()
+        Ks.append(jvp_norms(model, x0, noise, grid, batch_size=batch_size, progress=progress, stats=jst).numpy())
+        tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
+        stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
+        if not use_fd:
+            stats = RunStats(jst.forwards, jst.seconds, jst.batch_size, stats.extra)
+    df = pd.concat(tables, ignore_index=True)
     df.attrs.update(
         {
             "forwards": stats.forwards,
@@ -333,7 +459,8 @@ def probe(
             "forwards_per_s": stats.forwards_per_s,
             "batch_size": stats.batch_size,
             "T": T,
-            "K_samples": (norms.numpy() / (pts.dt / T)[None, :]),
+            "K_samples": np.concatenate(Ks, axis=1),
+            **stats.extra,
         }
     )
     return df
@@ -346,13 +473,15 @@ def _is_explicit(spec: str) -> bool:
     )
 
 
-def summary(df: pd.DataFrame, T: int, t_split: float | None = None) -> dict[str, float]:
+def summary(df: pd.DataFrame, T: int, t_split: float | None = None, method: str | None = None) -> dict[str, Any]:
     """Peak K and its t, median K over t ≥ t_split, and the singularity ratio.
 
     ``t_split`` defaults to T/10 (= 100 for T = 1000, the paper's t̃). Ratio = mean K over t < t_split
     divided by median K over t ≥ t_split.
     """
     t_split = T / 10 if t_split is None else t_split
+    method = df["method"].iloc[0] if method is None else method
+    df = df[df["method"] == method]
     k = df["K_mean"].to_numpy()
     t = df["t"].to_numpy()
     i = int(np.nanargmax(k))
@@ -360,6 +489,7 @@ def summary(df: pd.DataFrame, T: int, t_split: float | None = None) -> dict[str,
     med_hi = float(np.median(high)) if high.size else float("nan")
     mean_lo = float(np.mean(low)) if low.size else float("nan")
     return {
+        "method": method,
         "peak_K": float(k[i]),
         "peak_t": float(t[i]),
         "t_split": float(t_split),

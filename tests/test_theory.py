@@ -24,3 +24,10 @@ def test_eps_star_equals_direct_solve():
         a, s = m.schedule.alpha(t[i]), m.schedule.sigma(t[i])
         ref = s * torch.linalg.solve(a * a * cov + s * s * torch.eye(D, dtype=torch.float64), x[i] - a * mu)
         torch.testing.assert_close(got[i], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_etsdm_map_basics():
+    from lipscope.etsdm import etsdm_map
+
+    t = torch.tensor([0.0, 19.99, 20.0, 39.5, 99.999, 100.0, 100.5, 999.0], dtype=torch.float64)
+    torch.testing.assert_close(etsdm_map(t), torch.tensor([0.0, 0, 20, 20, 80, 100, 100.5, 999], dtype=torch.float64))
