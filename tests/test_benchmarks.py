@@ -18,3 +18,13 @@ def test_bench_probe_tiny(tmp_path, monkeypatch):
     res = json.loads(out.read_text())
     for key in ("raw_best", "probe_auto", "naive_loop", "ratio_probe_auto_vs_raw_best"):
         assert res[key] > 0
+
+
+def test_bench_jvp_tiny(tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "j.json"
+    monkeypatch.setattr(sys, "argv", ["bench_jvp.py", "--tiny", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_jvp.py"), run_name="__main__")
+    res = json.loads(out.read_text())
+    assert res["per_batch"]["4"]["jvp_over_forward"] > 0

@@ -198,3 +198,106 @@ def test_documented_py_example_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no schedule" not in r.stderr  # the example carries its own schedule
     assert (pd.read_csv(out / "lipschitz.csv")["K_mean"] > 0).all()
+
+
+def test_theory_command(tmp_path):
+    out = tmp_path / "gauss"
+    r = run(
+        [
+            "theory",
+            "--dim",
+            "2",
+            "--mean",
+            "1,-0.5",
+            "--var",
+            "0.25,2",
+            "--samples",
+            "64",
+            "--out",
+            str(out),
+            "--train",
+            "--steps",
+            "200",
+            "--etsdm",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out / "theory.csv")
+    for col in (
+        "t",
+        "dt",
+        "K_fd_exact_rms",
+        "K_fd_mc",
+        "K_fd_ci_low",
+        "K_fd_ci_high",
+        "dtau_exact_rms",
+        "dtau_jvp",
+        "term1_rms",
+        "term2_rms",
+        "K_fd_toy",
+        "dtau_jvp_toy",
+        "K_fd_toy_etsdm",
+    ):
+        assert col in df.columns
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["max_rel_err_jvp_vs_closed_form"] < 1e-6
+    assert (out / "theory.png").stat().st_size > 10_000
+    r = run(
+        [
+            "theory",
+            "--mixture",
+            "3",
+            "--dim",
+            "4",
+            "--schedule",
+            "vp-cosine",
+            "--samples",
+            "32",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(tmp_path / "m" / "theory.csv")["t"].min() >= 1  # σ(0) = 0 in continuous time
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dim", "3", "--mean", "1,2"],
+        ["--var", "1,-1"],
+        ["--schedule", "nope"],
+        ["--mixture", "1"],
+        ["--etsdm"],
+        ["--mean", "a,b"],
+    ],
+)
+def test_theory_bad_input(tmp_path, args):
+    r = run(["theory", "--out", str(tmp_path / "o"), *args])
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_probe_method_jvp_through_a_unet_folder(tmp_path, pipeline_dir):
+    out = tmp_path / "jvp"
+    r = run(
+        [
+            "probe",
+            "--model",
+            str(pipeline_dir),
+            "--data",
+            "digits",
+            "--method",
+            "fd,jvp",
+            "--samples",
+            "3",
+            "--timesteps",
+            "0,10,500",
+            "--out",
+            str(out),
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out / "lipschitz.csv")
+    assert sorted(df["method"].unique()) == ["fd-forward", "jvp"] and len(df) == 6
+    assert (df["K_mean"] > 0).all()
