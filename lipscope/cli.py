@@ -96,6 +96,11 @@ def probe(
     method: str = typer.Option(
         "fd", "--method", help="fd (finite differences), jvp (exact ‖∂ε/∂τ‖ by forward AD) or fd,jvp."
     ),
+    space: str = typer.Option(
+        "time",
+        "--space",
+        help="time, or condition: K between consecutive conditions the network is fed (E-TSDM: sub-interval starts).",
+    ),
     samples: int = typer.Option(64, "--samples", "-n", help="Number of (x0, ε) samples per timestep."),
     seed: int = typer.Option(0, "--seed", help="Seed; every number is reproducible and independent of --batch-size."),
     batch_size: str = typer.Option(
@@ -153,6 +158,7 @@ def probe(
         dt=dt,
         scheme=scheme,
         method=method,
+        space=space,
         samples=samples,
         seed=seed,
         batch_size=batch_size,
@@ -170,6 +176,7 @@ def probe(
             "dt": dt,
             "scheme": scheme,
             "method": method,
+            "space": space,
             "samples": samples,
             "seed": seed,
             "batch_size": batch_size,
@@ -182,6 +189,7 @@ def probe(
             "offline": offline,
         },
         "model": {
+            "etsdm": m.etsdm,
             "name": m.name,
             "config_hash": m.config_hash,
             "T": m.T,
@@ -332,6 +340,362 @@ def theory(
         )
     tab.add_row("written", f"{out_dir}/theory.csv, run.json, theory.png")
     out.print(tab)
+
+
+def _run_training(
+    unet,
+    sched_cfg,
+    data,
+    out_dir,
+    steps,
+    batch_size,
+    lr,
+    warmup,
+    ema_decay,
+    grad_clip,
+    mixed_precision,
+    seed,
+    checkpoint_every,
+    etsdm,
+    t_tilde,
+    n_sub,
+    resume,
+    progress,
+    source,
+):
+    from .data import load_data
+    from .training import TrainConfig, train_loop
+
+    c = int(unet.config.in_channels)
+    s = unet.config.sample_size
+    hw = (s, s) if isinstance(s, int) else tuple(s)
+    x = load_data(data, None, seed, (c, *hw))
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup,
+        ema_decay=ema_decay,
+        grad_clip=grad_clip,
+        mixed_precision=mixed_precision,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        etsdm=etsdm,
+        t_tilde=t_tilde,
+        n=n_sub,
+    )
+    res = train_loop(unet, sched_cfg, x, cfg, out_dir, resume=resume, progress=progress, source=source)
+    out.print(
+        f"trained {steps} steps on {x.shape[0]} samples; final loss (mean of last 100) "
+        f"{res['final_loss_mean_last_100']:.4g}; model in {out_dir}/pipeline"
+    )
+
+
+@app.command()
+@cli_errors
+def train(
+    config: Path = typer.Option(..., "--config", help="UNet2DModel config.json to train from scratch."),
+    data: str = typer.Option("digits", "--data", "-d", help="Training data (as for probe)."),
+    scheduler_config: Path | None = typer.Option(None, "--scheduler-config", help="Default: DDPM linear, T=1000."),
+    out_dir: Path = typer.Option(Path("runs/train"), "--out", "-o"),
+    steps: int = typer.Option(20000, "--steps"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Per process."),
+    lr: float = typer.Option(2e-4, "--lr"),
+    warmup: int = typer.Option(200, "--warmup"),
+    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip"),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16 (accelerate)."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
+    etsdm: bool = typer.Option(False, "--etsdm/--no-etsdm", help="Train with the E-TSDM timestep map."),
+    t_tilde: float = typer.Option(100.0, "--t-tilde", help="E-TSDM: map steps below t̃."),
+    n_sub: int = typer.Option(5, "--n", help="E-TSDM: number of sub-intervals of [0, t̃)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Train a UNet2DModel from a config (optionally with E-TSDM)."""
+    _setup_logging(verbose)
+    from .models import _read_json, _read_scheduler_config, _unet_class
+    from .schedules import DEFAULT_SCHEDULER_CONFIG
+
+    cfg = _read_json(config if not config.is_dir() else config / "config.json", "model config")
+    try:
+        unet = _unet_class(cfg).from_config(cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise InputError(f"--config {config}: not a valid UNet2DModel config ({e})") from e
+    sched_cfg = _read_scheduler_config(scheduler_config) if scheduler_config else dict(DEFAULT_SCHEDULER_CONFIG)
+    _run_training(
+        unet,
+        sched_cfg,
+        data,
+        out_dir,
+        steps,
+        batch_size,
+        lr,
+        warmup,
+        ema_decay,
+        grad_clip,
+        mixed_precision,
+        seed,
+        checkpoint_every,
+        etsdm,
+        t_tilde,
+        n_sub,
+        resume,
+        progress and sys.stderr.isatty(),
+        f"config {config}",
+    )
+
+
+@app.command()
+@cli_errors
+def finetune(
+    model: str = typer.Option(..., "--model", "-m", help="Pretrained model (as for probe)."),
+    data: str = typer.Option("digits", "--data", "-d", help="Fine-tuning data (as for probe)."),
+    out_dir: Path = typer.Option(Path("runs/finetune"), "--out", "-o"),
+    steps: int = typer.Option(2000, "--steps"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Per process."),
+    lr: float = typer.Option(5e-5, "--lr"),
+    warmup: int = typer.Option(100, "--warmup"),
+    ema_decay: float = typer.Option(0.999, "--ema-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip"),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16 (accelerate)."),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
+    etsdm: bool = typer.Option(False, "--etsdm/--no-etsdm", help="Retrofit E-TSDM (off: the control run)."),
+    t_tilde: float = typer.Option(100.0, "--t-tilde"),
+    n_sub: int = typer.Option(5, "--n"),
+    resume: bool = typer.Option(False, "--resume"),
+    revision: str | None = typer.Option(None, "--revision"),
+    offline: bool = typer.Option(False, "--offline"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Fine-tune a pretrained UNet with the same loop; --etsdm retrofits the fix, without it a control."""
+    _setup_logging(verbose)
+    from .models import load_model
+
+    m = load_model(model, revision=revision, offline=offline or None)
+    if m.module is None:
+        raise InputError("finetune needs a diffusers UNet (hub id, folder or weights file), not a callable")
+    _run_training(
+        m.module,
+        m.scheduler_config,
+        data,
+        out_dir,
+        steps,
+        batch_size,
+        lr,
+        warmup,
+        ema_decay,
+        grad_clip,
+        mixed_precision,
+        seed,
+        checkpoint_every,
+        etsdm,
+        t_tilde,
+        n_sub,
+        resume,
+        progress and sys.stderr.isatty(),
+        f"finetune of {model}",
+    )
+
+
+@app.command()
+@cli_errors
+def sample(
+    model: str = typer.Option(..., "--model", "-m"),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddpm, ddim, dpmsolver (DPM-Solver++ 2M)."),
+    steps: int = typer.Option(50, "--steps"),
+    num: int = typer.Option(64, "--num", "-n"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    out_dir: Path = typer.Option(Path("runs/samples"), "--out", "-o"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
+    _setup_logging(verbose)
+    from . import io as lio
+    from .models import load_model
+    from .sampling import image_grid, png_bytes
+    from .sampling import sample as draw
+
+    if num < 1:
+        raise InputError("--num must be ≥ 1")
+    m = load_model(model, device=device)
+    x = draw(m, num, scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size)
+    meta = {
+        "model": model,
+        "config_hash": m.config_hash,
+        "scheduler": scheduler,
+        "steps": steps,
+        "num": num,
+        "seed": seed,
+        "etsdm": m.etsdm,
+        "versions": lio.package_versions(),
+    }
+    lio.write_outputs(
+        out_dir,
+        {
+            "samples.png": png_bytes(image_grid(x)),
+            "samples.npz": lio.npz_bytes(x0=x.numpy()),
+            "run.json": lio.json_bytes(meta),
+        },
+    )
+    out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
+
+
+def _list(s: str, conv, what: str) -> list:
+    try:
+        vals = [conv(v) for v in s.split(",") if v.strip()]
+    except ValueError as e:
+        raise InputError(f"{what} {s!r}: use a comma list") from e
+    if not vals:
+        raise InputError(f"{what} is empty")
+    return vals
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m"),
+    baseline: str | None = typer.Option(None, "--baseline", "-b", help="Model to compare with (same seeds)."),
+    data: str = typer.Option("digits", "--data", "-d", help="Reference data."),
+    scheduler: str = typer.Option("ddim,dpmsolver", "--scheduler", help="Comma list: ddpm, ddim, dpmsolver."),
+    steps: str = typer.Option("5,10,20,50", "--steps", help="Comma list of sampling step counts."),
+    num: int = typer.Option(500, "--num", "-n", help="Samples per (model, scheduler, steps, seed)."),
+    seeds: int = typer.Option(3, "--seeds", help="Number of seeds (0..S−1): the spread of each metric."),
+    inception_weights: str | None = typer.Option(
+        None, "--inception-weights", help="Local Inception weights for FID (torchmetrics, extra 'fid')."
+    ),
+    device: str = typer.Option("auto", "--device"),
+    out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, digits-classifier
+    features), sliced Wasserstein, FID when Inception weights are available. Writes eval.csv,
+    eval_summary.csv, eval.png."""
+    _setup_logging(verbose)
+    from . import io as lio
+    from .data import load_data
+    from .evaluate import evaluate_models, summarize_eval
+    from .models import load_model
+    from .plots import figure_png, plot_eval
+    from .sampling import SAMPLERS
+
+    schedulers = _list(scheduler, str, "--scheduler")
+    for sch in schedulers:
+        if sch not in SAMPLERS:
+            raise InputError(f"--scheduler {sch!r} not known; use {', '.join(SAMPLERS)}")
+    step_list = _list(steps, int, "--steps")
+    if num < 3 or seeds < 1:
+        raise InputError("--num must be ≥ 3 and --seeds ≥ 1")
+    models = {"model": load_model(model, device=device)}
+    if baseline:
+        models["baseline"] = load_model(baseline, device=device)
+    shapes = {tuple(m.sample_shape) for m in models.values()}
+    if len(shapes) != 1:
+        raise InputError(f"model and baseline take different sample shapes {sorted(shapes)}")
+    ref = load_data(data, None, 0, models["model"].sample_shape)
+    if inception_weights and not Path(inception_weights).exists():
+        raise InputError(f"--inception-weights {inception_weights}: no such file")
+    df = evaluate_models(
+        models,
+        ref,
+        schedulers=schedulers,
+        steps=step_list,
+        num=num,
+        seeds=list(range(seeds)),
+        inception_weights=inception_weights,
+    )
+    df.insert(1, "spec", df["model"].map({"model": model, "baseline": baseline}))
+    summ = summarize_eval(df)
+    fid_ok = bool(df["fid_available"].any())
+    meta = {
+        "model": model,
+        "baseline": baseline,
+        "data": data,
+        "schedulers": schedulers,
+        "steps": step_list,
+        "num": num,
+        "seeds": seeds,
+        "fid": "computed" if fid_ok else "unavailable (no local Inception weights)",
+        "reference_size": int(len(ref)),
+        "versions": lio.package_versions(),
+    }
+    lio.write_outputs(
+        out_dir,
+        {
+            "eval.csv": lio.csv_bytes(df),
+            "eval_summary.csv": lio.csv_bytes(summ),
+            "eval.png": figure_png(plot_eval(summ)),
+            "run.json": lio.json_bytes(meta),
+        },
+    )
+    tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")
+    for c in ("model", "scheduler", "steps", "FD digits", "FD pixel", "SWD", "FID"):
+        tab.add_column(c)
+    for _, r in summ.iterrows():
+        fid = f"{r['fid_mean']:.3g}" if fid_ok else "unavailable"
+        tab.add_row(
+            r["model"],
+            r["scheduler"],
+            str(r["steps"]),
+            f"{r['fd_digits_mean']:.3g} ± {r['fd_digits_std']:.2g}",
+            f"{r['fd_pixel_mean']:.3g} ± {r['fd_pixel_std']:.2g}",
+            f"{r['swd_pixel_mean']:.3g} ± {r['swd_pixel_std']:.2g}",
+            fid,
+        )
+    out.print(tab)
+
+
+@app.command()
+@cli_errors
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Probe run folders (each with lipschitz.csv and run.json)."),
+    out_file: Path = typer.Option(Path("compare.png"), "--out", "-o"),
+    t_split: float | None = typer.Option(None, "--t-split"),
+) -> None:
+    """Overlay the Lipschitz-vs-t curves of several probe runs, E-TSDM boundaries marked."""
+    import json
+
+    import pandas as pd
+
+    from . import io as lio
+    from .etsdm import etsdm_boundaries
+    from .plots import figure_png, plot_compare
+    from .probe import summary
+
+    if out_file.suffix.lower() != ".png":
+        raise InputError(f"--out {out_file}: compare writes a .png")
+    frames, bounds = {}, set()
+    tab = Table(title="lipscope compare", title_justify="left")
+    for c in ("run", "method", "peak K (t)", "median K above", "singularity ratio"):
+        tab.add_column(c)
+    for r in runs:
+        if not (r / "lipschitz.csv").exists():
+            raise InputError(f"{r}: no lipschitz.csv; pass folders written by lipscope probe")
+        df = pd.read_csv(r / "lipschitz.csv")
+        meta = json.loads((r / "run.json").read_text()) if (r / "run.json").exists() else {}
+        et = meta.get("model", {}).get("etsdm")
+        if et:
+            bounds.update(etsdm_boundaries(et["t_tilde"], et["n"])[1:])
+        frames[r.name] = df
+        T = int(meta.get("model", {}).get("T", 1000))
+        for method in df["method"].unique():
+            s = summary(df, T, t_split, method=method)
+            tab.add_row(
+                r.name,
+                method,
+                f"{s['peak_K']:.4g} ({s['peak_t']:g})",
+                f"{s['median_K_above']:.4g}",
+                f"{s['singularity_ratio']:.3g}",
+            )
+    lio.atomic_write_bytes(out_file, figure_png(plot_compare(frames, sorted(bounds))))
+    out.print(tab)
+    out.print(f"written {out_file}")
 
 
 def _print_summary(name: str, s: dict[str, float], df, out_dir: Path, wall: float) -> None:

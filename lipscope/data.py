@@ -31,10 +31,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
 
 
-def choose_indices(available: int, n: int, seed: int) -> np.ndarray:
-    """Which of ``available`` items to use for n samples: depends on (seed, available, n) only."""
+def choose_indices(available: int, n: int | None, seed: int) -> np.ndarray:
+    """Which of ``available`` items to use for n samples (all of them for n=None): depends on
+    (seed, available, n) only."""
     if available <= 0:
         raise InputError("the data source is empty; pass --data with at least one sample")
+    if n is None:
+        return np.arange(available)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
     if available >= n:
         return np.sort(rng.permutation(available)[:n])
@@ -210,14 +213,15 @@ def _hf_dataset(name: str, split: str, n: int, seed: int, c: int, hw: tuple[int,
 
 def load_data(
     spec: str | np.ndarray | torch.Tensor,
-    n: int,
+    n: int | None,
     seed: int = 0,
     sample_shape: tuple[int, ...] | None = None,
     model=None,
     cache_dir: str | Path | None = None,
 ) -> torch.Tensor:
-    """Load n x0 samples as float32 (n, C, H, W) in [−1, 1], matched to ``sample_shape`` (C, H, W)."""
-    if n < 1:
+    """Load n x0 samples (every sample for n=None) as float32 (n, C, H, W) in [−1, 1], matched to
+    ``sample_shape`` (C, H, W)."""
+    if n is not None and n < 1:
         raise InputError("--samples must be ≥ 1")
     c = sample_shape[0] if sample_shape else None
     hw = tuple(sample_shape[1:]) if sample_shape else None
@@ -228,6 +232,8 @@ def load_data(
         return _finish(x, c, hw, "data array", resize=False)
     spec = str(spec)
     if spec == "model":
+        if n is None:
+            raise InputError("--data model draws samples on demand; it cannot be used as a training set")
         if model is None:
             raise InputError("--data model needs a model to sample from")
         from .sampling import model_samples

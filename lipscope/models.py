@@ -39,7 +39,7 @@ from .schedules import DEFAULT_SCHEDULER_CONFIG, Schedule, schedule_from_config
 log = logging.getLogger("lipscope")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-SUPPORTED_CLASSES = ("UNet2DModel",)
+SUPPORTED_CLASSES = ("UNet2DModel", "ETSDMUNet2DModel")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 NetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,6 +65,7 @@ class EpsModel:
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
     module: nn.Module | None = None
     timestep_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+    etsdm: dict[str, float] | None = None  # {"t_tilde": …, "n": …} for E-TSDM models
 
     @property
     def T(self) -> int:  # noqa: N802
@@ -84,8 +85,13 @@ class EpsModel:
         """ε(x, t) for x (B, …) and float t (B,) in model steps."""
         x = x.to(device=self.device, dtype=self.dtype)
         t = _as_timesteps(t, x.shape[0], self.device, self.dtype)
-        out = self.net(x, self.network_timesteps(t))
-        return to_epsilon(out, x, t, self.schedule, self.prediction_type)
+        return self.at_condition(x, self.network_timesteps(t), t)
+
+    def at_condition(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε from the network fed condition c directly (no map), converted with α, σ at true step t."""
+        x = x.to(device=self.device, dtype=self.dtype)
+        c = _as_timesteps(c, x.shape[0], self.device, self.dtype)
+        return to_epsilon(self.net(x, c), x, t, self.schedule, self.prediction_type)
 
 
 def _as_timesteps(t: torch.Tensor | float, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -183,8 +189,19 @@ def from_unet(
     c, s = int(cfg["in_channels"]), cfg["sample_size"]
     hw = (s, s) if isinstance(s, int) else tuple(int(v) for v in s)
 
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t).sample
+    from .etsdm import is_etsdm
+
+    etsdm = None
+    if is_etsdm(unet):
+        etsdm = {"t_tilde": float(unet.config.etsdm_t_tilde), "n": int(unet.config.etsdm_n)}
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet.forward_condition(x, t).sample
+
+    else:
+
+        def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(x, t).sample
 
     return EpsModel(
         net=net,
@@ -197,6 +214,8 @@ def from_unet(
         config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"},
         scheduler_config=dict(scheduler_config),
         module=unet,
+        timestep_map=unet.condition if etsdm else None,
+        etsdm=etsdm,
     )
 
 
@@ -320,6 +339,14 @@ def _read_scheduler_config(src: str | os.PathLike | dict) -> dict[str, Any]:
     return _read_json(p, "scheduler config")
 
 
+def _unet_class(cfg: dict[str, Any]):
+    from diffusers import UNet2DModel
+
+    from .etsdm import ETSDMUNet2DModel
+
+    return ETSDMUNet2DModel if cfg.get("_class_name") == "ETSDMUNet2DModel" else UNet2DModel
+
+
 def _check_class(cfg: dict[str, Any], where: str) -> None:
     cls = cfg.get("_class_name", "UNet2DModel")
     if cls not in SUPPORTED_CLASSES:
@@ -337,8 +364,8 @@ def _short(e: BaseException) -> str:
 
 
 def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt) -> EpsModel:
-    from diffusers import UNet2DModel
-
+    if not subfolder and not (path / "config.json").exists() and (path / "pipeline" / "model_index.json").exists():
+        path = path / "pipeline"  # a lipscope train/finetune run folder
     if subfolder:
         unet_dir = path / subfolder
     elif (path / "unet" / "config.json").exists():
@@ -351,7 +378,8 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
             f"--model {path}: no config.json in {unet_dir}; pass a diffusers pipeline or unet folder "
             "(or a weights file with --config)"
         )
-    _check_class(_read_json(cfg_path, "model config"), str(path))
+    ucfg = _read_json(cfg_path, "model config")
+    _check_class(ucfg, str(path))
     if sched_cfg is None:
         for cand in (
             path / "scheduler" / "scheduler_config.json",
@@ -363,7 +391,7 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
                 sched_cfg = _read_json(cand, "scheduler config")
                 break
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir)
+        unet = _unet_class(ucfg).from_pretrained(unet_dir)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(
             f"--model {path}: could not load the UNet ({_short(e)}); weights corrupt or not matching config.json"
@@ -412,8 +440,6 @@ def _load_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle: bool, dev, dt) -> EpsModel:
-    from diffusers import UNet2DModel
-
     if path.suffix not in WEIGHT_SUFFIXES:
         raise InputError(
             f"--model {path}: unknown file type; use a folder, or a {'/'.join(WEIGHT_SUFFIXES)} file with --config"
@@ -427,7 +453,7 @@ def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle:
     _check_class(cfg, str(cpath))
     sd = _load_state_dict(path, trust_pickle)
     try:
-        unet = UNet2DModel.from_config(cfg)
+        unet = _unet_class(cfg).from_config(cfg)
     except (TypeError, ValueError, KeyError) as e:
         raise InputError(f"--config {cpath}: not a valid UNet2DModel config ({_short(e)})") from e
     _check_state_dict(unet, sd, path, cpath)
@@ -467,7 +493,6 @@ def _offline(offline: bool | None) -> bool:
 
 
 def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: bool | None, dev, dt) -> EpsModel:
-    from diffusers import UNet2DModel
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -498,7 +523,8 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
             )
         raise InputError(f"--model {repo}: no UNet config.json found in the repo (tried {subs}); pass --subfolder")
     cfg_file = fetch(f"{unet_sub}/config.json" if unet_sub else "config.json")
-    _check_class(_read_json(Path(cfg_file), "model config"), repo)
+    ucfg = _read_json(Path(cfg_file), "model config")
+    _check_class(ucfg, repo)
     if sched_cfg is None:
         for cand in ("scheduler/scheduler_config.json", "scheduler_config.json"):
             f = fetch(cand)
@@ -506,7 +532,7 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
                 sched_cfg = _read_json(Path(f), "scheduler config")
                 break
     try:
-        unet = UNet2DModel.from_pretrained(
+        unet = _unet_class(ucfg).from_pretrained(
             repo, subfolder=unet_sub or None, revision=revision, local_files_only=local_only
         )
     except (OSError, ValueError, RuntimeError) as e:

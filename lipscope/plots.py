@@ -8,6 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -74,5 +76,57 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
     ax.set_ylabel("per unit τ")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "fd_pixel", "swd_pixel")):
+    """Metric vs number of sampling steps, one panel per metric, a line per (model, scheduler)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), dpi=110)
+    for ax, met in zip(np.atleast_1d(axes), metrics, strict=True):
+        for (model, sch), d in summary.groupby(["model", "scheduler"], sort=False):
+            d = d.sort_values("steps")
+            ax.errorbar(
+                d["steps"],
+                d[f"{met}_mean"],
+                yerr=d[f"{met}_std"],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{model} · {sch}",
+                ls="-" if "base" not in model else "--",
+            )
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(summary["steps"].unique()))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("sampling steps")
+        ax.set_title(met.replace("_", " "), fontsize=10)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_compare(runs: dict[str, pd.DataFrame], boundaries: list[float] | None = None, title: str = ""):
+    """Overlay K(t) of several probe runs (first method of each), with E-TSDM boundaries marked."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=120)
+    for c, (name, df) in zip(sns.color_palette("deep", len(runs)), runs.items(), strict=True):
+        for method, d in df.groupby("method", sort=False):
+            d = d.sort_values("t")
+            y = d["K_mean"].where(d["K_mean"] > 0)
+            ls = "-" if method.startswith("fd") and method != "fd-condition" else ("--" if method == "jvp" else ":")
+            ax.plot(d["t"], y, color=c, ls=ls, marker="o", ms=2.5, lw=1.3, label=f"{name} ({method})")
+            if "crosses_boundary" in d and d["crosses_boundary"].any():
+                b = d[d["crosses_boundary"]]
+                ax.scatter(b["t"], b["K_mean"], color=c, marker="x", s=30, zorder=5)
+    for b in boundaries or []:
+        ax.axvline(b, color="0.5", lw=0.7, ls=":")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep t (model steps); dotted: E-TSDM boundaries, ×: Δt crosses one")
+    ax.set_ylabel("K(t)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -42,11 +42,16 @@ CPU_AUTO_CANDIDATES = (8, 16, 32, 64, 128)
 
 @dataclass
 class FDPoints:
-    """Where x_t is drawn (t) and the two conditions it is fed at (t_a < t_b), all in model steps."""
+    """Where x_t is drawn (t) and the two points it is evaluated at (t_a < t_b), all in model steps.
+
+    ``conditions=True``: t_a, t_b are conditions fed to the network directly (no E-TSDM map),
+    as in ``--space condition``; otherwise they are true timesteps (the map applies).
+    """
 
     t: np.ndarray
     t_a: np.ndarray
     t_b: np.ndarray
+    conditions: bool = False
 
     @property
     def dt(self) -> np.ndarray:
@@ -69,6 +74,38 @@ def fd_points(grid: np.ndarray, dt: float, scheme: str, T: int) -> FDPoints:
             f"outside [0, {T - 1}]; drop it from --timesteps or change --dt/--scheme"
         )
     return FDPoints(t=g, t_a=ta, t_b=tb)
+
+
+def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: dict | None) -> FDPoints:
+    """``--space condition``: K between consecutive conditions the network is actually fed.
+
+    Plain model: (t, t + Δt) as in time space. E-TSDM: a grid step t < t̃ becomes its sub-interval
+    start c = f(t), paired with the next condition c + t̃/n (x drawn at t = c; duplicates dropped);
+    t ≥ t̃ keeps (t, t + Δt).
+    """
+    g = np.asarray(grid, dtype=np.float64)
+    if etsdm is None:
+        pts = fd_points(g, dt, "forward", T)
+        return FDPoints(pts.t, pts.t_a, pts.t_b, conditions=True)
+    tt, w = etsdm["t_tilde"], etsdm["t_tilde"] / etsdm["n"]
+    low = np.unique(np.floor(g[g < tt] / w) * w)
+    high = fd_points(g[g >= tt], dt, "forward", T) if (g >= tt).any() else FDPoints(g[:0], g[:0], g[:0])
+    return FDPoints(
+        np.concatenate([low, high.t]),
+        np.concatenate([low, high.t_a]),
+        np.concatenate([np.minimum(low + w, tt), high.t_b]),
+        conditions=True,
+    )
+
+
+def crosses_boundary(t_a: np.ndarray, t_b: np.ndarray, etsdm: dict | None) -> np.ndarray:
+    """True where (t_a, t_b] contains an E-TSDM sub-interval boundary (t̃/n, 2t̃/n, …, t̃)."""
+    if etsdm is None:
+        return np.zeros(len(t_a), dtype=bool)
+    from .etsdm import etsdm_boundaries
+
+    b = np.asarray(etsdm_boundaries(etsdm["t_tilde"], etsdm["n"])[1:])
+    return ((np.asarray(t_a)[:, None] < b[None]) & (b[None] <= np.asarray(t_b)[:, None])).any(1)
 
 
 def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
@@ -256,7 +293,11 @@ def fd_norms(
         m = idx.numel()
         x = noisy_inputs(model, x0[i], noise[i], t_x[j])
         with torch.inference_mode():
-            eps = model(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]))
+            if pts.conditions:  # feed the conditions themselves; convert with α, σ at the true t
+                tx = torch.cat([t_x[j], t_x[j]]).to(model.device)
+                eps = model.at_condition(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]), tx)
+            else:
+                eps = model(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]))
         d = (eps[m:] - eps[:m]).reshape(m, -1).double()
         _check_finite(torch.cat([eps[:m], eps[m:]], dim=1), t_a[j], t_b[j], "output")
         return torch.linalg.vector_norm(d, dim=1)
@@ -358,7 +399,12 @@ def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) 
     T = model.T
     s = summarize_samples(K)
     t64 = torch.as_tensor(pts.t, dtype=torch.float64)
-    return pd.DataFrame(
+    if pts.conditions:
+        c_a, c_b = pts.t_a, pts.t_b
+    else:
+        c_a = model.network_timesteps(torch.as_tensor(pts.t_a, dtype=torch.float64)).numpy()
+        c_b = model.network_timesteps(torch.as_tensor(pts.t_b, dtype=torch.float64)).numpy()
+    df = pd.DataFrame(
         {
             "t": pts.t,
             "t_prime": pts.t_b,
@@ -378,8 +424,12 @@ def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) 
             "K_mean_per_dim": s["mean"] / math.sqrt(D),
             "alpha": model.schedule.alpha(t64).numpy(),
             "sigma": model.schedule.sigma(t64).numpy(),
+            "c_a": c_a,
+            "c_b": c_b,
+            "crosses_boundary": crosses_boundary(pts.t_a, pts.t_b, model.etsdm),
         }
     )
+    return df
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +456,7 @@ def probe(
     dt: float = 1.0,
     scheme: str = "forward",
     method: str = "fd",
+    space: str = "time",
     samples: int = 64,
     seed: int = 0,
     batch_size: int | str = "auto",
@@ -419,6 +470,10 @@ def probe(
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``).
     """
     methods = parse_methods(method)
+    if space not in ("time", "condition"):
+        raise InputError(f"--space {space!r}: use time or condition")
+    if space == "condition" and (methods != ["fd"] or scheme != "forward"):
+        raise InputError("--space condition measures forward differences between conditions: use --method fd")
     T = model.T
     use_fd = "fd" in methods
     lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
@@ -428,7 +483,12 @@ def probe(
             grid = grid[grid >= lo]
     else:
         grid = parse_grid(",".join(repr(float(v)) for v in np.asarray(timesteps).ravel()), T)
-    pts = fd_points(grid, dt, scheme, T) if use_fd else None
+    if not use_fd:
+        pts = None
+    elif space == "condition":
+        pts = condition_points(grid, dt, T, model.etsdm)
+    else:
+        pts = fd_points(grid, dt, scheme, T)
     x0 = data if isinstance(data, torch.Tensor) and data.shape[0] == samples else None
     if x0 is None:
         x0 = load_data(data, samples, seed, model.sample_shape, model=model, cache_dir=cache_dir)
@@ -443,7 +503,7 @@ def probe(
     if use_fd:
         norms = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
         Ks.append(norms.numpy() / (pts.dt / T)[None, :])
-        tables.append(k_table(model, pts, Ks[-1], f"fd-{scheme}", D))
+        tables.append(k_table(model, pts, Ks[-1], "fd-condition" if space == "condition" else f"fd-{scheme}", D))
     if "jvp" in methods:
         jst = RunStats()
         Ks.append(jvp_norms(model, x0, noise, grid, batch_size=batch_size, progress=progress, stats=jst).numpy())

@@ -1,4 +1,10 @@
-"""Sampling through diffusers schedulers (the model's own noise levels, seeded per sample)."""
+"""Sampling through diffusers schedulers (the model's own noise levels, seeded per sample).
+
+The EpsModel already returns ε and applies the E-TSDM map, so every scheduler is built with
+``prediction_type="epsilon"`` from the model's own betas; the E-TSDM map is honoured for free.
+Each sample has its own generator (initial noise and, for DDPM, the per-step noise), so samples do
+not depend on the batch size.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import per_sample_noise
+from .data import per_sample_noise, sample_generator
+from .errors import InputError
 from .models import EpsModel
 
 log = logging.getLogger("lipscope")
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver", "dpmsolver++")
 
 
 def betas_of(model: EpsModel) -> np.ndarray:
@@ -21,25 +30,58 @@ def betas_of(model: EpsModel) -> np.ndarray:
     return (-torch.expm1(lab - prev)).numpy()
 
 
-def ddim_sample(model: EpsModel, n: int, seed: int, steps: int = 50, batch_size: int = 64) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) from per-sample initial noise; returns float32 (n, C, H, W)."""
-    from diffusers import DDIMScheduler
+def make_scheduler(name: str, model: EpsModel, steps: int):
+    """A diffusers scheduler for ``name`` over the model's own betas, timesteps set for ``steps``."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    if model.sample_shape is None:
-        raise ValueError("sampling needs a model with a known sample_shape")
-    sched = DDIMScheduler(num_train_timesteps=model.T, trained_betas=betas_of(model), prediction_type="epsilon")
+    if name not in SAMPLERS:
+        raise InputError(f"--scheduler {name!r} not known; use {', '.join(SAMPLERS)}")
+    if steps < 1 or steps > model.T:
+        raise InputError(f"--steps {steps}: use 1..{model.T}")
+    common = {"num_train_timesteps": model.T, "trained_betas": betas_of(model), "prediction_type": "epsilon"}
+    if name == "ddpm":
+        sched = DDPMScheduler(**common, variance_type="fixed_small", clip_sample=True)
+    elif name == "ddim":
+        sched = DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    else:  # "dpmsolver" is DPM-Solver++(2M): plain DPM-Solver is deprecated in diffusers
+        sched = DPMSolverMultistepScheduler(
+            **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
+        )
     sched.set_timesteps(steps)
-    x = per_sample_noise(seed, n, tuple(model.sample_shape), offset=1 << 20)
+    return sched
+
+
+def sample(
+    model: EpsModel,
+    n: int,
+    *,
+    scheduler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw n samples (float32 (n, C, H, W), clamped to [−1, 1])."""
+    if model.sample_shape is None:
+        raise InputError("sampling needs a model with a known sample_shape")
     out = []
+    x_all = per_sample_noise(seed, n, tuple(model.sample_shape), offset=1 << 20)
     with torch.inference_mode():
         for s in range(0, n, batch_size):
-            xb = x[s : s + batch_size].to(model.device, model.dtype)
+            sched = make_scheduler(scheduler, model, steps)  # multistep solvers keep per-run state
+            xb = x_all[s : s + batch_size].to(model.device, model.dtype)
+            gens = [sample_generator(seed, (1 << 21) + s + i, device=model.device) for i in range(xb.shape[0])]
             for t in sched.timesteps:
                 tt = torch.full((xb.shape[0],), float(t), device=model.device)
                 eps = model(xb, tt)
-                xb = sched.step(eps, t, xb).prev_sample
-            out.append(xb.float().cpu())
+                xb = sched.step(eps, t, xb, generator=gens).prev_sample
+            out.append(xb.float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def ddim_sample(model: EpsModel, n: int, seed: int, steps: int = 50, batch_size: int = 64) -> torch.Tensor:
+    """Deterministic DDIM (η = 0)."""
+    return sample(model, n, scheduler="ddim", steps=steps, seed=seed, batch_size=batch_size)
 
 
 def model_samples(
@@ -57,7 +99,32 @@ def model_samples(
     log.warning(
         "drawing %d x0 samples from the model itself (DDIM, %d steps); pass --data to probe on real data", n, steps
     )
-    x0 = ddim_sample(model, n, seed, steps).clamp(-1, 1)
+    x0 = ddim_sample(model, n, seed, steps)
     if path is not None:
         atomic_write_bytes(path, npz_bytes(x0=x0.numpy()))
     return x0
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """(n, C, H, W) in [−1, 1] → uint8 grid image (H', W', C) with 1-pixel gaps."""
+    n, c, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / nrow))
+    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)
+    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = imgs[i]
+    return grid
+
+
+def png_bytes(grid: np.ndarray, scale: int = 4) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -301,3 +301,114 @@ def test_probe_method_jvp_through_a_unet_folder(tmp_path, pipeline_dir):
     df = pd.read_csv(out / "lipschitz.csv")
     assert sorted(df["method"].unique()) == ["fd-forward", "jvp"] and len(df) == 6
     assert (df["K_mean"] > 0).all()
+
+
+def test_finetune_sample_evaluate_compare(tmp_path, pipeline_dir):
+    """The E-TSDM workflow end to end on a tiny UNet: retrofit, sample, evaluate, probe, compare."""
+    ft = tmp_path / "ft"
+    r = run(
+        [
+            "finetune",
+            "--etsdm",
+            "--model",
+            str(pipeline_dir),
+            "--data",
+            "digits",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--out",
+            str(ft),
+            "--no-progress",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((ft / "pipeline" / "unet" / "config.json").read_text())["etsdm_n"] == 5
+    r = run(
+        [
+            "sample",
+            "--model",
+            str(ft),
+            "--scheduler",
+            "dpmsolver",
+            "--steps",
+            "5",
+            "--num",
+            "6",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "s" / "samples.npz")["x0"].shape == (6, 1, 8, 8)
+    assert (tmp_path / "s" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    r = run(
+        [
+            "evaluate",
+            "--model",
+            str(ft),
+            "--baseline",
+            str(pipeline_dir),
+            "--steps",
+            "2,4",
+            "--num",
+            "20",
+            "--seeds",
+            "2",
+            "--out",
+            str(tmp_path / "e"),
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    ev = pd.read_csv(tmp_path / "e" / "eval.csv")
+    assert len(ev) == 2 * 2 * 2 * 2 and set(ev["model"]) == {"model", "baseline"}
+    assert not ev["fid_available"].any() and ev["fd_digits"].gt(0).all()
+    summ = pd.read_csv(tmp_path / "e" / "eval_summary.csv")
+    assert {"fd_digits_mean", "fd_digits_std", "swd_pixel_mean"} <= set(summ.columns)
+    assert json.loads((tmp_path / "e" / "run.json").read_text())["fid"].startswith("unavailable")
+    for name, model in (("pb", str(pipeline_dir)), ("pe", str(ft))):
+        r = run(
+            [
+                "probe",
+                "--model",
+                model,
+                "--data",
+                "digits",
+                "--samples",
+                "3",
+                "--timesteps",
+                "0,19,50,300",
+                "--out",
+                str(tmp_path / name),
+            ]
+        )
+        assert r.returncode == 0, r.stderr
+    r = run(
+        [
+            "probe",
+            "--model",
+            str(ft),
+            "--data",
+            "digits",
+            "--samples",
+            "3",
+            "--space",
+            "condition",
+            "--timesteps",
+            "0,19,50,300",
+            "--out",
+            str(tmp_path / "pc"),
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    assert list(pd.read_csv(tmp_path / "pc" / "lipschitz.csv")["t_a"]) == [0, 40, 300]
+    r = run(
+        ["compare", str(tmp_path / "pb"), str(tmp_path / "pe"), str(tmp_path / "pc"), "--out", str(tmp_path / "c.png")]
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    r = run(["sample", "--model", str(ft), "--scheduler", "euler", "--out", str(tmp_path / "bad")])
+    assert r.returncode == 2 and r.stderr.startswith("error:") and not (tmp_path / "bad").exists()

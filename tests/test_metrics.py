@@ -1,0 +1,74 @@
+"""Quality metrics against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from scipy.stats import wasserstein_distance
+
+from lipscope.metrics import (
+    digits_features,
+    frechet_distance,
+    load_digits_classifier,
+    sliced_wasserstein,
+    to_digits_space,
+    wasserstein_1d,
+)
+
+
+def test_frechet_matches_scipy_sqrtm_formula():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5))
+    y = rng.standard_normal((300, 5)) * 0.7 + 0.3
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ref = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(x, y) == pytest.approx(ref, rel=1e-8)
+    assert abs(frechet_distance(x, x)) < 1e-9
+
+
+def test_frechet_of_known_gaussians():
+    # N(0, I) vs N(m, 4I) in D dims: |m|² + D(1 + 4 − 2·2) = |m|² + D
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200_000, 3))
+    y = 2 * rng.standard_normal((200_000, 3)) + np.array([1.0, 0, 0])
+    assert frechet_distance(x, y) == pytest.approx(1.0 + 3.0, rel=0.02)  # sampling error ~1/√n
+
+
+def test_wasserstein_1d_matches_scipy():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((50, 4)), rng.standard_normal((70, 4)) + 0.5
+    ref = [wasserstein_distance(a[:, j], b[:, j]) for j in range(4)]
+    np.testing.assert_allclose(wasserstein_1d(a, b), ref, rtol=1e-12)
+
+
+def test_sliced_wasserstein_brute_force():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((60, 6)), rng.standard_normal((40, 6)) * 1.5
+    d = np.random.default_rng(7).standard_normal((6, 16))
+    d /= np.linalg.norm(d, axis=0)
+    ref = np.mean([wasserstein_distance(x @ d[:, k], y @ d[:, k]) for k in range(16)])
+    assert sliced_wasserstein(x, y, n_proj=16, seed=7) == pytest.approx(ref, rel=1e-12)
+
+
+def test_shipped_digits_classifier_is_accurate_and_features_separate_data_from_noise():
+    from sklearn.datasets import load_digits
+
+    from lipscope.data import digits_array
+
+    net = load_digits_classifier()
+    x = torch.from_numpy(digits_array())
+    with torch.no_grad():
+        acc = (net(to_digits_space(x)).argmax(1).numpy() == load_digits().target).mean()
+    assert acc > 0.9
+    real = digits_features(x[:600], net)
+    real2 = digits_features(x[600:1200], net)
+    noise = digits_features(torch.rand(600, 1, 8, 8) * 2 - 1, net)
+    assert frechet_distance(real, real2) < 0.1 * frechet_distance(real, noise)
+
+
+def test_to_digits_space_resizes_and_greys():
+    x = torch.zeros(2, 3, 32, 32)
+    assert to_digits_space(x).shape == (2, 64)
