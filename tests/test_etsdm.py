@@ -134,6 +134,7 @@ def _cfg(**kw):
 def test_resume_equals_uninterrupted(tmp_path, etsdm):
     data = _tiny_data()
     full = train_loop(tiny_unet(seed=7), DEFAULT_SCHEDULER_CONFIG, data, _cfg(etsdm=etsdm), tmp_path / "a")
+    assert full["steps"] == 6 and full["final_loss_mean_last_100"] > 0
     part = train_loop(
         tiny_unet(seed=7), DEFAULT_SCHEDULER_CONFIG, data, _cfg(etsdm=etsdm), tmp_path / "b", stop_after=3
     )
