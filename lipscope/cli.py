@@ -342,51 +342,17 @@ def theory(
     out.print(tab)
 
 
-def _run_training(
-    unet,
-    sched_cfg,
-    data,
-    out_dir,
-    steps,
-    batch_size,
-    lr,
-    warmup,
-    ema_decay,
-    grad_clip,
-    mixed_precision,
-    seed,
-    checkpoint_every,
-    etsdm,
-    t_tilde,
-    n_sub,
-    resume,
-    progress,
-    source,
-):
+def _run_training(unet, sched_cfg, data: str, out_dir: Path, cfg, resume: bool, progress: bool, source: str) -> None:
     from .data import load_data
-    from .training import TrainConfig, train_loop
+    from .training import train_loop
 
     c = int(unet.config.in_channels)
     s = unet.config.sample_size
     hw = (s, s) if isinstance(s, int) else tuple(s)
-    x = load_data(data, None, seed, (c, *hw))
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup,
-        ema_decay=ema_decay,
-        grad_clip=grad_clip,
-        mixed_precision=mixed_precision,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        etsdm=etsdm,
-        t_tilde=t_tilde,
-        n=n_sub,
-    )
+    x = load_data(data, None, cfg.seed, (c, *hw))
     res = train_loop(unet, sched_cfg, x, cfg, out_dir, resume=resume, progress=progress, source=source)
     out.print(
-        f"trained {steps} steps on {x.shape[0]} samples; final loss (mean of last 100) "
+        f"trained {cfg.steps} steps on {x.shape[0]} samples; final loss (mean of last 100) "
         f"{res['final_loss_mean_last_100']:.4g}; model in {out_dir}/pipeline"
     )
 
@@ -418,6 +384,7 @@ def train(
     _setup_logging(verbose)
     from .models import _read_json, _read_scheduler_config, _unet_class
     from .schedules import DEFAULT_SCHEDULER_CONFIG
+    from .training import TrainConfig
 
     cfg = _read_json(config if not config.is_dir() else config / "config.json", "model config")
     try:
@@ -425,27 +392,21 @@ def train(
     except (TypeError, ValueError, KeyError) as e:
         raise InputError(f"--config {config}: not a valid UNet2DModel config ({e})") from e
     sched_cfg = _read_scheduler_config(scheduler_config) if scheduler_config else dict(DEFAULT_SCHEDULER_CONFIG)
-    _run_training(
-        unet,
-        sched_cfg,
-        data,
-        out_dir,
-        steps,
-        batch_size,
-        lr,
-        warmup,
-        ema_decay,
-        grad_clip,
-        mixed_precision,
-        seed,
-        checkpoint_every,
-        etsdm,
-        t_tilde,
-        n_sub,
-        resume,
-        progress and sys.stderr.isatty(),
-        f"config {config}",
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup,
+        ema_decay=ema_decay,
+        grad_clip=grad_clip,
+        mixed_precision=mixed_precision,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        etsdm=etsdm,
+        t_tilde=t_tilde,
+        n=n_sub,
     )
+    _run_training(unet, sched_cfg, data, out_dir, cfg, resume, progress and sys.stderr.isatty(), f"config {config}")
 
 
 @app.command()
@@ -475,27 +436,31 @@ def finetune(
     """Fine-tune a pretrained UNet with the same loop; --etsdm retrofits the fix, without it a control."""
     _setup_logging(verbose)
     from .models import load_model
+    from .training import TrainConfig
 
     m = load_model(model, revision=revision, offline=offline or None)
     if m.module is None:
         raise InputError("finetune needs a diffusers UNet (hub id, folder or weights file), not a callable")
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup,
+        ema_decay=ema_decay,
+        grad_clip=grad_clip,
+        mixed_precision=mixed_precision,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        etsdm=etsdm,
+        t_tilde=t_tilde,
+        n=n_sub,
+    )
     _run_training(
         m.module,
         m.scheduler_config,
         data,
         out_dir,
-        steps,
-        batch_size,
-        lr,
-        warmup,
-        ema_decay,
-        grad_clip,
-        mixed_precision,
-        seed,
-        checkpoint_every,
-        etsdm,
-        t_tilde,
-        n_sub,
+        cfg,
         resume,
         progress and sys.stderr.isatty(),
         f"finetune of {model}",
@@ -561,7 +526,9 @@ def _list(s: str, conv, what: str) -> list:
 @cli_errors
 def evaluate(
     model: str = typer.Option(..., "--model", "-m"),
-    baseline: str | None = typer.Option(None, "--baseline", "-b", help="Model to compare with (same seeds)."),
+    baseline: list[str] = typer.Option(
+        [], "--baseline", "-b", help="Model(s) to compare with, same seeds (repeatable)."
+    ),
     data: str = typer.Option("digits", "--data", "-d", help="Reference data."),
     scheduler: str = typer.Option("ddim,dpmsolver", "--scheduler", help="Comma list: ddpm, ddim, dpmsolver."),
     steps: str = typer.Option("5,10,20,50", "--steps", help="Comma list of sampling step counts."),
@@ -592,9 +559,10 @@ def evaluate(
     step_list = _list(steps, int, "--steps")
     if num < 3 or seeds < 1:
         raise InputError("--num must be ≥ 3 and --seeds ≥ 1")
-    models = {"model": load_model(model, device=device)}
-    if baseline:
-        models["baseline"] = load_model(baseline, device=device)
+    specs = {"model": model}
+    for i, b in enumerate(baseline):
+        specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
+    models = {k: load_model(v, device=device) for k, v in specs.items()}
     shapes = {tuple(m.sample_shape) for m in models.values()}
     if len(shapes) != 1:
         raise InputError(f"model and baseline take different sample shapes {sorted(shapes)}")
@@ -610,7 +578,7 @@ def evaluate(
         seeds=list(range(seeds)),
         inception_weights=inception_weights,
     )
-    df.insert(1, "spec", df["model"].map({"model": model, "baseline": baseline}))
+    df.insert(1, "spec", df["model"].map(specs))
     summ = summarize_eval(df)
     fid_ok = bool(df["fid_available"].any())
     meta = {

@@ -22,6 +22,24 @@ TINY = dict(
 )
 
 
+# the lipschitz.csv contract of DESIGN.md
+CONTRACT = [
+    "t",
+    "t_prime",
+    "dt",
+    "method",
+    "n",
+    "K_mean",
+    "K_std",
+    "K_sem",
+    "K_ci_low",
+    "K_ci_high",
+    "K_mean_per_dim",
+    "alpha",
+    "sigma",
+]
+
+
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(**{**TINY, **overrides}).eval()

@@ -10,23 +10,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CONTRACT
 from test_models import _hf_cache
-
-CONTRACT = [
-    "t",
-    "t_prime",
-    "dt",
-    "method",
-    "n",
-    "K_mean",
-    "K_std",
-    "K_sem",
-    "K_ci_low",
-    "K_ci_high",
-    "K_mean_per_dim",
-    "alpha",
-    "sigma",
-]
 
 
 def run(args, env=None, cwd=None):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import CONTRACT, tiny_unet
 
 from lipscope import from_callable, probe
 from lipscope.data import load_data, per_sample_noise, sample_generator
@@ -93,22 +93,7 @@ def test_gaussian_closed_form_shows_singularity():
 
 def test_table_contract_columns(model):
     df = probe(model, "digits", samples=3, timesteps="0,5")
-    for col in (
-        "t",
-        "t_prime",
-        "dt",
-        "method",
-        "n",
-        "K_mean",
-        "K_std",
-        "K_sem",
-        "K_ci_low",
-        "K_ci_high",
-        "K_mean_per_dim",
-        "alpha",
-        "sigma",
-    ):
-        assert col in df.columns
+    assert set(CONTRACT) <= set(df.columns)
     assert (df["K_ci_low"] <= df["K_mean"]).all() and (df["K_mean"] <= df["K_ci_high"]).all()
     s = default_schedule()
     np.testing.assert_allclose(df["sigma"], s.sigma(torch.tensor([0.0, 5.0], dtype=torch.float64)).numpy())
