@@ -54,9 +54,10 @@ def test_batch_size_independence(model):
 
 
 def test_seed_changes_and_reproduces(model):
-    a = probe(model, "digits", timesteps=GRID, samples=4, seed=1)
-    b = probe(model, "digits", timesteps=GRID, samples=4, seed=1)
-    c = probe(model, "digits", timesteps=GRID, samples=4, seed=2)
+    # bit-exact for a fixed batch size (auto picks its size by timing; see test_batch_size_independence)
+    a = probe(model, "digits", timesteps=GRID, samples=4, seed=1, batch_size=8)
+    b = probe(model, "digits", timesteps=GRID, samples=4, seed=1, batch_size=8)
+    c = probe(model, "digits", timesteps=GRID, samples=4, seed=2, batch_size=8)
     np.testing.assert_array_equal(a["K_mean"], b["K_mean"])
     assert not np.allclose(a["K_mean"], c["K_mean"])
 
