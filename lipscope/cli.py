@@ -70,7 +70,7 @@ def _root() -> None:
 @cli_errors
 def probe(
     model: str = typer.Option(
-        "builtin:digits-gaussian",
+        "builtin:digits-ddpm",
         "--model",
         "-m",
         help="hub id, pipeline/unet folder, weights file (+ --config), py:module:factory or builtin:NAME.",
@@ -150,7 +150,7 @@ def probe(
         dtype=dtype,
     )
     if data is None:
-        data = DEFAULT_DATA.get(model.removeprefix("builtin:"), "model") if model.startswith("builtin:") else "model"
+        data = DEFAULT_DATA if model.startswith("builtin:") else "model"
     df = run_probe(
         m,
         data,
@@ -664,6 +664,38 @@ def compare(
     lio.atomic_write_bytes(out_file, figure_png(plot_compare(frames, sorted(bounds))))
     out.print(tab)
     out.print(f"written {out_file}")
+
+
+@app.command()
+@cli_errors
+def models() -> None:
+    """List the built-in models with their provenance (model cards)."""
+    from .builtins import card, list_builtins
+
+    tab = Table(title="lipscope built-in models", title_justify="left")
+    for c in (
+        "model",
+        "what",
+        "recipe / provenance",
+        "final loss",
+        "singularity (one-step FD, t<100 max / t≥100 median)",
+    ):
+        tab.add_column(c, overflow="fold")
+    for name in list_builtins():
+        c = card(name)
+        if c.get("kind") == "closed form":
+            tab.add_row(c["name"], c["description"], "closed form (lipscope.theory)", "—", "—")
+            continue
+        fd = c["probe_one_step_fd"]
+        what = "E-TSDM retrofit" if c["etsdm"] else ("control fine-tune" if "control" in name else "base DDPM")
+        tab.add_row(
+            c["name"],
+            f"{what}; {c['data']}",
+            f"{c['recipe']} ({c['steps']} steps, seed {c['seed']})",
+            f"{c['final_loss_mean_last_100']:.4f}",
+            f"{fd['max_below']:.4g} / {fd['median_above']:.4g}",
+        )
+    out.print(tab)
 
 
 def _print_summary(name: str, s: dict[str, float], df, out_dir: Path, wall: float) -> None:

@@ -26,6 +26,7 @@ def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = No
             lo = d["K_ci_low"].clip(lower=d["K_mean"].min() * 1e-3)
             ax.fill_between(d["t"], lo, d["K_ci_high"], color=c, alpha=0.25, lw=0, label=f"{method} 95% CI")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set_xlabel("timestep t (model steps)")
     ax.set_ylabel("K(t) = E‖ε(x_t,t′) − ε(x_t,t)‖ / Δτ")
@@ -71,6 +72,7 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
         near = t <= 0.1 * t.max()
         ax.plot(t[near], guide[near], color="0.3", lw=0.8, ls=(0, (1, 3)), label="∝ 1/σ_t (≈ (t+1)^−1/2 near 0)")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set_xlabel("timestep t (model steps)")
     ax.set_ylabel("per unit τ")
@@ -123,6 +125,7 @@ def plot_compare(runs: dict[str, pd.DataFrame], boundaries: list[float] | None =
     for b in boundaries or []:
         ax.axvline(b, color="0.5", lw=0.7, ls=":")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
     ax.set_yscale("log")
     ax.set_xlabel("timestep t (model steps); dotted: E-TSDM boundaries, ×: Δt crosses one")
     ax.set_ylabel("K(t)")

@@ -426,7 +426,8 @@ def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) 
             "sigma": model.schedule.sigma(t64).numpy(),
             "c_a": c_a,
             "c_b": c_b,
-            "crosses_boundary": crosses_boundary(pts.t_a, pts.t_b, model.etsdm),
+            # time space only: condition-space pairs span a sub-interval by construction
+            "crosses_boundary": crosses_boundary(pts.t_a, pts.t_b, None if pts.conditions else model.etsdm),
         }
     )
     return df

@@ -29,7 +29,8 @@ def test_probe_default_builtin(tmp_path):
     assert set(CONTRACT) <= set(df.columns) and len(df) == 6
     meta = json.loads((out / "run.json").read_text())
     assert meta["seed"] == 0 and meta["model"]["config_hash"] and meta["forwards_per_s"] > 0
-    assert meta["versions"]["torch"] and meta["device"] == "cpu" and meta["dtype"] == "float64"
+    assert meta["versions"]["torch"] and meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert meta["model"]["name"] == "builtin:digits-ddpm"
     assert (out / "lipschitz.png").read_bytes()[:4] == b"\x89PNG"
     assert "singularity ratio" in r.stdout
     assert not list(out.glob(".*tmp"))
