@@ -173,26 +173,24 @@ def test_training_lowers_the_loss(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_accelerate_run(tmp_path):
-    """accelerate launch with 2 CPU processes (gloo): the same loop, gradients synchronised."""
-    (tmp_path / "tiny.json").write_text(
-        json.dumps(
-            {"_class_name": "UNet2DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
-        )
-    )
+    """Two CPU processes through accelerate (gloo): torchrun starts them and accelerate's
+    Accelerator picks up the distributed environment (on GPUs: accelerate launch --multi_gpu)."""
+    import socket
+
+    cfg = {"_class_name": "UNet2DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
+        "torch.distributed.run",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--master_port",
+        str(port),
         "-m",
         "lipscope",
         "train",
