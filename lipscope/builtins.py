@@ -27,7 +27,6 @@ from .models import EpsModel
 ZOO = Path(__file__).with_name("zoo")
 CLOSED_FORMS = {"digits-gaussian": "exact ε* of a Gaussian fitted to scikit-learn digits (8×8), DDPM linear schedule"}
 DEFAULT_DATA = "digits"  # every built-in is a digits model
-DEFAULT_MODEL = "builtin:digits-ddpm"
 
 
 def zoo_names() -> list[str]:

@@ -145,16 +145,6 @@ def _coeffs(schedule: Schedule, k: torch.Tensor):
     return schedule.alpha(k), schedule.sigma(k), schedule.dalpha_dtau(k), schedule.dsigma_dtau(k)
 
 
-def eps_star_at(g: GaussianMixture, schedule: Schedule, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    a, s, _, _ = _coeffs(schedule, k)
-    return g.eps_star(x, a, s)
-
-
-def terms_at(g: GaussianMixture, schedule: Schedule, x: torch.Tensor, k: torch.Tensor):
-    """(term1, term2) of Theorem 3.1 at step k (per row), per unit τ."""
-    return g.theorem_terms(x, *_coeffs(schedule, k))
-
-
 def gaussian_eps_model(g: GaussianMixture, schedule: Schedule | None = None, name: str = "gaussian") -> EpsModel:
     """The exact ε* as an EpsModel (float64), differentiable in t, so FD and JVP probes run on it."""
     schedule = schedule or default_schedule()
