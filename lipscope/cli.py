@@ -217,15 +217,6 @@ def probe(
     _print_summary(m.name, summ, df, out_dir, wall)
 
 
-def _floats(s: str | None, what: str) -> list[float] | None:
-    if s is None:
-        return None
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError as e:
-        raise InputError(f"{what} {s!r}: use a comma list of numbers like 1,-0.5") from e
-
-
 @app.command()
 @cli_errors
 def theory(
@@ -257,7 +248,8 @@ def theory(
     from .schedules import CONTINUOUS, named_schedule, parse_grid
     from .theory import GaussianMixture, theory_table, train_toy
 
-    mu, vv = _floats(mean, "--mean"), _floats(var, "--var")
+    mu = None if mean is None else _list(mean, float, "--mean")
+    vv = None if var is None else _list(var, float, "--var")
     D = dim or (len(mu) if mu else len(vv) if vv else 2)
     if D < 1 or samples < 2 or steps < 1:
         raise InputError("--dim, --steps must be ≥ 1 and --samples ≥ 2")
@@ -342,6 +334,26 @@ def theory(
     out.print(tab)
 
 
+def _train_config(opts: dict):
+    """The TrainConfig of the options train and finetune share."""
+    from .training import TrainConfig
+
+    return TrainConfig(
+        steps=opts["steps"],
+        batch_size=opts["batch_size"],
+        lr=opts["lr"],
+        warmup_steps=opts["warmup"],
+        ema_decay=opts["ema_decay"],
+        grad_clip=opts["grad_clip"],
+        mixed_precision=opts["mixed_precision"],
+        seed=opts["seed"],
+        checkpoint_every=opts["checkpoint_every"],
+        etsdm=opts["etsdm"],
+        t_tilde=opts["t_tilde"],
+        n=opts["n_sub"],
+    )
+
+
 def _run_training(unet, sched_cfg, data: str, out_dir: Path, cfg, resume: bool, progress: bool, source: str) -> None:
     from .data import load_data
     from .training import train_loop
@@ -384,7 +396,6 @@ def train(
     _setup_logging(verbose)
     from .models import _read_json, _read_scheduler_config, _unet_class
     from .schedules import DEFAULT_SCHEDULER_CONFIG
-    from .training import TrainConfig
 
     cfg = _read_json(config if not config.is_dir() else config / "config.json", "model config")
     try:
@@ -392,20 +403,7 @@ def train(
     except (TypeError, ValueError, KeyError) as e:
         raise InputError(f"--config {config}: not a valid UNet2DModel config ({e})") from e
     sched_cfg = _read_scheduler_config(scheduler_config) if scheduler_config else dict(DEFAULT_SCHEDULER_CONFIG)
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup,
-        ema_decay=ema_decay,
-        grad_clip=grad_clip,
-        mixed_precision=mixed_precision,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        etsdm=etsdm,
-        t_tilde=t_tilde,
-        n=n_sub,
-    )
+    cfg = _train_config(locals())
     _run_training(unet, sched_cfg, data, out_dir, cfg, resume, progress and sys.stderr.isatty(), f"config {config}")
 
 
@@ -436,25 +434,11 @@ def finetune(
     """Fine-tune a pretrained UNet with the same loop; --etsdm retrofits the fix, without it a control."""
     _setup_logging(verbose)
     from .models import load_model
-    from .training import TrainConfig
 
     m = load_model(model, revision=revision, offline=offline or None)
     if m.module is None:
         raise InputError("finetune needs a diffusers UNet (hub id, folder or weights file), not a callable")
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_steps=warmup,
-        ema_decay=ema_decay,
-        grad_clip=grad_clip,
-        mixed_precision=mixed_precision,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        etsdm=etsdm,
-        t_tilde=t_tilde,
-        n=n_sub,
-    )
+    cfg = _train_config(locals())
     _run_training(
         m.module,
         m.scheduler_config,
@@ -516,7 +500,7 @@ def _list(s: str, conv, what: str) -> list:
     try:
         vals = [conv(v) for v in s.split(",") if v.strip()]
     except ValueError as e:
-        raise InputError(f"{what} {s!r}: use a comma list") from e
+        raise InputError(f"{what} {s!r}: use a comma list like 1,-0.5") from e
     if not vals:
         raise InputError(f"{what} is empty")
     return vals

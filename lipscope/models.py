@@ -512,8 +512,13 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
             ) from e
 
     subs = [subfolder] if subfolder else ["unet", ""]
-    unet_sub = next((s for s in subs if fetch(f"{s}/config.json" if s else "config.json")), None)
-    if unet_sub is None:
+    unet_sub, cfg_file = None, None
+    for s in subs:
+        cfg_file = fetch(f"{s}/config.json" if s else "config.json")
+        if cfg_file:
+            unet_sub = s
+            break
+    if cfg_file is None:
         if local_only:
             from huggingface_hub import constants
 
@@ -522,7 +527,6 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
                 "download it once with network access, set HF_HUB_CACHE, or point --model at a local folder"
             )
         raise InputError(f"--model {repo}: no UNet config.json found in the repo (tried {subs}); pass --subfolder")
-    cfg_file = fetch(f"{unet_sub}/config.json" if unet_sub else "config.json")
     ucfg = _read_json(Path(cfg_file), "model config")
     _check_class(ucfg, repo)
     if sched_cfg is None:

@@ -14,6 +14,13 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 
+def _t_axes(ax) -> None:
+    """Timestep on a symlog x axis starting at 0 (so t = 0 shows), K on a log y axis."""
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
+    ax.set_yscale("log")
+
+
 def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = None):
     """K vs t on log-log axes (symlog in t so t = 0 shows), with the 95% CI band per method."""
     sns.set_theme(style="whitegrid", context="notebook")
@@ -25,9 +32,7 @@ def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = No
         if {"K_ci_low", "K_ci_high"} <= set(d.columns):
             lo = d["K_ci_low"].clip(lower=d["K_mean"].min() * 1e-3)
             ax.fill_between(d["t"], lo, d["K_ci_high"], color=c, alpha=0.25, lw=0, label=f"{method} 95% CI")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(left=0)
-    ax.set_yscale("log")
+    _t_axes(ax)
     ax.set_xlabel("timestep t (model steps)")
     ax.set_ylabel("K(t) = E‖ε(x_t,t′) − ε(x_t,t)‖ / Δτ")
     if t_split is not None:
@@ -71,9 +76,7 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
         guide = df["term1_rms"].iloc[0] * df["sigma"].iloc[0] / df["sigma"]  # pinned at the first t
         near = t <= 0.1 * t.max()
         ax.plot(t[near], guide[near], color="0.3", lw=0.8, ls=(0, (1, 3)), label="∝ 1/σ_t (≈ (t+1)^−1/2 near 0)")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(left=0)
-    ax.set_yscale("log")
+    _t_axes(ax)
     ax.set_xlabel("timestep t (model steps)")
     ax.set_ylabel("per unit τ")
     ax.set_title(title, fontsize=10)
@@ -124,9 +127,7 @@ def plot_compare(runs: dict[str, pd.DataFrame], boundaries: list[float] | None =
                 ax.scatter(b["t"], b["K_mean"], color=c, marker="x", s=30, zorder=5)
     for b in boundaries or []:
         ax.axvline(b, color="0.5", lw=0.7, ls=":")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(left=0)
-    ax.set_yscale("log")
+    _t_axes(ax)
     ax.set_xlabel("timestep t (model steps); dotted: E-TSDM boundaries, ×: Δt crosses one")
     ax.set_ylabel("K(t)")
     ax.set_title(title, fontsize=10)

@@ -205,14 +205,16 @@ def _progress(enabled: bool, total: int, label: str) -> Iterator:
         yield lambda k: p.advance(task, k)
 
 
-def _check_finite(out: torch.Tensor, t_lo: torch.Tensor, t_hi: torch.Tensor, what: str) -> None:
-    """Refuse NaN/inf rows (out: (m, …) per item) instead of averaging them in."""
-    bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
+def _check_finite(outs: list[torch.Tensor], t_lo: torch.Tensor, t_hi: torch.Tensor, what: str) -> None:
+    """Refuse NaN/inf instead of averaging them in; each tensor in ``outs`` has one row per item."""
+    bad = torch.zeros(len(t_lo), dtype=torch.bool)
+    for o in outs:
+        bad |= ~torch.isfinite(o).reshape(o.shape[0], -1).all(1).cpu()
     if bad.any():
         k = int(bad.nonzero()[0, 0])
         raise ModelOutputError(
             f"model {what} has NaN/inf at t={float(t_lo[k]):g}..{float(t_hi[k]):g} ({int(bad.sum())} of "
-            f"{out.shape[0]} items in this batch); not averaged in. Check the weights, try --dtype float32, "
+            f"{len(bad)} items in this batch); not averaged in. Check the weights, try --dtype float32, "
             "or leave these timesteps out of --timesteps"
         )
 
@@ -299,7 +301,7 @@ def fd_norms(
             else:
                 eps = model(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]))
         d = (eps[m:] - eps[:m]).reshape(m, -1).double()
-        _check_finite(torch.cat([eps[:m], eps[m:]], dim=1), t_a[j], t_b[j], "output")
+        _check_finite([eps[:m], eps[m:]], t_a[j], t_b[j], "output")
         return torch.linalg.vector_norm(d, dim=1)
 
     out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "probe fd")
@@ -334,7 +336,7 @@ def jvp_norms(
         tt = t_x[j].to(model.device, torch.float64 if model.dtype == torch.float64 else torch.float32)
         with torch.no_grad():
             out, tangent = torch.func.jvp(lambda s: model(x, s), (tt,), (torch.ones_like(tt),))
-        _check_finite(torch.cat([out, tangent], dim=1), t_x[j], t_x[j], "output or its t-derivative")
+        _check_finite([out, tangent], t_x[j], t_x[j], "output or its t-derivative")
         if not checked[0]:
             checked[0] = True
             _check_tangent_reaches(model, x, tt, tangent)

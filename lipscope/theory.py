@@ -176,16 +176,16 @@ def fd_exact_ms(g: GaussianMixture, schedule: Schedule, t, t_a, t_b) -> np.ndarr
     ((g_b − g_a)α_t − (g_b α_b − g_a α_a)) m and variance (g_b − g_a)² c_t per coordinate.
     """
     m, lam = _gauss_only(g)
-    out = []
-    for tt, ta, tb in zip(np.atleast_1d(t), np.atleast_1d(t_a), np.atleast_1d(t_b), strict=True):
-        at, st = schedule.alpha(torch.tensor(tt)), schedule.sigma(torch.tensor(tt))
-        aa, sa = schedule.alpha(torch.tensor(ta)), schedule.sigma(torch.tensor(ta))
-        ab, sb = schedule.alpha(torch.tensor(tb)), schedule.sigma(torch.tensor(tb))
-        ga, gb = sa / (aa * aa * lam + sa * sa), sb / (ab * ab * lam + sb * sb)
-        mean = ((gb - ga) * at - (gb * ab - ga * aa)) * m
-        var = (gb - ga) ** 2 * (at * at * lam + st * st)
-        out.append(float((var + mean * mean).sum()))
-    return np.asarray(out)
+
+    def coeffs(k):
+        k = torch.as_tensor(np.asarray(k, dtype=np.float64).reshape(-1, 1))
+        return schedule.alpha(k), schedule.sigma(k)
+
+    (at, st), (aa, sa), (ab, sb) = coeffs(t), coeffs(t_a), coeffs(t_b)
+    ga, gb = sa / (aa * aa * lam + sa * sa), sb / (ab * ab * lam + sb * sb)
+    mean = ((gb - ga) * at - (gb * ab - ga * aa)) * m
+    var = (gb - ga) ** 2 * (at * at * lam + st * st)
+    return (var + mean * mean).sum(-1).numpy()
 
 
 def dtau_exact_ms(g: GaussianMixture, schedule: Schedule, t) -> np.ndarray:
