@@ -24,9 +24,10 @@ import torch
 from diffusers import UNet2DModel
 
 import lipscope
-from lipscope.data import per_sample_noise
+from lipscope.batching import RunStats
 from lipscope.models import from_unet
-from lipscope.probe import RunStats, fd_norms, fd_points, noisy_inputs
+from lipscope.probe import fd_norms, fd_points, noisy_inputs
+from lipscope.rng import noise as per_sample_noise
 
 # google/ddpm-cifar10-32's unet/config.json (35.7 M parameters)
 CIFAR10_DDPM = dict(

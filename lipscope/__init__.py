@@ -5,14 +5,18 @@ Yang et al., "Lipschitz Singularities in Diffusion Models", ICLR 2024 (arXiv 230
 
 from .data import load_data
 from .errors import InputError, ModelOutputError
-from .models import EpsModel, from_callable, from_unet, load_model
-from .probe import probe, summary
+from .etsdm import Etsdm
+from .loading import load_model
+from .models import EpsModel, from_callable, from_unet
+from .probe import probe
+from .reduction import summary
 from .schedules import Schedule, default_schedule, parse_grid, schedule_from_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EpsModel",
+    "Etsdm",
     "InputError",
     "ModelOutputError",
     "Schedule",

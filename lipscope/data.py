@@ -7,11 +7,13 @@ Sources (``load_data(spec, …)``):
     L or RGB to match its channels;
   * ``.npy`` / ``.npz`` / ``.pt`` arrays, NCHW or NHWC: uint8 is mapped by x/127.5 − 1; float data in
     [0, 1] by 2x − 1; float data already in [−1, 1] is kept; anything else is refused;
-  * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``);
-  * ``model``: x0 drawn from the model itself with DDIM, cached in the run folder.
+  * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``).
 
-Which n samples are used is decided by ``seed`` alone (a seeded permutation; sampling with
-replacement, with a notice, if the source has fewer than n).
+Data sources are static: none calls a network. (``model``, x0 drawn from the model itself, is
+resolved by the probe through :func:`lipscope.sampling.model_samples`.)
+
+Which n samples are used is decided by ``seed`` alone (a seeded permutation from stream DATA of
+:mod:`lipscope.rng`; sampling with replacement, with a notice, if the source has fewer than n).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import rng
 from .errors import InputError
 
 log = logging.getLogger("lipscope")
@@ -35,31 +38,14 @@ def choose_indices(available: int, n: int | None, seed: int) -> np.ndarray:
     """Which of ``available`` items to use for n samples (all of them for n=None): depends on
     (seed, available, n) only."""
     if available <= 0:
-        raise InputError("the data source is empty; pass --data with at least one sample")
+        raise InputError("the data source is empty; pass `data` with at least one sample")
     if n is None:
         return np.arange(available)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xDA7A]))
+    gen = rng.data_rng(seed)
     if available >= n:
-        return np.sort(rng.permutation(available)[:n])
+        return np.sort(gen.permutation(available)[:n])
     log.warning("data has %d samples but %d were asked for: sampling with replacement", available, n)
-    return rng.integers(0, available, size=n)
-
-
-def sample_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """The generator of sample ``index`` (EDM-style: one stream per sample, not per batch)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
-    g = torch.Generator(device=device)
-    g.manual_seed(int(state) & ((1 << 63) - 1))
-    return g
-
-
-def per_sample_noise(
-    seed: int, n: int, shape: tuple[int, ...], offset: int = 0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """ε_i ~ N(0, I) for i = offset..offset+n−1, each from its own generator (CPU; float32 unless
-    ``dtype`` is float64, drawn in float64 then)."""
-    dt = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.stack([torch.randn(shape, generator=sample_generator(seed, offset + i), dtype=dt) for i in range(n)])
+    return gen.integers(0, available, size=n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,21 +128,21 @@ def _load_array(path: Path) -> np.ndarray:
                 if key is None and len(keys) == 1:
                     key = keys[0]
                 if key is None:
-                    raise InputError(f"--data {path}: npz holds {keys}; name the array x0 (or save a single array)")
+                    raise InputError(f"`data` {path}: npz holds {keys}; name the array x0 (or save a single array)")
                 return z[key]
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
         if isinstance(obj, dict):
             obj = next((obj[k] for k in ("x0", "images", "samples") if k in obj), None)
         if not isinstance(obj, torch.Tensor):
-            raise InputError(f"--data {path}: expected a tensor (or a dict with key x0)")
+            raise InputError(f"`data` {path}: expected a tensor (or a dict with key x0)")
         return obj.numpy()
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"--data {path}: could not read the array ({str(e).splitlines()[0][:200]})") from e
+        raise InputError(f"`data` {path}: could not read the array ({str(e).splitlines()[0][:200]})") from e
 
 
-def _image_to_array(img, c: int, hw: tuple[int, int]) -> np.ndarray:
+def _image_to_array(img, c: int, hw: tuple[int, ...]) -> np.ndarray:
     from PIL import Image, ImageOps
 
     mode = {1: "L", 3: "RGB"}.get(c)
@@ -168,12 +154,12 @@ def _image_to_array(img, c: int, hw: tuple[int, int]) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _image_folder(path: Path, n: int, seed: int, c: int, hw: tuple[int, int]) -> np.ndarray:
+def _image_folder(path: Path, n: int | None, seed: int, c: int, hw: tuple[int, ...]) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise InputError(f"--data {path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder")
+        raise InputError(f"`data` {path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder")
     idx = choose_indices(len(files), n, seed)
     out = []
     for i in idx:
@@ -181,15 +167,15 @@ def _image_folder(path: Path, n: int, seed: int, c: int, hw: tuple[int, int]) ->
             with Image.open(files[i]) as img:
                 out.append(_image_to_array(img, c, hw))
         except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"--data: cannot read image {files[i]} ({e.__class__.__name__}); remove or fix it") from e
+            raise InputError(f"`data`: cannot read image {files[i]} ({e.__class__.__name__}); remove or fix it") from e
     return np.stack(out).astype(np.float32) / 127.5 - 1.0
 
 
-def _hf_dataset(name: str, split: str, n: int, seed: int, c: int, hw: tuple[int, int]) -> np.ndarray:
+def _hf_dataset(name: str, split: str, n: int | None, seed: int, c: int, hw: tuple[int, ...]) -> np.ndarray:
     try:
         import datasets
     except ImportError as e:
-        raise InputError("--data hf:… needs the datasets package: pip install 'lipscope[hf]'") from e
+        raise InputError("`data` hf:… needs the datasets package: pip install 'lipscope[hf]'") from e
     try:
         p = Path(name)
         if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
@@ -200,12 +186,12 @@ def _hf_dataset(name: str, split: str, n: int, seed: int, c: int, hw: tuple[int,
             ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         raise InputError(
-            f"--data hf:{name}:{split}: could not load the dataset ({str(e).splitlines()[0][:200]})"
+            f"`data` hf:{name}:{split}: could not load the dataset ({str(e).splitlines()[0][:200]})"
         ) from e
     col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
     col = col or next((k for k in ("img", "image", "pixel_values") if k in ds.column_names), None)
     if col is None:
-        raise InputError(f"--data hf:{name}: no image column among {ds.column_names}")
+        raise InputError(f"`data` hf:{name}: no image column among {ds.column_names}")
     idx = choose_indices(len(ds), n, seed)
     imgs = [_image_to_array(ds[int(i)][col], c, hw) for i in idx]
     return np.stack(imgs).astype(np.float32) / 127.5 - 1.0
@@ -216,13 +202,11 @@ def load_data(
     n: int | None,
     seed: int = 0,
     sample_shape: tuple[int, ...] | None = None,
-    model=None,
-    cache_dir: str | Path | None = None,
 ) -> torch.Tensor:
     """Load n x0 samples (every sample for n=None) as float32 (n, C, H, W) in [−1, 1], matched to
     ``sample_shape`` (C, H, W)."""
     if n is not None and n < 1:
-        raise InputError("--samples must be ≥ 1")
+        raise InputError(f"the number of samples must be ≥ 1 (got {n})")
     c = sample_shape[0] if sample_shape else None
     hw = tuple(sample_shape[1:]) if sample_shape else None
     if isinstance(spec, (np.ndarray, torch.Tensor)):
@@ -232,39 +216,36 @@ def load_data(
         return _finish(x, c, hw, "data array", resize=False)
     spec = str(spec)
     if spec == "model":
-        if n is None:
-            raise InputError("--data model draws samples on demand; it cannot be used as a training set")
-        if model is None:
-            raise InputError("--data model needs a model to sample from")
-        from .sampling import model_samples
-
-        return model_samples(model, n, seed, cache_dir=cache_dir)
+        raise InputError(
+            "`data` model draws x0 from the model itself: only the probe can do that; "
+            "for training or evaluation pass real data (digits, a folder or an array file)"
+        )
     if spec == "digits":
         a = digits_array()
         x = torch.from_numpy(a[choose_indices(a.shape[0], n, seed)])
         return _finish(x, c, hw, "digits", resize=True)
     if spec.startswith("hf:"):
-        if c is None:
-            raise InputError("--data hf:… needs a model with a known sample size")
+        if c is None or hw is None:  # both come from sample_shape
+            raise InputError("`data` hf:… needs a model with a known sample size")
         parts = spec[3:].split(":")
         name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
         return torch.from_numpy(_hf_dataset(name, split, n, seed, c, hw))
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(
-            f"--data {spec}: no such file or folder; use digits, model, hf:NAME, an image folder or an array file"
+            f"`data` {spec}: no such file or folder; use digits, model, hf:NAME, an image folder or an array file"
         )
     if path.is_dir():
-        if c is None:
-            raise InputError(f"--data {spec}: image folders need a model with a known sample size")
+        if c is None or hw is None:  # both come from sample_shape
+            raise InputError(f"`data` {spec}: image folders need a model with a known sample size")
         return torch.from_numpy(_image_folder(path, n, seed, c, hw))
     if path.suffix.lower() not in ARRAY_SUFFIXES:
-        raise InputError(f"--data {spec}: unknown file type; use {'/'.join(ARRAY_SUFFIXES)} or an image folder")
-    a = to_nchw(_load_array(path), c, f"--data {spec}")
+        raise InputError(f"`data` {spec}: unknown file type; use {'/'.join(ARRAY_SUFFIXES)} or an image folder")
+    a = to_nchw(_load_array(path), c, f"`data` {spec}")
     if a.shape[0] == 0:
-        raise InputError(f"--data {spec}: the array holds no samples")
-    x = torch.from_numpy(scale_array(a[choose_indices(a.shape[0], n, seed)], f"--data {spec}"))
-    return _finish(x, c, hw, f"--data {spec}", resize=False)
+        raise InputError(f"`data` {spec}: the array holds no samples")
+    x = torch.from_numpy(scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}"))
+    return _finish(x, c, hw, f"`data` {spec}", resize=False)
 
 
 def _finish(x: torch.Tensor, c: int | None, hw, what: str, resize: bool) -> torch.Tensor:

@@ -9,7 +9,9 @@ is the same formula, applied to float timesteps.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import UNet2DModel
 
@@ -33,6 +35,35 @@ def etsdm_map(t: torch.Tensor, t_tilde: float = 100.0, n: int = 5) -> torch.Tens
 def etsdm_boundaries(t_tilde: float = 100.0, n: int = 5) -> list[float]:
     """Sub-interval starts 0, t̃/n, …, t̃ (the last one is where the map becomes the identity)."""
     return [t_tilde * i / n for i in range(n + 1)]
+
+
+@dataclass(frozen=True)
+class Etsdm:
+    """The E-TSDM settings a model carries: the one place its map lives (t̃ and n in model steps)."""
+
+    t_tilde: float = 100.0
+    n: int = 5
+
+    def __post_init__(self) -> None:
+        etsdm_map(torch.zeros(1), self.t_tilde, self.n)  # validates t_tilde and n
+
+    @property
+    def width(self) -> float:
+        """Sub-interval width t̃/n."""
+        return self.t_tilde / self.n
+
+    def map(self, t: torch.Tensor) -> torch.Tensor:
+        """f(t): the condition the network is fed for true step t."""
+        return etsdm_map(t, self.t_tilde, self.n)
+
+    def boundaries(self) -> list[float]:
+        """Sub-interval starts 0, t̃/n, …, t̃."""
+        return etsdm_boundaries(self.t_tilde, self.n)
+
+    def crosses(self, t_a: np.ndarray, t_b: np.ndarray) -> np.ndarray:
+        """True where (t_a, t_b] contains a sub-interval boundary t̃/n, 2t̃/n, …, t̃."""
+        b = np.asarray(self.boundaries()[1:])
+        return np.asarray(((np.asarray(t_a)[:, None] < b[None]) & (b[None] <= np.asarray(t_b)[:, None])).any(1))
 
 
 # ---- a diffusers UNet that carries its own map ---------------------------------------------------
@@ -65,7 +96,7 @@ class ETSDMUNet2DModel(UNet2DModel):
         return super().forward(sample, self.condition(timestep), class_labels, return_dict)
 
     def forward_condition(self, sample, condition, class_labels=None, return_dict: bool = True):
-        """The network at an explicit condition (no map): what ``--space condition`` probes."""
+        """The network at an explicit condition (no map): what ``probe(space="condition")`` probes."""
         return super().forward(sample, condition, class_labels, return_dict)
 
     @classmethod
@@ -81,7 +112,8 @@ class ETSDMUNet2DModel(UNet2DModel):
 
 # diffusers reads a model's config keys from its __init__ signature: expose UNet2DModel's + ours
 _sig = inspect.signature(UNet2DModel.__init__)
-ETSDMUNet2DModel.__init__.__signature__ = _sig.replace(
+# functions take any attribute; typeshed does not declare the __signature__ that inspect.signature honours
+ETSDMUNet2DModel.__init__.__signature__ = _sig.replace(  # type: ignore[attr-defined]
     parameters=[
         *_sig.parameters.values(),
         inspect.Parameter("etsdm_t_tilde", inspect.Parameter.KEYWORD_ONLY, default=100.0),
@@ -90,5 +122,12 @@ ETSDMUNet2DModel.__init__.__signature__ = _sig.replace(
 )
 
 
-def is_etsdm(module) -> bool:
+def is_etsdm(module: object) -> bool:
     return isinstance(module, ETSDMUNet2DModel)
+
+
+def etsdm_of(module: object) -> Etsdm | None:
+    """The E-TSDM settings an ``ETSDMUNet2DModel`` carries in its config (None for other modules)."""
+    if not isinstance(module, ETSDMUNet2DModel):
+        return None
+    return Etsdm(float(module.config.etsdm_t_tilde), int(module.config.etsdm_n))

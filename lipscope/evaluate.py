@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .metrics import digits_features, fid_inception, frechet_distance, load_digits_classifier, sliced_wasserstein
+from .metrics import fid_inception, frechet_distance, sliced_wasserstein
 from .models import EpsModel
 from .sampling import sample
+from .zoo import digits_features, load_digits_classifier
 
 METRICS = ("fd_pixel", "fd_digits", "swd_pixel")
 

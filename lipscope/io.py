@@ -45,7 +45,7 @@ def json_bytes(obj: Any) -> bytes:
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, allow_pickle=True, **arrays)  # numpy's default, explicit so **arrays types as arrays
     return buf.getvalue()
 
 

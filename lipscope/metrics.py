@@ -3,22 +3,16 @@
 * ``frechet_distance``: ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) between Gaussian fits (as FID does).
 * ``sliced_wasserstein``: mean over random unit directions of the 1-D Wasserstein-1 distance
   between the projected samples (exact 1-D W1 from the two empirical CDFs).
-* ``DigitsFeatures``: the 64-d penultimate layer of a small MLP classifier of scikit-learn's digits
-  that lipscope trains and ships (``lipscope/assets/digits_classifier.safetensors``; recipe:
-  ``train_digits_classifier``). The Fréchet distance in this space is a digits analogue of FID.
+  (The digits-classifier feature space these are computed in lives with the built-in assets,
+  :mod:`lipscope.zoo`.)
 * ``fid_inception``: FID through torchmetrics when Inception weights are available locally, else
   ``None`` (reported as unavailable, never estimated another way).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-ASSET = Path(__file__).with_name("assets") / "digits_classifier.safetensors"
 
 
 def gaussian_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,77 +56,6 @@ def sliced_wasserstein(x: np.ndarray, y: np.ndarray, n_proj: int = 128, seed: in
     d = np.random.default_rng(seed).standard_normal((x.shape[1], n_proj))
     d /= np.linalg.norm(d, axis=0, keepdims=True)
     return float(wasserstein_1d(x @ d, y @ d).mean())
-
-
-# ---- digits classifier ---------------------------------------------------------------------------
-
-
-class DigitsNet(torch.nn.Module):
-    """64 → 128 → 64 → 10 MLP on 8×8 digits in [−1, 1]; ``features`` is the 64-d layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.out = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64), torch.nn.Linear(64, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.l2(F.silu(self.l1(x.reshape(len(x), 64)))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(x))
-
-
-def to_digits_space(x: torch.Tensor) -> torch.Tensor:
-    """Samples (n, C, H, W) in [−1, 1] → grey 8×8 (n, 64): channel mean, antialiased resize."""
-    x = torch.as_tensor(x, dtype=torch.float32)
-    x = x.mean(1, keepdim=True)
-    if x.shape[-2:] != (8, 8):
-        x = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
-    return x.reshape(len(x), 64).clamp(-1, 1)
-
-
-def train_digits_classifier(seed: int = 0, epochs: int = 400) -> tuple[DigitsNet, float]:
-    """The recipe of the shipped classifier: full-batch AdamW on a seeded 80% split of the digits,
-    with light augmentation (±1 px shifts, Gaussian pixel noise σ = 0.1) so features stay stable on
-    imperfect samples. Returns the net and its accuracy on the held-out 20%."""
-    from .data import digits_array
-
-    torch.manual_seed(seed)
-    from sklearn.datasets import load_digits
-
-    x = torch.from_numpy(digits_array()).reshape(-1, 64)
-    y = torch.from_numpy(load_digits().target).long()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[: int(0.8 * len(x))], perm[int(0.8 * len(x)) :]
-    net = DigitsNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(epochs):
-        xb = x[tr].reshape(-1, 1, 8, 8)
-        sh = torch.randint(-1, 2, (2,), generator=g)
-        xb = torch.roll(xb, shifts=(int(sh[0]), int(sh[1])), dims=(2, 3))
-        xb = (xb + 0.1 * torch.randn(xb.shape, generator=g)).clamp(-1, 1)
-        loss = F.cross_entropy(net(xb.reshape(-1, 64)), y[tr])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-    with torch.no_grad():
-        acc = float((net(x[te]).argmax(1) == y[te]).float().mean())
-    return net, acc
-
-
-def load_digits_classifier() -> DigitsNet:
-    from safetensors.torch import load_file
-
-    net = DigitsNet()
-    net.load_state_dict(load_file(str(ASSET)))
-    return net.eval()
-
-
-def digits_features(x: torch.Tensor, net: DigitsNet | None = None) -> np.ndarray:
-    net = net or load_digits_classifier()
-    with torch.no_grad():
-        return net.features(to_digits_space(x)).double().numpy()
 
 
 def fid_inception(x: torch.Tensor, ref: torch.Tensor, weights: str | None = None) -> float | None:

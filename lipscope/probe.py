@@ -10,7 +10,7 @@ steps and may be fractional. K is per unit of normalised time τ = t/T.
 
 The runner packs (sample, timestep) pairs of many timesteps into each forward pass: every batch holds
 P pairs, i.e. 2P forwards (the P inputs at t_a followed by the same P inputs at t_b).
-Sample i always uses the noise ε_i of its own generator (``data.sample_generator``), shared across
+Sample i always uses the noise ε_i of its own generator (stream NOISE of :mod:`lipscope.rng`), shared across
 timesteps (common random numbers), so results do not depend on the batch size or the grid.
 """
 
@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .data import load_data, per_sample_noise
-from .errors import InputError, ModelOutputError
-from .models import EpsModel
-from .schedules import parse_grid
+from . import rng
+from .batching import RunStats, check_finite, is_oom, run_batched
+from .data import load_data
+from .errors import InputError
+from .etsdm import Etsdm
+from .models import EpsModel, forward_ad_patches
+from .reduction import summarize_samples
+from .sampling import model_samples
+from .schedules import noisy, parse_grid
 
 log = logging.getLogger("lipscope")
 
 SCHEMES = ("forward", "central")
-CUDA_AUTO_BATCH = 1024
-CPU_AUTO_CANDIDATES = (8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -45,7 +44,7 @@ class FDPoints:
     """Where x_t is drawn (t) and the two points it is evaluated at (t_a < t_b), all in model steps.
 
     ``conditions=True``: t_a, t_b are conditions fed to the network directly (no E-TSDM map),
-    as in ``--space condition``; otherwise they are true timesteps (the map applies).
+    as in ``space="condition"``; otherwise they are true timesteps (the map applies).
     """
 
     t: np.ndarray
@@ -61,23 +60,23 @@ class FDPoints:
 def fd_points(grid: np.ndarray, dt: float, scheme: str, T: int) -> FDPoints:
     """Evaluation points of the FD scheme; refuses any that fall outside [0, T−1]."""
     if not dt > 0 or not math.isfinite(dt):
-        raise InputError(f"--dt must be > 0 (got {dt}); it is the FD step in model steps, fractional allowed")
+        raise InputError(f"`dt` must be > 0 (got {dt}); it is the FD step in model steps, fractional allowed")
     if scheme not in SCHEMES:
-        raise InputError(f"--scheme {scheme!r} not known; use {' or '.join(SCHEMES)}")
+        raise InputError(f"`scheme` {scheme!r} not known; use {' or '.join(SCHEMES)}")
     g = np.asarray(grid, dtype=np.float64)
     ta, tb = (g, g + dt) if scheme == "forward" else (g - dt / 2, g + dt / 2)
     bad = (ta < 0) | (tb > T - 1)
     if bad.any():
         k = float(g[bad][0])
         raise InputError(
-            f"timestep {k:g} with --dt {dt:g} ({scheme}) needs the model at [{ta[bad][0]:g}, {tb[bad][0]:g}], "
-            f"outside [0, {T - 1}]; drop it from --timesteps or change --dt/--scheme"
+            f"timestep {k:g} with `dt` {dt:g} ({scheme}) needs the model at [{ta[bad][0]:g}, {tb[bad][0]:g}], "
+            f"outside [0, {T - 1}]; drop it from `timesteps` or change `dt`/`scheme`"
         )
     return FDPoints(t=g, t_a=ta, t_b=tb)
 
 
-def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: dict | None) -> FDPoints:
-    """``--space condition``: K between consecutive conditions the network is actually fed.
+def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: Etsdm | None) -> FDPoints:
+    """``space="condition"``: K between consecutive conditions the network is actually fed.
 
     Plain model: (t, t + Δt) as in time space. E-TSDM: a grid step t < t̃ becomes its sub-interval
     start c = f(t), paired with the next condition c + t̃/n (x drawn at t = c; duplicates dropped);
@@ -87,7 +86,7 @@ def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: dict | None) ->
     if etsdm is None:
         pts = fd_points(g, dt, "forward", T)
         return FDPoints(pts.t, pts.t_a, pts.t_b, conditions=True)
-    tt, w = etsdm["t_tilde"], etsdm["t_tilde"] / etsdm["n"]
+    tt, w = etsdm.t_tilde, etsdm.width
     low = np.unique(np.floor(g[g < tt] / w) * w)
     high = fd_points(g[g >= tt], dt, "forward", T) if (g >= tt).any() else FDPoints(g[:0], g[:0], g[:0])
     return FDPoints(
@@ -98,14 +97,11 @@ def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: dict | None) ->
     )
 
 
-def crosses_boundary(t_a: np.ndarray, t_b: np.ndarray, etsdm: dict | None) -> np.ndarray:
+def crosses_boundary(t_a: np.ndarray, t_b: np.ndarray, etsdm: Etsdm | None) -> np.ndarray:
     """True where (t_a, t_b] contains an E-TSDM sub-interval boundary (t̃/n, 2t̃/n, …, t̃)."""
     if etsdm is None:
         return np.zeros(len(t_a), dtype=bool)
-    from .etsdm import etsdm_boundaries
-
-    b = np.asarray(etsdm_boundaries(etsdm["t_tilde"], etsdm["n"])[1:])
-    return ((np.asarray(t_a)[:, None] < b[None]) & (b[None] <= np.asarray(t_b)[:, None])).any(1)
+    return etsdm.crosses(t_a, t_b)
 
 
 def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
@@ -117,158 +113,14 @@ def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
 
 def noisy_inputs(model: EpsModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = α_t x0 + σ_t ε per row (t float64 (B,)), in the model's dtype and device."""
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    a = model.schedule.alpha(t).reshape(shape)
-    s = model.schedule.sigma(t).reshape(shape)
     work = torch.float64 if model.dtype == torch.float64 else torch.float32
-    x = a.to(work) * x0.to(work) + s.to(work) * noise.to(work)
-    return x.to(model.device, model.dtype)
+    a, s = model.schedule.alpha(t).to(work), model.schedule.sigma(t).to(work)
+    return noisy(x0.to(work), noise.to(work), a, s).to(model.device, model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # runner
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunStats:
-    forwards: int = 0
-    seconds: float = 0.0
-    batch_size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def forwards_per_s(self) -> float:
-        return self.forwards / self.seconds if self.seconds > 0 else float("nan")
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-class AutoBatch:
-    """Batch size search for ``auto`` on CPU, where throughput peaks at small batches.
-
-    Tries the candidates in increasing order on real work (nothing is computed twice), one timed
-    batch each after one warm-up batch, stops once throughput falls 5% under the best seen, then
-    keeps the best. (Measured on 2 cores: the CIFAR-10 DDPM UNet peaks at 16, a tiny UNet at ≥ 128.)
-    """
-
-    def __init__(self, candidates: tuple[int, ...], total: int):
-        self.cands = [c for c in candidates if c <= 2 * total] or [max(2, 2 * total)]
-        self.i, self.warm, self.rates = 0, False, {}
-        self.best: int | None = None
-
-    def size(self) -> int:
-        return self.best if self.best is not None else self.cands[self.i]
-
-    def record(self, size: int, forwards: int, seconds: float) -> None:
-        if self.best is not None:
-            return
-        if not self.warm:
-            self.warm = True
-            return
-        self.rates[size] = forwards / max(seconds, 1e-9)
-        top = max(self.rates, key=self.rates.get)
-        self.i += 1
-        if self.rates[size] < 0.95 * self.rates[top] or self.i >= len(self.cands):
-            self.best = top
-
-
-def resolve_batch_size(batch_size: int | str, model: EpsModel, total: int) -> int:
-    """Forwards per batch (even, so pairs stay together). ``auto``: 1024 on CUDA, backing off on OOM;
-    on CPU the first candidate of :class:`AutoBatch`."""
-    if batch_size == "auto":
-        bs = CUDA_AUTO_BATCH if model.device.type == "cuda" else CPU_AUTO_CANDIDATES[0]
-    else:
-        try:
-            bs = int(batch_size)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"--batch-size {batch_size!r}: use a positive integer or auto") from e
-        if bs < 2:
-            raise InputError(f"--batch-size {bs}: must be ≥ 2 (each FD pair takes two forwards)")
-    bs = min(bs, 2 * total)
-    return max(2, bs - bs % 2)
-
-
-@contextmanager
-def _progress(enabled: bool, total: int, label: str) -> Iterator:
-    if not enabled:
-        yield lambda k: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
-    ) as p:
-        task = p.add_task(label, total=total)
-        yield lambda k: p.advance(task, k)
-
-
-def _check_finite(outs: list[torch.Tensor], t_lo: torch.Tensor, t_hi: torch.Tensor, what: str) -> None:
-    """Refuse NaN/inf instead of averaging them in; each tensor in ``outs`` has one row per item."""
-    bad = torch.zeros(len(t_lo), dtype=torch.bool)
-    for o in outs:
-        bad |= ~torch.isfinite(o).reshape(o.shape[0], -1).all(1).cpu()
-    if bad.any():
-        k = int(bad.nonzero()[0, 0])
-        raise ModelOutputError(
-            f"model {what} has NaN/inf at t={float(t_lo[k]):g}..{float(t_hi[k]):g} ({int(bad.sum())} of "
-            f"{len(bad)} items in this batch); not averaged in. Check the weights, try --dtype float32, "
-            "or leave these timesteps out of --timesteps"
-        )
-
-
-def run_batched(
-    model: EpsModel,
-    total: int,
-    inputs_per_item: int,
-    compute: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int | str = "auto",
-    progress: bool = False,
-    stats: RunStats | None = None,
-    label: str = "probe",
-) -> torch.Tensor:
-    """Run ``compute(idx) -> float64 (m,)`` over items 0..total−1, packed into batches of network inputs.
-
-    ``inputs_per_item`` network inputs per item (2 for an FD pair, 1 for a JVP). Backs off on
-    out-of-memory (retrying the same items) and, for ``auto`` on CPU, searches the fastest batch.
-    """
-    out = torch.empty(total, dtype=torch.float64)
-    bs = resolve_batch_size(batch_size, model, total)
-    auto = AutoBatch(CPU_AUTO_CANDIDATES, total) if batch_size == "auto" and model.device.type == "cpu" else None
-    stats = stats if stats is not None else RunStats()
-    start = 0
-    t0 = time.perf_counter()
-    with _progress(progress, total, f"{label} {model.name}") as advance:
-        while start < total:
-            if auto is not None:
-                bs = auto.size()
-            per = max(1, bs // inputs_per_item)
-            tb = time.perf_counter()
-            idx = torch.arange(start, min(start + per, total))
-            try:
-                vals = compute(idx)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if _is_oom(e) and bs > 2:
-                    bs = max(2, (bs // 2) - (bs // 2) % 2)
-                    log.warning("out of memory: backing off to batch size %d", bs)
-                    if model.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                raise
-            m = idx.numel()
-            out[start : start + m] = vals.cpu()
-            start += m
-            if auto is not None:
-                auto.record(bs, inputs_per_item * m, time.perf_counter() - tb)
-            stats.forwards += inputs_per_item * m
-            advance(m)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    stats.seconds += time.perf_counter() - t0
-    stats.batch_size = bs
-    return out
 
 
 def fd_norms(
@@ -301,7 +153,7 @@ def fd_norms(
             else:
                 eps = model(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]))
         d = (eps[m:] - eps[:m]).reshape(m, -1).double()
-        _check_finite([eps[:m], eps[m:]], t_a[j], t_b[j], "output")
+        check_finite([eps[:m], eps[m:]], t_a[j], t_b[j], "output")
         return torch.linalg.vector_norm(d, dim=1)
 
     out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "probe fd")
@@ -322,8 +174,6 @@ def jvp_norms(
     x_t is held fixed (drawn at t); the tangent is 1 step, times T for per-unit-τ. Runs inside
     :func:`lipscope.models.forward_ad_patches`, which restores the model afterwards.
     """
-    from .models import forward_ad_patches
-
     n, G = x0.shape[0], len(t)
     t_x = torch.as_tensor(np.asarray(t, dtype=np.float64))
     T = model.T
@@ -335,8 +185,9 @@ def jvp_norms(
         x = noisy_inputs(model, x0[i], noise[i], t_x[j])
         tt = t_x[j].to(model.device, torch.float64 if model.dtype == torch.float64 else torch.float32)
         with torch.no_grad():
-            out, tangent = torch.func.jvp(lambda s: model(x, s), (tt,), (torch.ones_like(tt),))
-        _check_finite([out, tangent], t_x[j], t_x[j], "output or its t-derivative")
+            # torch types jvp's result as a 2- or 3-tuple (no overload on has_aux); without has_aux it is 2
+            out, tangent = torch.func.jvp(lambda s: model(x, s), (tt,), (torch.ones_like(tt),))  # type: ignore[misc]
+        check_finite([out, tangent], t_x[j], t_x[j], "output or its t-derivative")
         if not checked[0]:
             checked[0] = True
             _check_tangent_reaches(model, x, tt, tangent)
@@ -346,11 +197,11 @@ def jvp_norms(
         with forward_ad_patches(model.module):
             out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "probe jvp")
     except (NotImplementedError, RuntimeError) as e:
-        if _is_oom(e):
+        if is_oom(e):
             raise
         raise InputError(
             f"{model.name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
-            "use --method fd"
+            "use `method` fd"
         ) from e
     return out.reshape(G, n).T.contiguous()
 
@@ -359,7 +210,7 @@ def _refuse_learned_embedding(model: EpsModel) -> None:
     if model.config.get("time_embedding_type") == "learned":
         raise InputError(
             f"{model.name} looks timesteps up in a learned embedding table: ε is not differentiable in t; "
-            "use --method fd"
+            "use `method` fd"
         )
 
 
@@ -374,26 +225,13 @@ def _check_tangent_reaches(model: EpsModel, x: torch.Tensor, tt: torch.Tensor, t
     if d.abs().max() > 0:
         raise InputError(
             f"{model.name}: the timestep does not reach the network differentiably (d/dt is 0 but ε changes "
-            "between steps: an integer cast or embedding table); use --method fd"
+            "between steps: an integer cast or embedding table); use `method` fd"
         )
 
 
 # ---------------------------------------------------------------------------------------------
 # reduction
 # ---------------------------------------------------------------------------------------------
-
-
-def summarize_samples(values: np.ndarray, confidence: float = 0.95) -> dict[str, np.ndarray]:
-    """Mean, std (ddof=1), s.e.m. and Student-t CI over axis 0 of an (n, G) array."""
-    from scipy import stats as st
-
-    v = np.asarray(values, dtype=np.float64)
-    n = v.shape[0]
-    mean = v.mean(axis=0)
-    std = v.std(axis=0, ddof=1) if n > 1 else np.full_like(mean, np.nan)
-    sem = std / np.sqrt(n)
-    q = st.t.ppf(0.5 + confidence / 2, df=n - 1) if n > 1 else np.nan
-    return {"mean": mean, "std": std, "sem": sem, "ci_low": mean - q * sem, "ci_high": mean + q * sem}
 
 
 def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) -> pd.DataFrame:
@@ -447,7 +285,7 @@ def parse_methods(method: str) -> list[str]:
     """``fd``, ``jvp`` or both (``fd,jvp``)."""
     ms = [m.strip() for m in method.split(",") if m.strip()]
     if not ms or any(m not in METHODS for m in ms):
-        raise InputError(f"--method {method!r} not known; use fd, jvp or fd,jvp")
+        raise InputError(f"`method` {method!r} not known; use fd, jvp or fd,jvp")
     return list(dict.fromkeys(ms))
 
 
@@ -473,10 +311,14 @@ def probe(
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``).
     """
     methods = parse_methods(method)
+    if samples < 1:
+        raise InputError(f"`samples` must be ≥ 1 (got {samples})")
     if space not in ("time", "condition"):
-        raise InputError(f"--space {space!r}: use time or condition")
+        raise InputError(f"`space` {space!r}: use time or condition")
     if space == "condition" and (methods != ["fd"] or scheme != "forward"):
-        raise InputError("--space condition measures forward differences between conditions: use --method fd")
+        raise InputError(
+            "`space` condition measures forward differences between conditions: use `method` fd and `scheme` forward"
+        )
     T = model.T
     use_fd = "fd" in methods
     lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
@@ -492,18 +334,22 @@ def probe(
         pts = condition_points(grid, dt, T, model.etsdm)
     else:
         pts = fd_points(grid, dt, scheme, T)
-    x0 = data if isinstance(data, torch.Tensor) and data.shape[0] == samples else None
-    if x0 is None:
-        x0 = load_data(data, samples, seed, model.sample_shape, model=model, cache_dir=cache_dir)
+    if isinstance(data, torch.Tensor) and data.shape[0] == samples:
+        x0 = data
+    elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
+        x0 = model_samples(model, samples, seed, cache_dir=cache_dir)
+    else:
+        x0 = load_data(data, samples, seed, model.sample_shape)
     if model.sample_shape is not None and tuple(x0.shape[1:]) != tuple(model.sample_shape):
         raise InputError(
             f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
         )
-    noise = per_sample_noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
+    noise = rng.noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
     D = math.prod(x0.shape[1:])
     stats = RunStats()
     tables, Ks = [], []
     if use_fd:
+        assert pts is not None  # set above whenever use_fd
         norms = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
         Ks.append(norms.numpy() / (pts.dt / T)[None, :])
         tables.append(k_table(model, pts, Ks[-1], "fd-condition" if space == "condition" else f"fd-{scheme}", D))
@@ -534,29 +380,3 @@ def _is_explicit(spec: str) -> bool:
     return s.startswith("range:") or not any(
         s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
     )
-
-
-def summary(df: pd.DataFrame, T: int, t_split: float | None = None, method: str | None = None) -> dict[str, Any]:
-    """Peak K and its t, median K over t ≥ t_split, and the singularity ratio.
-
-    ``t_split`` defaults to T/10 (= 100 for T = 1000, the paper's t̃). Ratio = mean K over t < t_split
-    divided by median K over t ≥ t_split.
-    """
-    t_split = T / 10 if t_split is None else t_split
-    method = df["method"].iloc[0] if method is None else method
-    df = df[df["method"] == method]
-    k = df["K_mean"].to_numpy()
-    t = df["t"].to_numpy()
-    i = int(np.nanargmax(k))
-    low, high = k[t < t_split], k[t >= t_split]
-    med_hi = float(np.median(high)) if high.size else float("nan")
-    mean_lo = float(np.mean(low)) if low.size else float("nan")
-    return {
-        "method": method,
-        "peak_K": float(k[i]),
-        "peak_t": float(t[i]),
-        "t_split": float(t_split),
-        "median_K_above": med_hi,
-        "mean_K_below": mean_lo,
-        "singularity_ratio": mean_lo / med_hi if med_hi and math.isfinite(med_hi) and med_hi > 0 else float("nan"),
-    }

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import per_sample_noise, sample_generator
+from . import rng
 from .errors import InputError
 from .models import EpsModel
 
@@ -35,9 +35,9 @@ def make_scheduler(name: str, model: EpsModel, steps: int):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if name not in SAMPLERS:
-        raise InputError(f"--scheduler {name!r} not known; use {', '.join(SAMPLERS)}")
+        raise InputError(f"`scheduler` {name!r} not known; use {', '.join(SAMPLERS)}")
     if steps < 1 or steps > model.T:
-        raise InputError(f"--steps {steps}: use 1..{model.T}")
+        raise InputError(f"`steps` {steps}: use 1..{model.T}")
     common = {"num_train_timesteps": model.T, "trained_betas": betas_of(model), "prediction_type": "epsilon"}
     if name == "ddpm":
         sched = DDPMScheduler(**common, variance_type="fixed_small", clip_sample=True)
@@ -65,12 +65,14 @@ def sample(
     if model.sample_shape is None:
         raise InputError("sampling needs a model with a known sample_shape")
     out = []
-    x_all = per_sample_noise(seed, n, tuple(model.sample_shape), offset=1 << 20)
+    x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             sched = make_scheduler(scheduler, model, steps)  # multistep solvers keep per-run state
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
-            gens = [sample_generator(seed, (1 << 21) + s + i, device=model.device) for i in range(xb.shape[0])]
+            gens = [
+                rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=model.device) for i in range(xb.shape[0])
+            ]
             for t in sched.timesteps:
                 tt = torch.full((xb.shape[0],), float(t), device=model.device)
                 eps = model(xb, tt)
@@ -97,7 +99,10 @@ def model_samples(
             with np.load(path) as z:
                 return torch.from_numpy(z["x0"])
     log.warning(
-        "drawing %d x0 samples from the model itself (DDIM, %d steps); pass --data to probe on real data", n, steps
+        "drawing %d x0 samples from the model itself (DDIM, %d steps); "
+        "pass real data (digits, a folder or an array file) to probe on it",
+        n,
+        steps,
     )
     x0 = ddim_sample(model, n, seed, steps)
     if path is not None:

@@ -10,6 +10,11 @@ constant on each [j, j+1). Derivatives at an integer k use the segment to the ri
 
 All arithmetic is float64: near k = 0, σ² = 1 − ᾱ ≈ β_0 = 1e-4 and float32 ᾱ would lose three
 significant digits of σ.
+
+The forward process x_t = α x0 + σ ε (:func:`noisy`) and the conversions between what a network
+predicts (ε, v, x0) and ε (:func:`to_epsilon`, :func:`prediction_target`) live here too: they are
+the only places these formulas are written, used by the probe, training and sampling alike, and
+differentiable in t (α, σ may carry forward-AD tangents).
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ class ContinuousSchedule(Schedule):
 
 
 CONTINUOUS = ("vp-linear", "vp-cosine")
-NAMED = {
+NAMED: dict[str, dict[str, Any]] = {
     "linear": {"beta_schedule": "linear"},
     "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
     "cosine": {"beta_schedule": "squaredcos_cap_v2"},
@@ -144,7 +149,7 @@ def named_schedule(name: str, T: int = 1000) -> Schedule:
         proto = ContinuousSchedule(log_alpha_bar=torch.zeros(T, dtype=torch.float64), kind=name)
         return ContinuousSchedule(log_alpha_bar=proto.log_alpha_bar_at(k), kind=name)
     if name not in NAMED:
-        raise InputError(f"--schedule {name!r} not known; use one of {', '.join([*NAMED, *CONTINUOUS])}")
+        raise InputError(f"`schedule` {name!r} not known; use one of {', '.join([*NAMED, *CONTINUOUS])}")
     return schedule_from_config({**NAMED[name], "num_train_timesteps": T})
 
 
@@ -174,6 +179,65 @@ def schedule_from_config(config: dict[str, Any]) -> Schedule:
 def default_schedule() -> Schedule:
     """The DDPM default: linear betas 1e-4 … 0.02, T = 1000, ε-prediction."""
     return schedule_from_config(DEFAULT_SCHEDULER_CONFIG)
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward process and parameterisation conversions (DESIGN.md, "Models that predict v or x0")
+# ---------------------------------------------------------------------------------------------
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def per_row(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-sample coefficient (B,) shaped to broadcast against a (B, …) tensor of ``ndim`` dims."""
+    return v.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def noisy(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_t = α x0 + σ ε with per-row α, σ of shape (B,)."""
+    return per_row(alpha, x0.ndim) * x0 + per_row(sigma, x0.ndim) * eps
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError(f"prediction_type {prediction_type!r} not supported; use one of {', '.join(PREDICTION_TYPES)}")
+
+
+def to_epsilon(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    prediction_type: str,
+    alpha: torch.Tensor | None = None,
+    sigma: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ε from a network output in its own parameterisation, with per-row α, σ at the true t.
+
+    ε = out (ε-prediction); ε = α v + σ x (v-prediction); ε = (x − α x̂0)/σ (x0-prediction).
+    Learned-variance outputs (2C channels for C-channel inputs) keep their first half, the mean.
+    """
+    _check_prediction_type(prediction_type)
+    if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+        out = out[:, : x.shape[1]]
+    if prediction_type == "epsilon":
+        return out
+    if alpha is None or sigma is None:
+        raise ValueError(f"converting a {prediction_type} output to ε needs alpha and sigma")
+    a, s = per_row(alpha, x.ndim).to(x.dtype), per_row(sigma, x.ndim).to(x.dtype)
+    if prediction_type == "v_prediction":
+        return a * out + s * x
+    return (x - a * out) / s
+
+
+def prediction_target(
+    prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """What a network of ``prediction_type`` is trained to output: ε, v = α ε − σ x0, or x0."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return per_row(alpha, x0.ndim) * eps - per_row(sigma, x0.ndim) * x0
+    return x0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,22 +289,22 @@ def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarr
                 raise ValueError
             a, b, st = (float(p) for p in parts)
             if st <= 0:
-                raise InputError(f"--timesteps {s}: the step must be > 0")
+                raise InputError(f"`timesteps` {s}: the step must be > 0")
             grid = np.arange(a, b, st, dtype=np.float64)
         else:
             grid = np.array([float(p) for p in s.split(",") if p.strip()], dtype=np.float64)
     except ValueError as e:
         raise InputError(
-            f"--timesteps {s!r} not understood; use default, all, linear:N, log:N, range:a:b:s or a list like 0,1,2.5"
+            f"`timesteps` {s!r} not understood; use default, all, linear:N, log:N, range:a:b:s or a list like 0,1,2.5"
         ) from e
     grid = np.unique(grid)
     if grid.size == 0:
-        raise InputError(f"--timesteps {s!r} gives no timesteps")
+        raise InputError(f"`timesteps` {s!r} gives no timesteps")
     if grid.min() < 0 or grid.max() >= T or not np.all(np.isfinite(grid)):
-        raise InputError(f"--timesteps {s!r} has steps outside [0, {T}) (T = {T}); keep every step in 0..{T - 1}")
+        raise InputError(f"`timesteps` {s!r} has steps outside [0, {T}) (T = {T}); keep every step in 0..{T - 1}")
     return grid
 
 
 def _positive(n: int, s: str) -> None:
     if n < 1:
-        raise InputError(f"--timesteps {s}: N must be ≥ 1")
+        raise InputError(f"`timesteps` {s}: N must be ≥ 1")

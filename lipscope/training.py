@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import sample_generator
+from . import rng
+from .batching import progress_bar
 from .errors import InputError
+from .etsdm import Etsdm, ETSDMUNet2DModel, etsdm_of
 from .io import atomic_write_bytes, atomic_write_text, json_bytes
-from .schedules import schedule_from_config
+from .schedules import Schedule, noisy, prediction_target, schedule_from_config
 
 log = logging.getLogger("lipscope")
 
@@ -62,22 +65,36 @@ class TrainConfig:
 def batch_for_step(
     data: torch.Tensor, step: int, batch: int, T: int, seed: int, process: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0, t, ε) of one step: a function of (seed, step, process) only."""
-    g = sample_generator(seed, (step << 8) + process)
+    """(x0, t, ε) of one step: a function of (seed, step, process) only (stream TRAINING)."""
+    g = rng.generator(seed, rng.Stream.TRAINING, step, process=process)
     idx = torch.randint(0, data.shape[0], (batch,), generator=g)
     t = torch.randint(0, T, (batch,), generator=g)
     eps = torch.randn((batch, *data.shape[1:]), generator=g)
     return data[idx], t, eps
 
 
-def _target(pred_type: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    if pred_type == "epsilon":
-        return eps
-    if pred_type == "v_prediction":
-        return a * eps - s * x0
-    if pred_type == "sample":
-        return x0
-    raise InputError(f"prediction_type {pred_type!r} cannot be trained; use epsilon, v_prediction or sample")
+def diffusion_loss(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    schedule: Schedule,
+    prediction_type: str,
+    etsdm: Etsdm | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The one diffusion loss: noise x0 at the true step t, feed the network f(t), regress its target.
+
+    x_t = α_t x0 + σ_t ε (float32 coefficients from the float64 schedule); the network sees the
+    E-TSDM condition f(t) when ``etsdm`` is set, else t (paper Sec. 4); the target is ε, v or x0 as
+    ``prediction_type`` says. ``forward(x, c)`` returns the raw network output.
+    """
+    tt = t.to(torch.float64)
+    a, s = schedule.alpha(tt).float(), schedule.sigma(tt).float()
+    x = noisy(x0, eps, a, s).to(device) if device is not None else noisy(x0, eps, a, s)
+    cond = (etsdm.map(tt) if etsdm is not None else tt).float().to(x.device)
+    target = prediction_target(prediction_type, x0, eps, a, s).to(x.device)
+    return torch.nn.functional.mse_loss(forward(x, cond).float(), target)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -132,39 +149,51 @@ def train_loop(
     ``stop_after``: leave after that many steps of this session, with a checkpoint, so a long run
     can be split across sessions and continued with ``resume=True``.
     """
+    out = Path(out_dir)
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise InputError(f"`steps` and `batch_size` must be ≥ 1 (got {cfg.steps} and {cfg.batch_size})")
+    if cfg.etsdm and etsdm_of(unet) is None:
+        unet = ETSDMUNet2DModel.from_unet(unet, cfg.t_tilde, cfg.n)
+    elif not cfg.etsdm and etsdm_of(unet) is not None:
+        raise InputError("this model already carries an E-TSDM map; set `etsdm` to keep training it that way")
+    with rng.isolated_torch_rng(cfg.seed):
+        return _train(unet, scheduler_config, data, cfg, out, resume, progress, source, stop_after)
+
+
+def _train(
+    unet: Any,
+    scheduler_config: dict[str, Any],
+    data: torch.Tensor,
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    source: str,
+    stop_after: int | None,
+) -> dict[str, Any]:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from .etsdm import ETSDMUNet2DModel, etsdm_map, is_etsdm
-
-    out = Path(out_dir)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise InputError("--steps and --batch-size must be ≥ 1")
-    if cfg.etsdm and not is_etsdm(unet):
-        unet = ETSDMUNet2DModel.from_unet(unet, cfg.t_tilde, cfg.n)
-    elif not cfg.etsdm and is_etsdm(unet):
-        raise InputError("this model already carries an E-TSDM map; pass --etsdm to keep training it that way")
     schedule = schedule_from_config(scheduler_config)
     T = schedule.T
     pred_type = schedule.prediction_type
     cks = _checkpoints(out)
     if resume and not cks:
-        raise InputError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume")
+        raise InputError(f"`resume`: no checkpoint in {out}/checkpoints; start without `resume`")
     if not resume and (out / "loss.csv").exists():
-        raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        raise InputError(f"{out} already holds a run; pass `resume` to continue it or choose another `out_dir`")
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    torch.manual_seed(cfg.seed)
     unet.train()
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     unet, opt, lr_sched = acc.prepare(unet, opt, lr_sched)
     ema.to(acc.device)
-    fmap = (lambda t: etsdm_map(t, cfg.t_tilde, cfg.n)) if cfg.etsdm else None
-    base = acc.unwrap_model(unet)
-    raw_forward = base.forward_condition if is_etsdm(base) else None
+    etsdm = etsdm_of(acc.unwrap_model(unet))
+    # the network sees f(t): the map is applied once, by the loss (the raw forward for E-TSDM nets)
+    forward = acc.unwrap_model(unet).forward_condition if etsdm is not None else unet
 
     start, losses = 0, []
     if resume:
@@ -175,24 +204,18 @@ def train_loop(
         start, losses = meta["step"], meta["losses"]
         log.info("resumed from %s (step %d)", ck, start)
 
-    a_all = schedule.alpha(torch.arange(T, dtype=torch.float64)).float()
-    s_all = schedule.sigma(torch.arange(T, dtype=torch.float64)).float()
     data = data.float()
     t0 = time.time()
-    from .probe import _progress
+
+    def net(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return forward(x, c).sample
 
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    with _progress(progress and acc.is_main_process, end - start, "train") as advance:
+    with progress_bar(progress and acc.is_main_process, end - start, "train") as advance:
         for step in range(start, end):
             x0, t, eps = batch_for_step(data, step, cfg.batch_size, T, cfg.seed, acc.process_index)
-            shape = (-1,) + (1,) * (x0.ndim - 1)
-            a, s = a_all[t].reshape(shape), s_all[t].reshape(shape)
-            x = (a * x0 + s * eps).to(acc.device)
-            cond = (fmap(t.double()) if fmap else t.double()).float().to(acc.device)
             with acc.autocast():
-                # the network sees f(t); the map is applied here once (raw forward for E-TSDM nets)
-                pred = raw_forward(x, cond).sample if raw_forward else unet(x, cond).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), _target(pred_type, x0, eps, a, s).to(acc.device))
+                loss = diffusion_loss(net, x0, t, eps, schedule, pred_type, etsdm, device=acc.device)
             acc.backward(loss)
             if acc.sync_gradients and cfg.grad_clip > 0:
                 acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -202,7 +225,7 @@ def train_loop(
             ema.step(unet.parameters())
             lv = acc.gather(loss.detach()[None]).mean().item()
             if not math.isfinite(lv):
-                raise InputError(f"loss became {lv} at step {step}; lower --lr or use --mixed-precision no")
+                raise InputError(f"loss became {lv} at step {step}; lower `lr` or set `mixed_precision` to no")
             losses.append([step, lv, lr_sched.get_last_lr()[0]])
             advance(1)
             done = step + 1

@@ -75,7 +75,8 @@ NOTEBOOKS = {
             "code",
             SETUP + "import numpy as np\n"
             "from lipscope.schedules import named_schedule, parse_grid\n"
-            "from lipscope.theory import GaussianMixture, theory_table, train_toy\n"
+            "from lipscope.gaussian import GaussianMixture\n"
+            "from lipscope.theory import theory_table, train_toy\n"
             "from lipscope.plots import plot_theory",
         ),
         (

@@ -7,8 +7,8 @@ import json
 import pytest
 
 import lipscope
-from lipscope.builtins import card, list_builtins
 from lipscope.errors import InputError
+from lipscope.zoo import card, list_builtins
 
 
 @pytest.mark.parametrize("name", ["digits-ddpm", "digits-etsdm", "digits-control", "digits-gaussian"])

@@ -99,10 +99,17 @@ def test_hf_needs_extra_or_loads(monkeypatch):
 
 def test_model_samples_are_cached(tmp_path):
     from lipscope import from_callable
+    from lipscope.sampling import model_samples
 
     m = from_callable(lambda x, t: 0.5 * x, sample_shape=(1, 4, 4))
-    a = load_data("model", 3, 0, m.sample_shape, model=m, cache_dir=tmp_path)
+    a = model_samples(m, 3, 0, cache_dir=tmp_path)
     files = list(tmp_path.glob("x0_model_*.npz"))
     assert len(files) == 1 and a.shape == (3, 1, 4, 4) and torch.isfinite(a).all()
-    b = load_data("model", 3, 0, m.sample_shape, model=m, cache_dir=tmp_path)
+    b = model_samples(m, 3, 0, cache_dir=tmp_path)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_data_sources_never_call_a_network():
+    """`model` is resolved by the probe (lipscope.sampling), not by the static data sources."""
+    with pytest.raises(InputError, match="only the probe"):
+        load_data("model", 3, 0, (1, 4, 4))

@@ -15,7 +15,7 @@ from conftest import TINY, tiny_unet
 
 from lipscope import load_model, probe
 from lipscope.errors import InputError
-from lipscope.etsdm import ETSDMUNet2DModel, etsdm_boundaries, etsdm_map
+from lipscope.etsdm import Etsdm, ETSDMUNet2DModel, etsdm_boundaries, etsdm_map
 from lipscope.models import from_unet
 from lipscope.schedules import DEFAULT_SCHEDULER_CONFIG
 from lipscope.training import TrainConfig, save_pipeline, train_loop
@@ -44,7 +44,7 @@ def test_retrofit_feeds_the_map():
     with torch.no_grad():
         torch.testing.assert_close(et(x, t).sample, base(x, torch.tensor([0.0, 40.0, 300.0])).sample, rtol=0, atol=0)
     m = from_unet(et, DEFAULT_SCHEDULER_CONFIG)
-    assert m.etsdm == {"t_tilde": 100.0, "n": 5}
+    assert m.etsdm == Etsdm(t_tilde=100.0, n=5)
     with torch.no_grad():
         torch.testing.assert_close(m(x, t), et(x, t).sample, rtol=0, atol=0)
 
@@ -59,7 +59,7 @@ def etsdm_dir(tmp_path_factory):
 def test_save_load_same_outputs(etsdm_dir):
     ref = ETSDMUNet2DModel.from_unet(tiny_unet(seed=2), 100.0, 5).eval()
     m = load_model(str(etsdm_dir))
-    assert m.etsdm == {"t_tilde": 100.0, "n": 5}
+    assert m.etsdm == Etsdm(t_tilde=100.0, n=5)
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0.0, 33.0, 99.5, 640.0])
     with torch.no_grad():
         torch.testing.assert_close(m(x, t), ref(x, t).sample, rtol=0, atol=0)
@@ -152,7 +152,7 @@ def test_resume_equals_uninterrupted(tmp_path, etsdm):
 
 def test_training_refusals(tmp_path):
     data = _tiny_data()
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="`resume`"):
         train_loop(tiny_unet(), DEFAULT_SCHEDULER_CONFIG, data, _cfg(), tmp_path / "x", resume=True)
     train_loop(tiny_unet(), DEFAULT_SCHEDULER_CONFIG, data, _cfg(steps=1), tmp_path / "y")
     with pytest.raises(InputError, match="already holds a run"):

@@ -8,14 +8,8 @@ import torch
 from scipy import linalg
 from scipy.stats import wasserstein_distance
 
-from lipscope.metrics import (
-    digits_features,
-    frechet_distance,
-    load_digits_classifier,
-    sliced_wasserstein,
-    to_digits_space,
-    wasserstein_1d,
-)
+from lipscope.metrics import frechet_distance, sliced_wasserstein, wasserstein_1d
+from lipscope.zoo import digits_features, load_digits_classifier, to_digits_space
 
 
 def test_frechet_matches_scipy_sqrtm_formula():

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from lipscope import load_model
 from lipscope.errors import InputError
-from lipscope.models import from_unet, to_epsilon
-from lipscope.schedules import default_schedule
+from lipscope.models import from_unet
+from lipscope.schedules import default_schedule, to_epsilon
 
 
 def _same_outputs(m, ref: UNet2DModel):
@@ -74,14 +74,14 @@ class _Pickled:  # an object torch.load(weights_only=True) refuses
 def test_full_pickle_needs_trust(tmp_path, unet):
     torch.save({"state_dict": unet.state_dict(), "extra": _Pickled(1)}, tmp_path / "w.pt")
     (tmp_path / "c.json").write_text(json.dumps(dict(unet.config)))
-    with pytest.raises(InputError, match="--trust-pickle"):
+    with pytest.raises(InputError, match="`trust_pickle`"):
         load_model(str(tmp_path / "w.pt"), config=tmp_path / "c.json")
     _same_outputs(load_model(str(tmp_path / "w.pt"), config=tmp_path / "c.json", trust_pickle=True), unet)
 
 
 def test_weights_file_needs_config(tmp_path, unet):
     save_file(unet.state_dict(), tmp_path / "w.safetensors")
-    with pytest.raises(InputError, match="--config"):
+    with pytest.raises(InputError, match="`config`"):
         load_model(str(tmp_path / "w.safetensors"))
 
 
@@ -194,7 +194,7 @@ def test_prediction_types_convert_to_epsilon(pred):
     a, sg = s.alpha(t).view(-1, 1, 1, 1), s.sigma(t).view(-1, 1, 1, 1)
     x = a * x0 + sg * eps
     out = a * eps - sg * x0 if pred == "v_prediction" else x0  # a perfect network's output
-    torch.testing.assert_close(to_epsilon(out, x, t, s, pred), eps, rtol=0, atol=1e-9)
+    torch.testing.assert_close(to_epsilon(out, x, pred, s.alpha(t), s.sigma(t)), eps, rtol=0, atol=1e-9)
 
 
 def test_learned_variance_output_is_split():

@@ -9,11 +9,15 @@ import pytest
 import torch
 from conftest import CONTRACT, tiny_unet
 
+import lipscope
 from lipscope import from_callable, probe
-from lipscope.data import load_data, per_sample_noise, sample_generator
+from lipscope.data import load_data
 from lipscope.errors import InputError, ModelOutputError
 from lipscope.models import from_unet
-from lipscope.probe import fd_norms, fd_points, summary
+from lipscope.probe import fd_norms, fd_points
+from lipscope.reduction import summary
+from lipscope.rng import Stream, generator
+from lipscope.rng import noise as per_sample_noise
 from lipscope.schedules import default_schedule
 
 GRID = [0, 1, 2.5, 10, 99.5, 500, 998]
@@ -33,7 +37,7 @@ def test_matches_brute_force_loop(model):
     K = np.zeros((n, len(GRID)))
     with torch.no_grad():
         for i in range(n):
-            eps = torch.randn((1, 8, 8), generator=sample_generator(seed, i))
+            eps = torch.randn((1, 8, 8), generator=generator(seed, Stream.NOISE, i))
             for j, t in enumerate(GRID):
                 tt = torch.tensor([float(t)], dtype=torch.float64)
                 x = (s.alpha(tt).float() * x0[i] + s.sigma(tt).float() * eps)[None]
@@ -85,9 +89,7 @@ def test_model_linear_in_t_gives_its_slope(scheme, dt):
 
 
 def test_gaussian_closed_form_shows_singularity():
-    from lipscope.builtins import load_builtin
-
-    df = probe(load_builtin("digits-gaussian"), "digits", samples=16)
+    df = probe(lipscope.load_model("builtin:digits-gaussian"), "digits", samples=16)
     s = summary(df, 1000)
     assert s["peak_t"] == 0 and s["singularity_ratio"] > 5
 
@@ -119,7 +121,7 @@ def test_default_grid_respects_dt():
 
 @pytest.mark.parametrize("dt", [0.0, -1.0, float("nan")])
 def test_bad_dt(model, dt):
-    with pytest.raises(InputError, match="--dt"):
+    with pytest.raises(InputError, match="`dt` must be > 0"):
         probe(model, "digits", samples=2, timesteps="1", dt=dt)
 
 
@@ -155,7 +157,7 @@ def test_oom_backs_off(monkeypatch):
 
 
 def test_autobatch_search_keeps_the_fastest():
-    from lipscope.probe import AutoBatch
+    from lipscope.batching import AutoBatch
 
     a = AutoBatch((8, 16, 32, 64), total=1000)
     rates = {8: 10.0, 16: 14.0, 32: 12.0, 64: 20.0}  # falls at 32 → stops before ever trying 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lipscope.theory import GaussianMixture, gaussian_eps_model
+from lipscope.gaussian import GaussianMixture, gaussian_eps_model
 
 
 def test_eps_star_equals_direct_solve():
@@ -39,17 +39,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import tiny_unet  # noqa: E402
 
-from lipscope.data import per_sample_noise  # noqa: E402
 from lipscope.errors import InputError  # noqa: E402
-from lipscope.models import forward_ad_patches, from_unet  # noqa: E402
-from lipscope.probe import jvp_norms, probe  # noqa: E402
-from lipscope.schedules import named_schedule  # noqa: E402
-from lipscope.theory import (  # noqa: E402
+from lipscope.gaussian import (  # noqa: E402
     closed_form_samples,
     dtau_exact_ms,
     fd_exact_ms,
     terms_exact_ms,
 )
+from lipscope.models import forward_ad_patches, from_unet  # noqa: E402
+from lipscope.probe import jvp_norms, probe  # noqa: E402
+from lipscope.rng import noise as per_sample_noise  # noqa: E402
+from lipscope.schedules import named_schedule  # noqa: E402
 
 MIXTURES = {
     "diag": lambda: GaussianMixture.gaussian([1.0, -0.5, 0.0], [0.25, 2.0, 0.0]),
@@ -249,7 +249,7 @@ def test_jvp_unet_float32_runs_and_is_batch_independent():
 def test_learned_time_embedding_is_refused_for_jvp():
     u = tiny_unet(time_embedding_type="learned", num_train_timesteps=1000)
     m = from_unet(u, {"num_train_timesteps": 1000})
-    with pytest.raises(InputError, match="--method fd"):
+    with pytest.raises(InputError, match="`method` fd"):
         probe(m, "digits", timesteps="5", samples=2, method="jvp")
 
 
@@ -257,5 +257,5 @@ def test_integer_cast_is_caught():
     from lipscope import from_callable
 
     m = from_callable(lambda x, t: x * t.long().view(-1, 1, 1, 1).to(x.dtype), sample_shape=(1, 8, 8))
-    with pytest.raises(InputError, match="--method fd"):
+    with pytest.raises(InputError, match="`method` fd"):
         probe(m, "digits", timesteps="5", samples=2, method="jvp")

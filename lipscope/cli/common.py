@@ -1,0 +1,99 @@
+"""What every command shares: the typer app, logging to one line, and the one error-mapping layer.
+
+Library errors name parameters in backticks (`` `dt` must be > 0``); :func:`render_error` turns each
+into the command-line flag that sets it (``--dt must be > 0``). The table :data:`FLAGS` is the only
+place parameters are mapped to flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from ..errors import InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find, explain and fix the Lipschitz singularity of diffusion models near t = 0 (Yang et al., 2306.11251).",
+)
+err = Console(stderr=True)
+out = Console()
+
+# parameter name (as in the Python API) → flag; parameters not listed map to --name-with-dashes
+FLAGS: dict[str, str] = {
+    "out": "--out",
+    "out_dir": "--out",
+    "n_sub": "--n",
+    "n": "--n",
+    "warmup_steps": "--warmup",
+    "config": "--config",
+    "spec": "--model",
+    "model": "--model",
+    "data": "--data",
+}
+_PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+def flag(param: str) -> str:
+    """The command-line flag of a library parameter."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def render_error(message: str) -> str:
+    """A library message in command-line words: each `param` becomes its flag."""
+    return _PARAM.sub(lambda m: flag(m.group(1)), message)
+
+
+class _OneLine(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]{record.levelname.lower()}:[/] {record.getMessage()}", highlight=False)
+
+
+def setup_logging(verbose: bool) -> None:
+    lg = logging.getLogger("lipscope")
+    lg.handlers[:] = [_OneLine()]
+    lg.setLevel(logging.INFO if verbose else logging.WARNING)
+    lg.propagate = False
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cli_errors(fn: F) -> F:
+    """Bad input → one line on stderr and exit 2; interrupts → 130; anything else is an internal error (1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            err.print(f"[red]error:[/] {escape(render_error(str(e)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]: no output was written")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_list(s: str, conv: Callable[[str], Any], param: str) -> list[Any]:
+    """A comma list like ``1,-0.5`` (the library's parameter ``param``)."""
+    try:
+        vals = [conv(v) for v in s.split(",") if v.strip()]
+    except ValueError as e:
+        raise InputError(f"`{param}` {s!r}: use a comma list like 1,-0.5") from e
+    if not vals:
+        raise InputError(f"`{param}` is empty")
+    return vals

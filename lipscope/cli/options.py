@@ -1,0 +1,60 @@
+"""Option types checked at the command-line boundary (choices and ranges), before any work starts.
+
+Each is a typer ``parser``: a bad value raises ``typer.BadParameter``, which :func:`lipscope.cli.main`
+prints as one line naming the flag (exit 2). The library validates the same values again (the
+Python API has no such boundary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+from ..models import DTYPES
+from ..probe import SCHEMES
+from ..sampling import SAMPLERS
+
+
+def choice(*values: str) -> Callable[[str], str]:
+    """A parser accepting exactly ``values``."""
+
+    def parse(v: str) -> str:
+        if v not in values:
+            raise typer.BadParameter(f"{v!r} is not one of {', '.join(values)}")
+        return v
+
+    return parse
+
+
+def device(v: str) -> str:
+    """auto, cpu, mps, cuda or cuda:N."""
+    base, _, idx = v.partition(":")
+    if (base in ("auto", "cpu", "mps") and not idx) or (base == "cuda" and (not idx or idx.isdigit())):
+        return v
+    raise typer.BadParameter(f"{v!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
+def batch_size(v: str) -> str:
+    """auto or an integer ≥ 2 (an FD pair takes two forwards)."""
+    v = v.strip()
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise typer.BadParameter(f"{v!r} is not a batch size; use auto or an integer ≥ 2") from None
+    if n < 2:
+        raise typer.BadParameter(f"{n} is too small; use auto or an integer ≥ 2 (each FD pair takes two forwards)")
+    return str(n)
+
+
+METHOD = choice("fd", "jvp", "fd,jvp", "jvp,fd")
+SCHEME = choice(*SCHEMES)
+SPACE = choice("time", "condition")
+DTYPE = choice(*DTYPES)
+SAMPLER = choice(*SAMPLERS)
+MIXED_PRECISION = choice("no", "fp16", "bf16")
+SCHEDULE = choice("linear", "scaled_linear", "cosine", "sigmoid", "vp-linear", "vp-cosine")
+DEVICE = device
+BATCH_SIZE = batch_size

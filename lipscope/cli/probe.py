@@ -1,0 +1,129 @@
+"""``lipscope probe``: parse the flags into ProbeOptions, run, print the summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from .common import cli_errors, out, setup_logging
+from .options import BATCH_SIZE, DEVICE, DTYPE, METHOD, SCHEME, SPACE
+
+
+@cli_errors
+def probe(
+    model: str = typer.Option(
+        "builtin:digits-ddpm",
+        "--model",
+        "-m",
+        help="hub id, pipeline/unet folder, weights file (+ --config), py:module:factory or builtin:NAME.",
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="digits, model, hf:NAME[:split], an image folder or a .npy/.npz/.pt file. "
+        "Default: the built-in's data, else samples of the model.",
+    ),
+    out_dir: Path = typer.Option(
+        Path("runs/probe"), "--out", "-o", help="Output folder for lipschitz.csv, run.json, lipschitz.png."
+    ),
+    timesteps: str = typer.Option(
+        "default",
+        "--timesteps",
+        "-t",
+        help="default, all, linear:N, log:N, range:a:b:s or a list 0,1,2.5 (model steps).",
+    ),
+    dt: float = typer.Option(1.0, "--dt", help="FD step Δt in model steps (fractional allowed)."),
+    scheme: str = typer.Option(
+        "forward", "--scheme", parser=SCHEME, help="forward (t, t+Δt) or central (t−Δt/2, t+Δt/2)."
+    ),
+    method: str = typer.Option(
+        "fd",
+        "--method",
+        parser=METHOD,
+        help="fd (finite differences), jvp (exact ‖∂ε/∂τ‖ by forward AD) or fd,jvp.",
+    ),
+    space: str = typer.Option(
+        "time",
+        "--space",
+        parser=SPACE,
+        help="time, or condition: K between consecutive conditions the network is fed (E-TSDM: sub-interval starts).",
+    ),
+    samples: int = typer.Option(64, "--samples", "-n", min=2, help="Number of (x0, ε) samples per timestep."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Seed; every number is reproducible and independent of --batch-size."
+    ),
+    batch_size: str = typer.Option(
+        "auto",
+        "--batch-size",
+        parser=BATCH_SIZE,
+        help="Forwards per batch, or auto (largest that fits, backing off on OOM).",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", parser=DEVICE, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", parser=DTYPE, help="float32, float64, float16 or bfloat16."),
+    config: Path | None = typer.Option(None, "--config", help="UNet config.json for a single weights file."),
+    scheduler_config: Path | None = typer.Option(
+        None, "--scheduler-config", help="scheduler_config.json (default: from the model, else DDPM linear)."
+    ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    subfolder: str | None = typer.Option(None, "--subfolder", help="Subfolder holding the UNet."),
+    offline: bool = typer.Option(
+        False, "--offline", help="Only use the local Hugging Face cache (also: HF_HUB_OFFLINE=1)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow full unpickling of .pt/.bin checkpoints (runs code from the file)."
+    ),
+    t_split: float | None = typer.Option(None, "--t-split", help="Split for the summary (default T/10 = 100 of 1000)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
+    setup_logging(verbose)
+    from ..runs import ProbeOptions, run_probe
+
+    res = run_probe(
+        ProbeOptions(
+            model=model,
+            config=_s(config),
+            scheduler_config=_s(scheduler_config),
+            revision=revision,
+            subfolder=subfolder,
+            offline=offline,
+            trust_pickle=trust_pickle,
+            device=device,
+            dtype=dtype,
+            data=data,
+            out=str(out_dir),
+            timesteps=timesteps,
+            dt=dt,
+            scheme=scheme,
+            method=method,
+            space=space,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            t_split=t_split,
+        ),
+        progress=progress and sys.stderr.isatty(),
+    )
+    _print_summary(res.model.name, res.summary, res.table, res.out, res.meta["wall_time_s"])
+
+
+def _s(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
+    tab = Table(title=f"lipscope probe — {name}", show_header=False, title_justify="left")
+    tab.add_row("peak K", f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}")
+    tab.add_row(f"median K, t ≥ {s['t_split']:g}", f"{s['median_K_above']:.4g}")
+    tab.add_row(f"mean K, t < {s['t_split']:g}", f"{s['mean_K_below']:.4g}")
+    tab.add_row("singularity ratio", f"{s['singularity_ratio']:.3g}")
+    tab.add_row("forwards/s", f"{df.attrs['forwards_per_s']:.1f}  ({df.attrs['forwards']} forwards, {wall:.1f} s)")
+    tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
+    out.print(tab)

@@ -1,0 +1,61 @@
+"""What every run shares: the output-folder check, the model record of run.json, how a model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..loading import load_model
+from ..models import EpsModel
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """Refuse an output path that exists and is not a folder, before any work is done."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"`out` {p} exists and is not a folder; choose another path")
+    return p
+
+
+def model_info(m: EpsModel) -> dict[str, Any]:
+    """What run.json records about the model that was measured."""
+    return {
+        "etsdm": asdict(m.etsdm) if m.etsdm is not None else None,
+        "name": m.name,
+        "config_hash": m.config_hash,
+        "T": m.T,
+        "prediction_type": m.prediction_type,
+        "sample_shape": m.sample_shape,
+        "config": m.config,
+        "scheduler_config": m.scheduler_config,
+    }
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model spec is loaded (:func:`lipscope.loading.load_model`)."""
+
+    model: str = "builtin:digits-ddpm"
+    config: str | None = None
+    scheduler_config: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+    offline: bool = False
+    trust_pickle: bool = False
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def load(self) -> EpsModel:
+        return load_model(
+            self.model,
+            config=self.config,
+            scheduler_config=self.scheduler_config,
+            revision=self.revision,
+            subfolder=self.subfolder,
+            offline=self.offline or None,
+            trust_pickle=self.trust_pickle,
+            device=self.device,
+            dtype=self.dtype,
+        )

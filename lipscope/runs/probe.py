@@ -1,0 +1,132 @@
+"""``probe`` and ``compare`` runs: lipschitz.csv, run.json, lipschitz.png; overlays of several runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import io as lio
+from ..errors import InputError
+from ..etsdm import Etsdm
+from ..models import EpsModel
+from ..plots import figure_png, plot_compare, plot_lipschitz
+from ..probe import probe
+from ..reduction import summary
+from ..zoo import DEFAULT_DATA
+from .common import ModelOptions, check_out_dir, model_info
+
+
+@dataclass(frozen=True)
+class ProbeOptions(ModelOptions):
+    """``lipscope probe``: K(t) of a model, written to lipschitz.csv, run.json and lipschitz.png."""
+
+    data: str | None = None  # None: the built-in's data, else samples of the model
+    out: str = "runs/probe"
+    timesteps: str = "default"
+    dt: float = 1.0
+    scheme: str = "forward"
+    method: str = "fd"
+    space: str = "time"
+    samples: int = 64
+    seed: int = 0
+    batch_size: str = "auto"
+    t_split: float | None = None
+
+    def resolved(self) -> ProbeOptions:
+        """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
+        if self.data is not None:
+            return self
+        return dataclasses.replace(self, data=DEFAULT_DATA if self.model.startswith("builtin:") else "model")
+
+
+@dataclass
+class ProbeResult:
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    meta: dict[str, Any]
+    model: EpsModel
+    out: Path
+
+
+def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
+    """Probe, then write the run folder ``opts.out`` (all files or none)."""
+
+    if opts.samples < 2:
+        raise InputError("`samples` must be ≥ 2 (a confidence interval needs at least two samples)")
+    out = check_out_dir(opts.out)
+    opts = opts.resolved()
+    start = time.time()
+    m = opts.load()
+    df = probe(
+        m,
+        str(opts.data),
+        timesteps=opts.timesteps,
+        dt=opts.dt,
+        scheme=opts.scheme,
+        method=opts.method,
+        space=opts.space,
+        samples=opts.samples,
+        seed=opts.seed,
+        batch_size=opts.batch_size,
+        progress=progress,
+        cache_dir=str(out),
+    )
+    summ = summary(df, m.T, opts.t_split)
+    wall = time.time() - start
+    meta = {
+        "command": "probe",
+        "options": asdict(opts),
+        "model": model_info(m),
+        "device": str(m.device),
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "seed": opts.seed,
+        "versions": lio.package_versions(),
+        "wall_time_s": wall,
+        "probe_time_s": df.attrs["seconds"],
+        "forwards": df.attrs["forwards"],
+        "forwards_per_s": df.attrs["forwards_per_s"],
+        "batch_size_used": df.attrs["batch_size"],
+        "grid_points": len(df),
+        "summary": summ,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
+    png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"]))
+    lio.write_outputs(out, {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png})
+    return ProbeResult(df, summ, meta, m, out)
+
+
+def read_probe_run(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """lipschitz.csv and run.json of a probe run folder."""
+
+    r = Path(folder)
+    if not (r / "lipschitz.csv").exists():
+        raise InputError(f"{r}: no lipschitz.csv; pass folders written by lipscope probe")
+    meta = json.loads((r / "run.json").read_text()) if (r / "run.json").exists() else {}
+    return pd.read_csv(r / "lipschitz.csv"), meta
+
+
+def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | None = None) -> list[dict[str, Any]]:
+    """Overlay the K(t) curves of several probe runs (E-TSDM boundaries marked) into ``out_file``;
+    returns one summary row per (run, method)."""
+
+    if Path(out_file).suffix.lower() != ".png":
+        raise InputError(f"`out` {out_file}: compare writes a .png")
+    frames, bounds, rows = {}, set(), []
+    for r in runs:
+        df, meta = read_probe_run(r)
+        et = meta.get("model", {}).get("etsdm")
+        if et:
+            bounds.update(Etsdm(et["t_tilde"], et["n"]).boundaries()[1:])
+        frames[Path(r).name] = df
+        T = int(meta.get("model", {}).get("T", 1000))
+        for method in df["method"].unique():
+            rows.append({"run": Path(r).name, **summary(df, T, t_split, method=method)})
+    lio.atomic_write_bytes(out_file, figure_png(plot_compare(frames, sorted(bounds))))
+    return rows
