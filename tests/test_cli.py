@@ -36,7 +36,7 @@ def test_probe_default_builtin(tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
-def test_probe_hub_id_from_cache_built_by_the_test(tmp_path, pipeline_dir):
+def test_probe_hub_id_from_cache_built_by_the_test(tmp_path, pipeline_dir, unet, float32_tolerance):
     """`--model google/ddpm-cifar10-32` resolved offline from an HF cache laid out by the test."""
     _hf_cache(tmp_path / "hub", "google/ddpm-cifar10-32", pipeline_dir, flat=True)
     out = tmp_path / "cifar"
@@ -87,7 +87,10 @@ def test_probe_hub_id_from_cache_built_by_the_test(tmp_path, pipeline_dir):
         env={"HF_HUB_CACHE": str(tmp_path / "hub")},
     )
     assert r2.returncode == 0, r2.stderr
-    np.testing.assert_allclose(pd.read_csv(tmp_path / "c2" / "lipschitz.csv")["K_mean"], df["K_mean"], rtol=1e-5)
+    # bound: mean over samples of 4·(e_a + e_b)/Δτ + 2u·K, e the float32 − float64 error of the same weights
+    # (pipeline_dir holds `unet`) at batch 1 and all-in-one (conftest._float32_tolerance)
+    tol = float32_tolerance(unet, df, "digits", 4, 3).mean(0)
+    np.testing.assert_array_less(np.abs(pd.read_csv(tmp_path / "c2" / "lipschitz.csv")["K_mean"] - df["K_mean"]), tol)
 
 
 def _bad_inputs(tmp_path, pipeline_dir):

@@ -28,7 +28,7 @@ def model():
     return from_unet(tiny_unet(seed=3))
 
 
-def test_matches_brute_force_loop(model):
+def test_matches_brute_force_loop(model, float32_tolerance):
     """One (sample, t) at a time, noise re-drawn from the documented per-sample generator contract."""
     n, seed, dt = 5, 7, 0.5
     df = probe(model, "digits", timesteps=GRID, dt=dt, samples=n, seed=seed, batch_size=6)
@@ -44,17 +44,28 @@ def test_matches_brute_force_loop(model):
                 e0 = model.net(x, torch.tensor([float(t)]))
                 e1 = model.net(x, torch.tensor([float(t) + dt]))
                 K[i, j] = torch.linalg.vector_norm((e1 - e0).double()) / (dt / T)
-    # float32 network, identical inputs; only batched-vs-single BLAS summation order differs (~1e-6 rel)
-    np.testing.assert_allclose(df["K_mean"], K.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(df.attrs["K_samples"], K, rtol=1e-4)
-    np.testing.assert_allclose(df["K_std"], K.std(0, ddof=1), rtol=1e-4)
+    # float32 network, identical inputs; only the kernels differ (im2col+GEMM one at a time, oneDNN in the
+    # probe's batches of 6): per-sample bound 4·(e_a + e_b)/Δτ + 2u·K, e = float32 − float64 error measured
+    # on those two batchings (conftest._float32_tolerance). Measured (AVX-512): (e_a + e_b)/Δτ ≤ 9.4e-5·K, so
+    # tol ≤ 3.8e-4·K per sample, ≤ 2.7e-4 of K_mean, ≤ 2.5e-3 of K_std (was rtol 1e-5 on K_mean, which AMX
+    # kernels exceeded at 1.06e-5); observed |ΔK| ≤ 0.13·tol
+    tol = float32_tolerance(model.module, df, "digits", n, seed, T=T, batch_sizes=(1, 6))
+    assert np.all(tol < 1e-3 * K)  # keeps its teeth: a 1e-3 relative error in any one sample's K fails below
+    np.testing.assert_array_less(np.abs(df.attrs["K_samples"] - K), tol)
+    # mean: |mean K − mean K′| ≤ mean(tol). std (ddof 1) = ‖P K‖/√(n−1), P the centring projection, so by the
+    # reverse triangle inequality |std K − std K′| ≤ ‖P(K − K′)‖/√(n−1) ≤ ‖tol‖₂/√(n−1)
+    np.testing.assert_array_less(np.abs(df["K_mean"] - K.mean(0)), tol.mean(0))
+    np.testing.assert_array_less(np.abs(df["K_std"] - K.std(0, ddof=1)), np.linalg.norm(tol, axis=0) / math.sqrt(n - 1))
 
 
-def test_batch_size_independence(model):
+def test_batch_size_independence(model, float32_tolerance):
     runs = [probe(model, "digits", timesteps=GRID, samples=6, seed=1, batch_size=b) for b in (2, 8, 42, "auto")]
+    # same inputs per item; batch composition changes only the kernels' float32 rounding: 4·(e_a + e_b)/Δτ
+    # + 2u·K per sample, e measured against float64 at batch 1 and all-in-one (conftest._float32_tolerance)
+    tol = float32_tolerance(model.module, runs[0], "digits", 6, 1, T=model.T)
     for r in runs[1:]:
-        # same inputs per item; batch composition changes only the BLAS blocking (float32 rounding)
-        np.testing.assert_allclose(r["K_mean"], runs[0]["K_mean"], rtol=1e-5)
+        np.testing.assert_array_less(np.abs(r.attrs["K_samples"] - runs[0].attrs["K_samples"]), tol)
+        np.testing.assert_array_less(np.abs(r["K_mean"] - runs[0]["K_mean"]), tol.mean(0))
 
 
 def test_seed_changes_and_reproduces(model):

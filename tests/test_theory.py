@@ -238,11 +238,15 @@ def test_forward_ad_patches_restore_the_model_bit_exact():
         assert torch.equal(m(x, t), before)
 
 
-def test_jvp_unet_float32_runs_and_is_batch_independent():
+def test_jvp_unet_float32_runs_and_is_batch_independent(float32_tolerance):
     m = from_unet(tiny_unet(seed=6), {"num_train_timesteps": 1000})
     a = probe(m, "digits", timesteps="0,10,900", samples=4, method="jvp", batch_size=2)
     b = probe(m, "digits", timesteps="0,10,900", samples=4, method="jvp", batch_size=12)
-    np.testing.assert_allclose(a["K_mean"], b["K_mean"], rtol=1e-5)
+    # float32 rounding only: per sample 4·T·‖∂ε₃₂/∂t − ∂ε₆₄/∂t‖, measured at these two batchings against a
+    # float64 copy (conftest._float32_tolerance); no cancellation here, so tol is a few 1e-6 of K
+    tol = float32_tolerance(m.module, a, "digits", 4, 0, batch_sizes=(2, 12))
+    np.testing.assert_array_less(np.abs(a.attrs["K_samples"] - b.attrs["K_samples"]), tol)
+    np.testing.assert_array_less(np.abs(a["K_mean"] - b["K_mean"]), tol.mean(0))
     assert (a["method"] == "jvp").all() and (a["dt"] == 0).all() and (a["K_mean"] > 0).all()
 
 
