@@ -8,6 +8,8 @@ size, and on CPU searches the fastest batch size on real work (:class:`AutoBatch
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -165,3 +167,19 @@ def run_batched(
     stats.seconds += time.perf_counter() - t0
     stats.batch_size = bs
     return out
+
+
+def check_memory(samples: int, shape: tuple[int, ...] | None) -> None:
+    """Refuse, before allocating, a probe whose samples alone would not fit in memory."""
+    if shape is None:
+        return
+    need = samples * math.prod(shape) * 4 * 3  # x0, ε and x_t in float32
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > ram // 2:
+        raise InputError(
+            f"`samples` {samples:,} of shape {tuple(shape)} need {need / 2**30:.3g} GiB, over half of this machine's "
+            f"{ram / 2**30:.3g} GiB; use fewer samples"
+        )

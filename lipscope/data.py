@@ -124,7 +124,7 @@ def _load_array(path: Path) -> np.ndarray:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
-                key = next((k for k in ("x0", "images", "samples", "arr_0") if k in keys), None)
+                key = next((k for k in ("x0", "images", "samples") if k in keys), None)
                 if key is None and len(keys) == 1:
                     key = keys[0]
                 if key is None:
@@ -139,7 +139,16 @@ def _load_array(path: Path) -> np.ndarray:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"`data` {path}: could not read the array ({str(e).splitlines()[0][:200]})") from e
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        if "pickle" in first.lower() or "weights only" in first.lower():
+            raise InputError(
+                f"`data` {path} holds pickled Python objects, which lipscope never loads; "
+                "save a numeric array instead (numpy.save of a float or uint8 array)"
+            ) from e
+        raise InputError(
+            f"`data` {path}: could not read the array ({type(e).__name__}); the file may be corrupt: "
+            "re-save it with numpy.save / numpy.savez / torch.save of a tensor"
+        ) from e
 
 
 def _image_to_array(img, c: int, hw: tuple[int, ...]) -> np.ndarray:
@@ -159,7 +168,10 @@ def _image_folder(path: Path, n: int | None, seed: int, c: int, hw: tuple[int, .
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise InputError(f"`data` {path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder")
+        raise InputError(
+            f"`data` {path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in the folder; "
+            "point `data` at a folder of images or at an array file"
+        )
     idx = choose_indices(len(files), n, seed)
     out = []
     for i in idx:
@@ -243,7 +255,7 @@ def load_data(
         raise InputError(f"`data` {spec}: unknown file type; use {'/'.join(ARRAY_SUFFIXES)} or an image folder")
     a = to_nchw(_load_array(path), c, f"`data` {spec}")
     if a.shape[0] == 0:
-        raise InputError(f"`data` {spec}: the array holds no samples")
+        raise InputError(f"`data` {spec}: the array holds no samples; pass an array with at least one sample")
     x = torch.from_numpy(scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}"))
     return _finish(x, c, hw, f"`data` {spec}", resize=False)
 

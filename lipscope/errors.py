@@ -6,4 +6,5 @@ class InputError(ValueError):
 
 
 class ModelOutputError(InputError):
-    """The model returned NaN/inf; lipscope refuses to average such outputs in silently."""
+    """The model returned NaN/inf, or an output of the wrong type, shape or dtype; lipscope refuses
+    to use such outputs silently."""

@@ -1,30 +1,70 @@
-"""Atomic writes (temp file in the same folder + os.replace) and run metadata."""
+"""Writing outputs safely: atomic files, run folders that are complete or absent, locks, metadata.
+
+* :func:`atomic_write_bytes`: a temp file in the same folder, fsync, ``os.replace``: readers see the
+  old file or the whole new one.
+* :func:`check_out_dir`: what may be written where, decided before any work starts (an existing
+  file, a path under a file, an unwritable parent, a non-empty folder without ``overwrite``).
+* :func:`run_lock`: an exclusive ``flock`` on ``.<name>.lock`` beside the run folder; the kernel
+  drops it when the process dies, even by SIGKILL, so a stale lock never blocks.
+* :func:`write_run_folder`: every file of a run is staged in ``.<name>.tmp-<pid>`` and the folder
+  is renamed into place at once; a failure or an interrupt removes the staging folder and leaves
+  ``out`` as it was.
+
+Files get the permissions the umask allows (0644 with the usual umask), not mkstemp's 0600. Write
+failures (disk full, read-only file system) become one :class:`InputError` line naming the path.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
 import platform
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .errors import InputError
+
+
+def _umask_mode(mode: int = 0o666) -> int:
+    cur = os.umask(0)
+    os.umask(cur)
+    return mode & ~cur
+
+
+def write_failure(path: str | Path, e: OSError) -> InputError:
+    """One line for a write that failed (disk full, read-only, permissions)."""
+    hint = "free some space" if e.errno == errno.ENOSPC else "check the permissions"
+    return InputError(f"could not write {path} ({e.strerror or e}); {hint} or choose another `out`")
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failure(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -45,11 +85,13 @@ def json_bytes(obj: Any) -> bytes:
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, allow_pickle=True, **arrays)  # numpy's default, explicit so **arrays types as arrays
+    np.savez_compressed(buf, allow_pickle=False, **arrays)
     return buf.getvalue()
 
 
 def _jsonable(o: Any) -> Any:
+    import dataclasses
+
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -58,12 +100,104 @@ def _jsonable(o: Any) -> Any:
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
     return str(o)
 
 
-def write_outputs(out_dir: str | Path, files: dict[str, bytes]) -> list[Path]:
-    """Write every prepared file atomically; all bytes exist before the first write starts."""
-    return [atomic_write_bytes(Path(out_dir) / name, data) for name, data in files.items()]
+# ---------------------------------------------------------------------------------------------
+# run folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(folder: Path) -> str:
+    meta = folder / "run.json"
+    try:
+        cmd = json.loads(meta.read_text()).get("command") if meta.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        cmd = None
+    if cmd:
+        return f"a lipscope {cmd} run"
+    names = sorted(p.name for p in folder.iterdir())[:3]
+    return "files (" + ", ".join(names) + ("…" if len(names) == 3 else "") + ")"
+
+
+def check_out_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse, before any work, an output path lipscope must not or cannot write.
+
+    An existing file; a path under a file; a parent folder that cannot be written; a non-empty
+    folder unless ``overwrite`` (replace it) or ``resume`` (continue the run it holds).
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"`out` {p} exists and is not a folder; choose another path")
+    if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
+        raise InputError(
+            f"`out` {p} already holds {_describe(p)}; pass `overwrite` to replace it or choose another `out`"
+        )
+    anc = p if p.exists() else p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"`out` {p} lies under {anc}, which is a file; choose another path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise InputError(f"`out` {p}: {anc} is not writable; choose another path")
+    return p
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder ``out`` (``.<name>.lock`` beside it) for the block."""
+    p = Path(out)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        lock = p.parent / f".{p.name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, _umask_mode())
+    except OSError as e:
+        raise write_failure(p, e) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"`out` {p} is being written by another lipscope process; wait for it or choose another `out`"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock; the empty lock file stays (removing it would race)
+
+
+def write_run_folder(out: str | Path, files: dict[str, bytes], overwrite: bool = False) -> Path:
+    """Write a whole run folder at once: staged beside ``out``, then renamed into place.
+
+    ``out`` ends up holding exactly ``files`` (an existing folder is replaced only with
+    ``overwrite``); on any failure or interrupt it is left as it was.
+    """
+    dest = check_out_dir(out, overwrite=overwrite)
+    stage = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    moved = False  # True while the previous folder sits at `old` and the new one is not in place yet
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        for name, data in files.items():
+            with open(stage / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if dest.exists():
+            os.replace(dest, old)
+            moved = True
+        os.replace(stage, dest)
+        moved = False
+    except OSError as e:
+        raise write_failure(dest, e) from e
+    finally:
+        if moved and not dest.exists():
+            os.replace(old, dest)  # put the previous run back (failure or interrupt between the renames)
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def package_versions() -> dict[str, str]:
@@ -76,3 +210,10 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def user_cache_dir() -> Path:
+    """lipscope's cache folder: ``$LIPSCOPE_CACHE``, else ``$XDG_CACHE_HOME/lipscope``, else ``~/.cache/lipscope``."""
+    if os.environ.get("LIPSCOPE_CACHE"):
+        return Path(os.environ["LIPSCOPE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lipscope"

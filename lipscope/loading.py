@@ -23,6 +23,8 @@ import logging
 import os
 import pickle
 import sys
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,7 +73,7 @@ def load_model(
     if path.exists():
         if path.is_file():
             return _load_weights_file(path, config, sched_cfg, trust_pickle, dev, dt)
-        return _load_folder(path, subfolder, sched_cfg, dev, dt)
+        return _load_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle)
     if _looks_like_path(spec):
         raise InputError(f"`model` {spec}: no such file or folder; check the path")
     return _load_hub(spec, revision, subfolder, sched_cfg, offline, dev, dt)
@@ -99,15 +101,17 @@ def _load_builtin(name: str, dev: torch.device, dt: torch.dtype) -> EpsModel:
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        data = json.loads(raw)
     except FileNotFoundError as e:
         raise InputError(f"{what} {path} not found; check the path") from e
+    except OSError as e:  # a folder, no permission
+        raise InputError(f"{what} {path} cannot be read ({_short(e)}); pass a readable JSON file") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(
-            f"{what} {path} is not valid JSON ({e.__class__.__name__}); pass a diffusers config.json"
-        ) from e
+        empty = "is empty" if not raw.strip() else f"is not valid JSON ({e.__class__.__name__})"
+        raise InputError(f"{what} {path} {empty}; pass a diffusers config JSON file") from e
     if not isinstance(data, dict):
-        raise InputError(f"{what} {path} must hold a JSON object")
+        raise InputError(f"{what} {path} must hold a JSON object, not a JSON {type(data).__name__}")
     return data
 
 
@@ -151,7 +155,10 @@ def unet_class(cfg: dict[str, Any]) -> type[UNet2DModel]:
     return ETSDMUNet2DModel if cfg.get("_class_name") == "ETSDMUNet2DModel" else UNet2DModel
 
 
-def _check_class(cfg: dict[str, Any], where: str) -> None:
+def check_unet_config(cfg: dict[str, Any], where: str) -> None:
+    """Refuse a config that is not a supported UNet2DModel config, before anything is built (``where``: its source)."""
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: a UNet config must be a JSON object, not {type(cfg).__name__}")
     cls = cfg.get("_class_name", "UNet2DModel")
     if cls not in SUPPORTED_CLASSES:
         raise InputError(
@@ -159,15 +166,20 @@ def _check_class(cfg: dict[str, Any], where: str) -> None:
             "wrap it as a callable eps(x, t) and pass it with `model` py:module:factory"
         )
     if cfg.get("in_channels") is None or cfg.get("sample_size") is None:
-        raise InputError(f"{where}: config lacks in_channels/sample_size; is it a diffusers UNet2DModel config?")
+        raise InputError(f"{where}: config lacks in_channels/sample_size; pass a diffusers UNet2DModel config.json")
+    s = cfg["sample_size"]
+    sizes = [s] if isinstance(s, int) else s if isinstance(s, list | tuple) and len(s) == 2 else [None]
+    for key, vals in (("in_channels", [cfg["in_channels"]]), ("sample_size", sizes)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals):
+            raise InputError(f"{where}: {key} must be a positive integer (or a pair for sample_size), got {cfg[key]!r}")
 
 
-def _short(e: BaseException) -> str:
+def _short(e: BaseException) -> str:  # "Type: first line" (just the type when it has no message): never a traceback
     msg = str(e).strip().splitlines()
-    return (msg[0] if msg else e.__class__.__name__)[:300]
+    return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
 
 
-def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt) -> EpsModel:
+def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt, trust_pickle=False) -> EpsModel:
     if not subfolder and not (path / "config.json").exists() and (path / "pipeline" / "model_index.json").exists():
         path = path / "pipeline"  # a lipscope train/finetune run folder
     if subfolder:
@@ -183,9 +195,14 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
             "(or a weights file with its config as `config`)"
         )
     ucfg = read_json(cfg_path, "model config")
-    _check_class(ucfg, str(path))
+    check_unet_config(ucfg, str(path))
     if sched_cfg is None:
         sched_cfg = find_scheduler_config(dict.fromkeys([path, unet_dir, unet_dir.parent]))
+    pt = unet_dir / "diffusion_pytorch_model.bin"
+    if not (unet_dir / "diffusion_pytorch_model.safetensors").exists() and pt.is_file():
+        # a pickle: read it here (weights only, full unpickling only with trust_pickle), not in from_pretrained
+        unet = _unet_from_state_dict(ucfg, _load_state_dict(pt, trust_pickle), pt, str(cfg_path))
+        return from_unet(unet, sched_cfg, name=str(path), device=dev, dtype=dt)
     try:
         unet = unet_class(ucfg).from_pretrained(unet_dir)
     except (OSError, ValueError, RuntimeError) as e:
@@ -194,7 +211,7 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
         ) from e
     except Exception as e:  # safetensors' own error type, among others
         if "safetensor" in type(e).__name__.lower() or "header" in str(e).lower():
-            raise InputError(f"`model` {path}: weights file is corrupt ({_short(e)})") from e
+            raise InputError(f"`model` {path}: weights file is corrupt ({_short(e)}); re-download or re-save it") from e
         raise
     return from_unet(unet, sched_cfg, name=str(path), device=dev, dtype=dt)
 
@@ -210,18 +227,31 @@ def _load_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
                 f"`model` {path}: not a readable safetensors file ({_short(e)}); the file may be corrupt"
             ) from e
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise InputError(f"`model` {path}: not a readable checkpoint ({_short(e)}); the file may be corrupt") from e
+        with path.open("rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # the PROTO opcode that opens every pickle of protocol ≥ 2
+    except OSError as e:
+        raise InputError(f"`model` {path} cannot be read ({_short(e)}); check its permissions") from e
+    if not (is_pickle or zipfile.is_zipfile(path)):
+        raise InputError(
+            f"`model` {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); the file may be corrupt"
+        )
+    corrupt = f"`model` {path}: not a readable PyTorch checkpoint (%s); the file may be corrupt or truncated"
+    try:
+        with warnings.catch_warnings():  # torch's UserWarning on pickle protocols would be a second stderr line
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, IndexError, BadZipFile, … for a bad file
+        if not (isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower()):
+            raise InputError(corrupt % _short(e)) from e
         if not trust_pickle:
             raise InputError(
-                f"`model` {path}: this checkpoint needs full unpickling, which can run arbitrary code; "
-                "pass `trust_pickle` only if you trust its source (or convert it to .safetensors)"
+                f"`model` {path}: this checkpoint holds more than tensors and needs full unpickling, which can run "
+                "arbitrary code; pass `trust_pickle` only if you trust its source (or convert it to .safetensors)"
             ) from e
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InputError(f"`model` {path}: not a readable checkpoint ({_short(e)}); the file may be corrupt") from e
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e2:  # arbitrary code ran: anything can come out of it
+            raise InputError(corrupt % _short(e2)) from e2
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict):
@@ -231,7 +261,7 @@ def _load_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"`model` {path}: checkpoint does not hold a state dict of tensors")
+        raise InputError(f"`model` {path}: checkpoint does not hold a state dict of tensors; save model.state_dict()")
     return obj
 
 
@@ -247,50 +277,42 @@ def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle:
     if cpath.is_dir():
         cpath = cpath / "config.json"
     cfg = read_json(cpath, "model config")
-    _check_class(cfg, str(cpath))
-    sd = _load_state_dict(path, trust_pickle)
-    try:
-        unet = unet_class(cfg).from_config(cfg)
-    except (TypeError, ValueError, KeyError) as e:
-        raise InputError(f"`config` {cpath}: not a valid UNet2DModel config ({_short(e)})") from e
-    _check_state_dict(unet, sd, path, cpath)
-    unet.load_state_dict(sd, strict=True)
+    check_unet_config(cfg, f"`config` {cpath}")
+    unet = _unet_from_state_dict(cfg, _load_state_dict(path, trust_pickle), path, f"`config` {cpath}")
     if sched_cfg is None:
         sched_cfg = find_scheduler_config(dict.fromkeys([path.parent, cpath.parent]))
     return from_unet(unet, sched_cfg, name=str(path), device=dev, dtype=dt)
 
 
-def _check_state_dict(unet: nn.Module, sd: dict[str, torch.Tensor], path: Path, cpath: Path) -> None:
+def _unet_from_state_dict(cfg: dict[str, Any], sd: dict[str, torch.Tensor], path: Path, where: str) -> UNet2DModel:
+    """Build the UNet of ``cfg`` (checked) and load ``sd`` into it; ``where`` names the config in messages."""
+    try:
+        unet = unet_class(cfg).from_config(cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, AssertionError) as e:
+        raise InputError(f"{where}: not a valid UNet2DModel config ({_short(e)})") from e
     own = unet.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        parts = [f"{len(v)} {w} (e.g. {v[0]})" for v, w in ((missing, "missing"), (unexpected, "unexpected")) if v]
         if shape:
             k = shape[0]
             parts.append(f"{len(shape)} with wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
         raise InputError(
-            f"`model` {path} does not match `config` {cpath}: {'; '.join(parts)} tensors; "
+            f"`model` {path} does not match {where}: {'; '.join(parts)} tensors; "
             "pass the config these weights were trained with"
         )
-
-
-def _offline(offline: bool | None) -> bool:
-    if offline is not None:
-        return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    unet.load_state_dict(sd, strict=True)
+    return unet
 
 
 def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: bool | None, dev, dt) -> EpsModel:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    local_only = _offline(offline)
+    env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local_only = offline if offline is not None else env_offline
 
     def fetch(filename: str) -> str | None:
         try:
@@ -325,7 +347,7 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
             "pass the folder that holds it as `subfolder`"
         )
     ucfg = read_json(Path(cfg_file), "model config")
-    _check_class(ucfg, repo)
+    check_unet_config(ucfg, repo)
     if sched_cfg is None:
         sched_cfg = find_scheduler_config([""], fetch)
     try:
@@ -333,7 +355,9 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
             repo, subfolder=unet_sub or None, revision=revision, local_files_only=local_only
         )
     except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"`model` {repo}: could not load the UNet ({_short(e)})") from e
+        raise InputError(
+            f"`model` {repo}: could not load the UNet ({_short(e)}); check the repo id and its files"
+        ) from e
     name = repo if revision is None else f"{repo}@{revision}"
     return from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt)
 
@@ -349,20 +373,27 @@ def _load_py(spec: str, sched_cfg: dict | None, dev, dt) -> EpsModel:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise InputError(f"`model` {spec}: cannot import {mod_name} ({_short(e)}); is it on PYTHONPATH?") from e
+    except (Exception, SystemExit) as e:  # the module's own code failed: one line, no traceback
+        raise InputError(f"`model` {spec}: importing {mod_name} raised {_short(e)}; fix the module") from e
     factory = getattr(mod, fn_name, None)
     if factory is None or not callable(factory):
-        raise InputError(f"`model` {spec}: {mod_name} has no callable {fn_name}")
-    obj = factory()
+        raise InputError(
+            f"`model` {spec}: {mod_name} has no callable {fn_name}; name the function that builds the model"
+        )
+    try:
+        obj = factory()
+    except InputError:
+        raise
+    except (Exception, SystemExit) as e:
+        raise InputError(
+            f"`model` {spec}: the factory {mod_name}:{fn_name}() raised {_short(e)}; fix the factory"
+        ) from e
     if isinstance(obj, EpsModel):
         return obj
     if not callable(obj):
-        raise InputError(f"`model` {spec}: the factory returned {type(obj).__name__}, not a callable eps(x, t)")
-    schedule = getattr(obj, "schedule", None)
-    return from_callable(
-        obj,
-        schedule if isinstance(schedule, Schedule) else None,
-        name=spec,
-        scheduler_config=sched_cfg,
-        device=dev,
-        dtype=dt,
-    )
+        raise InputError(
+            f"`model` {spec}: the factory returned {type(obj).__name__}; it must return an EpsModel, an nn.Module "
+            "or a callable eps(x, t)"
+        )
+    schedule = obj.schedule if isinstance(getattr(obj, "schedule", None), Schedule) else None
+    return from_callable(obj, schedule, name=spec, scheduler_config=sched_cfg, device=dev, dtype=dt)

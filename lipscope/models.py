@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, ModelOutputError
 from .etsdm import Etsdm, etsdm_of
 from .schedules import DEFAULT_SCHEDULER_CONFIG, Schedule, schedule_from_config, to_epsilon
 
@@ -82,9 +82,42 @@ class EpsModel:
         x = x.to(device=self.device, dtype=self.dtype)
         c = as_timesteps(c, x.shape[0], self.device, self.dtype)
         out = self.net(x, c)
+        check_output(out, x)
         if self.prediction_type == "epsilon":
             return to_epsilon(out, x, "epsilon")
         return to_epsilon(out, x, self.prediction_type, self.schedule.alpha(t), self.schedule.sigma(t))
+
+
+def _shape(shape: tuple[int, ...] | torch.Size, batch: int) -> str:
+    dims = ["B" if i == 0 and d == batch else str(d) for i, d in enumerate(shape)]
+    return f"({', '.join(dims)})"
+
+
+def check_output(out: Any, x: torch.Tensor) -> None:
+    """Refuse a network output that is not a float tensor of x's shape (or (B, 2C, …): learned variance).
+
+    Cheap on purpose (type and shape only): it runs on every network call.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise ModelOutputError(
+            f"the network returned {type(out).__name__}, not a tensor; `model` must return ε (or v/x0) "
+            "as one tensor of the input's shape"
+        )
+    shape, want = tuple(out.shape), tuple(x.shape)
+    learned_var = (
+        len(shape) == len(want) >= 2 and shape[0] == want[0] and shape[1] == 2 * want[1] and shape[2:] == want[2:]
+    )
+    if shape != want and not learned_var:
+        b = want[0] if want else -1
+        raise ModelOutputError(
+            f"the network returned shape {_shape(shape, b)} for input {_shape(want, b)}; it must return ε "
+            "(or v/x0) of the input's shape (or twice its channels for learned variance); check `model`"
+        )
+    if not out.is_floating_point():
+        raise ModelOutputError(
+            f"the network returned a {str(out.dtype).removeprefix('torch.')} tensor; `model` must return "
+            "floating-point ε (or v/x0)"
+        )
 
 
 def as_timesteps(t: torch.Tensor | float, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -107,22 +140,37 @@ def as_timesteps(t: torch.Tensor | float, batch: int, device: torch.device, dtyp
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
+    """``auto`` picks cuda, then mps, then cpu; an explicit device must exist on this machine."""
+    if isinstance(device, str) and device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
         raise InputError(f"`device` {device!r} not understood; use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"`device` {device} asked for but CUDA is not available; use `device` cpu or auto")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError(f"`device` {device} asked for but CUDA is not available; use `device` cpu or auto")
+        if dev.index is not None and dev.index >= n:
+            raise InputError(
+                f"`device` {device} asked for but this machine has {n} CUDA device(s) (cuda:0…cuda:{n - 1}); "
+                "use `device` cuda, cpu or auto"
+            )
+    elif dev.type == "mps":
+        if not _mps_available():
+            raise InputError(f"`device` {device} asked for but MPS is not available; use `device` cpu or auto")
+    elif dev.type != "cpu":
+        raise InputError(f"`device` {device} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and bool(mps.is_available())
 
 
 def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
@@ -229,6 +277,18 @@ def from_callable(
         scheduler_config=dict(scheduler_config or {"log_alpha_bar_sha": _tensor_hash(schedule.log_alpha_bar)}),
         module=module,
         etsdm=etsdm,
+    )
+
+
+def require_unet(model: EpsModel, what: str) -> UNet2DModel:
+    """The diffusers UNet2DModel behind ``model`` (for training on it); InputError for anything else."""
+    from diffusers import UNet2DModel
+
+    if isinstance(model.module, UNet2DModel):
+        return model.module
+    raise InputError(
+        f"{what} needs a diffusers UNet2DModel (hub id, folder or weights file) as `model`; {model.name} is "
+        f"not one (a py: callable or a closed form cannot be used for {what})"
     )
 
 

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from . import rng
-from .batching import RunStats, check_finite, is_oom, run_batched
+from .batching import RunStats, check_finite, check_memory, is_oom, run_batched
 from .data import load_data
 from .errors import InputError
 from .etsdm import Etsdm
@@ -55,6 +55,14 @@ class FDPoints:
     @property
     def dt(self) -> np.ndarray:
         return self.t_b - self.t_a
+
+
+def check_dt(dt: float, T: int) -> None:
+    """Δt must be a finite step > 0 that fits in the schedule (both FD points inside [0, T−1])."""
+    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+        raise InputError(f"`dt` must be > 0 (got {dt}); it is the FD step in model steps, fractional allowed")
+    if dt > T - 1:
+        raise InputError(f"`dt` {dt:g} is longer than the whole schedule (T − 1 = {T - 1} steps); use a step < {T - 1}")
 
 
 def fd_points(grid: np.ndarray, dt: float, scheme: str, T: int) -> FDPoints:
@@ -313,6 +321,11 @@ def probe(
     methods = parse_methods(method)
     if samples < 1:
         raise InputError(f"`samples` must be ≥ 1 (got {samples})")
+    if int(seed) != seed or seed < 0:
+        raise InputError(f"`seed` must be an integer ≥ 0 (got {seed})")
+    if "fd" in methods:
+        check_dt(dt, model.T)
+    check_memory(samples, model.sample_shape)
     if space not in ("time", "condition"):
         raise InputError(f"`space` {space!r}: use time or condition")
     if space == "condition" and (methods != ["fd"] or scheme != "forward"):

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
+from .errors import InputError
+
 
 def summarize_samples(values: np.ndarray, confidence: float = 0.95) -> dict[str, np.ndarray]:
     """Mean, std (ddof=1), s.e.m. and Student-t CI over axis 0 of an (n, G) array."""
@@ -24,12 +26,19 @@ def summarize_samples(values: np.ndarray, confidence: float = 0.95) -> dict[str,
     return {"mean": mean, "std": std, "sem": sem, "ci_low": mean - q * sem, "ci_high": mean + q * sem}
 
 
+def check_t_split(t_split: float | None, T: int) -> None:
+    """The summary's split must lie strictly inside the schedule."""
+    if t_split is not None and not (math.isfinite(t_split) and 0 < t_split < T):
+        raise InputError(f"`t_split` must lie inside (0, {T}) (got {t_split}); leave it out for T/10")
+
+
 def summary(df: pd.DataFrame, T: int, t_split: float | None = None, method: str | None = None) -> dict[str, Any]:
     """Peak K and its t, median K over t ≥ t_split, and the singularity ratio.
 
     ``t_split`` defaults to T/10 (= 100 for T = 1000, the paper's t̃). Ratio = mean K over t < t_split
     divided by median K over t ≥ t_split.
     """
+    check_t_split(t_split, T)
     t_split = T / 10 if t_split is None else t_split
     method = df["method"].iloc[0] if method is None else method
     df = df[df["method"] == method]

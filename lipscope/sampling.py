@@ -8,6 +8,7 @@ not depend on the batch size.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from . import rng
-from .errors import InputError
+from .errors import InputError, ModelOutputError
 from .models import EpsModel
 
 log = logging.getLogger("lipscope")
@@ -61,9 +62,11 @@ def sample(
     batch_size: int = 256,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Draw n samples (float32 (n, C, H, W), clamped to [−1, 1])."""
+    """Draw n samples (float32 (n, C, H, W), clamped to [−1, 1]); NaN/inf samples are refused."""
     if model.sample_shape is None:
         raise InputError("sampling needs a model with a known sample_shape")
+    if n < 1 or batch_size < 1:
+        raise InputError(f"`num` and `batch_size` must be ≥ 1 (got {n} and {batch_size})")
     out = []
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
     with torch.inference_mode():
@@ -77,6 +80,12 @@ def sample(
                 tt = torch.full((xb.shape[0],), float(t), device=model.device)
                 eps = model(xb, tt)
                 xb = sched.step(eps, t, xb, generator=gens).prev_sample
+            bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
+            if bad.any():
+                raise ModelOutputError(
+                    f"sampling {model.name} ({scheduler}, {steps} steps) gave NaN/inf in {int(bad.sum())} of "
+                    f"{xb.shape[0]} samples (batch at {s}); check the weights, or sample in float32"
+                )
             out.append(xb.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -86,18 +95,44 @@ def ddim_sample(model: EpsModel, n: int, seed: int, steps: int = 50, batch_size:
     return sample(model, n, scheduler="ddim", steps=steps, seed=seed, batch_size=batch_size)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 (first 16 hex) of a network's weights: names, dtypes, shapes and bytes of its state dict."""
+    h = hashlib.sha256()
+    for name, v in sorted(module.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def model_samples(
     model: EpsModel, n: int, seed: int, cache_dir: str | Path | None = None, steps: int = 50
 ) -> torch.Tensor:
-    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``."""
+    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``.
+
+    The cache key is the content of the weights (:func:`weights_digest`), the configs, the E-TSDM
+    settings, the dtype and every sampling option, so two models that share a config never share
+    samples. A model without weights to hash (a plain callable) is not cached.
+    """
     from .io import atomic_write_bytes, npz_bytes
 
     path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"x0_model_{model.config_hash}_n{n}_s{seed}_ddim{steps}.npz"
-        if path.exists():
-            with np.load(path) as z:
-                return torch.from_numpy(z["x0"])
+    if cache_dir is not None and model.module is not None:
+        key = hashlib.sha256(
+            "|".join(
+                [weights_digest(model.module), model.config_hash, str(model.etsdm), str(model.dtype), str(n), str(seed)]
+            ).encode()
+        ).hexdigest()[:20]
+        path = Path(cache_dir) / f"x0_model_{key}_n{n}_s{seed}_ddim{steps}.npz"
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    x0 = torch.from_numpy(z["x0"])
+                if x0.shape == (n, *(model.sample_shape or ())) and torch.isfinite(x0).all():
+                    return x0
+            except (OSError, ValueError, KeyError):
+                pass
+            log.warning("ignoring the unreadable sample cache %s; drawing the samples again", path)
     log.warning(
         "drawing %d x0 samples from the model itself (DDIM, %d steps); "
         "pass real data (digits, a folder or an array file) to probe on it",
@@ -106,7 +141,10 @@ def model_samples(
     )
     x0 = ddim_sample(model, n, seed, steps)
     if path is not None:
-        atomic_write_bytes(path, npz_bytes(x0=x0.numpy()))
+        try:
+            atomic_write_bytes(path, npz_bytes(x0=x0.numpy()))
+        except InputError as e:  # a cache that cannot be written is not worth failing the probe
+            log.warning("could not cache the samples (%s)", e)
     return x0
 
 

@@ -153,23 +153,70 @@ def named_schedule(name: str, T: int = 1000) -> Schedule:
     return schedule_from_config({**NAMED[name], "num_train_timesteps": T})
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_scheduler_config(cfg: dict[str, Any]) -> None:
+    """Refuse, naming the key, what DDPMScheduler would reject with a traceback or accept silently."""
+
+    def bad(key: str, want: str) -> InputError:
+        return InputError(
+            f"scheduler config: {key} must be {want}, got {cfg[key]!r}; fix the scheduler_config.json "
+            "(or pass another `scheduler_config`)"
+        )
+
+    n = cfg.get("num_train_timesteps", 1000)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise bad("num_train_timesteps", "an integer ≥ 2")
+    if "beta_start" in cfg and not (_is_number(cfg["beta_start"]) and 0 <= cfg["beta_start"] < 1):
+        raise bad("beta_start", "a number in [0, 1)")
+    if "beta_end" in cfg and not (_is_number(cfg["beta_end"]) and 0 < cfg["beta_end"] < 1):
+        raise bad("beta_end", "a number in (0, 1)")
+    if "beta_schedule" in cfg and not isinstance(cfg["beta_schedule"], str):
+        raise bad("beta_schedule", "a name such as linear, scaled_linear or squaredcos_cap_v2")
+    if "prediction_type" in cfg and cfg["prediction_type"] not in PREDICTION_TYPES:
+        raise bad("prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
+    tb = cfg.get("trained_betas")
+    if tb is not None:
+        if not isinstance(tb, (list, tuple)) or len(tb) < 2 or not all(_is_number(b) and 0 < b < 1 for b in tb):
+            raise bad("trained_betas", "a list of at least 2 numbers, each in (0, 1)")
+        if "num_train_timesteps" in cfg and len(tb) != n:
+            raise bad("trained_betas", f"a list of num_train_timesteps = {n} values (got {len(tb)} values)")
+
+
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
     """Build a Schedule from any diffusers DDPM-family scheduler config.
 
     The betas come from ``DDPMScheduler.from_config`` (so linear, scaled_linear, squaredcos_cap_v2,
     sigmoid, trained_betas and rescale_betas_zero_snr follow diffusers exactly); the cumulative
-    product is then taken in float64 as Σ log(1 − β).
+    product is then taken in float64 as Σ log(1 − β). Bad values raise one InputError naming the key.
     """
     from diffusers import DDPMScheduler
 
+    if not isinstance(config, dict):
+        raise InputError(f"scheduler config must be a JSON object (a dict), got {type(config).__name__}")
     cfg = dict(config)
     if "num_train_timesteps" not in cfg and "timesteps" in cfg:  # very old configs (google/ddpm-*)
         cfg["num_train_timesteps"] = cfg["timesteps"]
+    _check_scheduler_config(cfg)
     try:
         sched = DDPMScheduler.from_config(cfg)
-    except (ValueError, NotImplementedError, TypeError) as e:
-        raise InputError(f"scheduler config not understood ({e}); pass a DDPM-family scheduler_config.json") from e
+    except NotImplementedError as e:
+        raise InputError(
+            f"scheduler config: beta_schedule {cfg.get('beta_schedule')!r} is not supported by DDPMScheduler "
+            "(use linear, scaled_linear, squaredcos_cap_v2 or sigmoid)"
+        ) from e
+    except Exception as e:  # from_config is pure construction: any failure is the config's
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(
+            f"scheduler config not understood ({type(e).__name__}: {msg}); pass a DDPM-family scheduler_config.json"
+        ) from e
     betas = sched.betas.to(torch.float64)
+    if not (torch.isfinite(betas).all() and (betas >= 0).all() and (betas <= 1).all()):
+        raise InputError(
+            "scheduler config: its betas fall outside [0, 1]; check beta_start, beta_end and beta_schedule"
+        )
     log_ab = torch.cumsum(torch.log1p(-betas), dim=0)
     # zero-terminal-SNR schedules have ᾱ_{T-1} = 0: keep log finite (σ = 1 there to float64 precision)
     log_ab = log_ab.clamp(min=-745.0)
@@ -260,6 +307,9 @@ def default_grid(T: int, t_max: float | None = None, dense_below: int = 20, n_lo
     return np.unique(np.concatenate([dense, logs]))
 
 
+MAX_GRID_POINTS = 1_000_000  # a grid larger than this is a typo, not a probe
+
+
 def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarray:
     """Parse a timestep grid spec into sorted unique float64 steps in [0, T).
 
@@ -269,6 +319,8 @@ def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarr
     largest step the generated grids use; explicit steps are validated against [0, T).
     """
     hi = float(T - 1 if t_max is None else t_max)
+    if spec is not None and not spec.strip():
+        raise InputError("`timesteps` is empty; leave it out for the default grid, or give a list like 0,1,2.5")
     s = (spec or "default").strip()
     try:
         if s == "default":
@@ -278,21 +330,29 @@ def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarr
         elif s.startswith("linear:"):
             n = int(s.split(":", 1)[1])
             _positive(n, s)
-            grid = np.unique(np.round(np.linspace(0, hi, n)))
+            grid = np.unique(np.round(np.linspace(0, hi, min(n, MAX_GRID_POINTS))))
         elif s.startswith("log:"):
             n = int(s.split(":", 1)[1])
             _positive(n, s)
-            grid = np.unique(np.minimum(np.round(np.geomspace(1, max(hi, 1), n)), np.floor(hi)))
+            grid = np.unique(np.minimum(np.round(np.geomspace(1, max(hi, 1), min(n, MAX_GRID_POINTS))), np.floor(hi)))
         elif s.startswith("range:"):
             parts = s.split(":")[1:]
             if len(parts) != 3:
                 raise ValueError
             a, b, st = (float(p) for p in parts)
-            if st <= 0:
-                raise InputError(f"`timesteps` {s}: the step must be > 0")
+            if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(st)) or st <= 0:
+                raise InputError(f"`timesteps` {s}: a, b and the step must be finite numbers, the step > 0")
+            if a < 0 or b > T:
+                raise InputError(f"`timesteps` {s} reaches outside [0, {T}) (T = {T}); keep a ≥ 0 and b ≤ {T}")
+            if (b - a) / st > MAX_GRID_POINTS:
+                raise InputError(
+                    f"`timesteps` {s} has {(b - a) / st:.3g} points; use a larger step (at most {MAX_GRID_POINTS:,})"
+                )
             grid = np.arange(a, b, st, dtype=np.float64)
         else:
             grid = np.array([float(p) for p in s.split(",") if p.strip()], dtype=np.float64)
+    except InputError:
+        raise
     except ValueError as e:
         raise InputError(
             f"`timesteps` {s!r} not understood; use default, all, linear:N, log:N, range:a:b:s or a list like 0,1,2.5"

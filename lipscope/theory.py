@@ -7,6 +7,7 @@ diffusion loss of :mod:`lipscope.training`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,8 @@ from .probe import probe
 from .schedules import Schedule
 from .training import diffusion_loss
 
+MAX_DIM = 4096  # D×D float64 eigenvectors: 128 MiB per component at this size
+
 
 def make_distribution(
     dim: int | None = None,
@@ -42,23 +45,33 @@ def make_distribution(
     ``mixture`` K ≥ 2: a seeded random K-component mixture; otherwise N(mean, Σ) with Σ the full
     matrix in the .npy file ``cov``, or diag(``var``) (default geomspace(0.01, 1, D)), mean 0 unless given.
     """
-    D = dim or (len(mean) if mean else len(var) if var else 2)
-    if D < 1:
-        raise InputError("`dim` must be ≥ 1")
+    if dim is not None and not 1 <= dim <= MAX_DIM:
+        raise InputError(f"`dim` must be in 1..{MAX_DIM} (got {dim}); the closed forms hold D×D matrices")
+    D = dim if dim is not None else (len(mean) if mean else len(var) if var else 2)
+    if D > MAX_DIM:
+        raise InputError(f"{D} dimensions is over {MAX_DIM}; the closed forms hold D×D matrices: use a smaller `dim`")
     for name, v in (("mean", mean), ("var", var)):
         if v is not None and len(v) != D:
             raise InputError(f"`{name}` has {len(v)} values but `dim` is {D}; give exactly D values")
     if var is not None and min(var) < 0:
         raise InputError("`var` must be ≥ 0")
+    if mixture >= 2 and mixture * D * D * 8 > 2**31:
+        raise InputError(f"`mixture` {mixture} × `dim` {D} needs {mixture * D * D * 8 / 2**30:.3g} GiB; use fewer")
     if mixture >= 2:
         return GaussianMixture.random(mixture, D, seed=seed), D
     if mixture == 1 or mixture < 0:
         raise InputError("`mixture` K needs K ≥ 2 (leave it out for a single Gaussian)")
+    if cov is not None and var is not None:
+        raise InputError("`cov` and `var` both give the covariance; pass only one of them")
     if cov is not None:
+        if not Path(cov).is_file():
+            raise InputError(f"`cov` {cov}: no such file; check the path")
         try:
-            c = np.load(cov)
+            c = np.load(cov, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise InputError(f"`cov` {cov}: cannot read a .npy matrix ({e})") from e
+            raise InputError(
+                f"`cov` {cov} is not a numeric .npy matrix ({type(e).__name__}); save it with numpy.save(path, matrix)"
+            ) from e
         if c.shape != (D, D) or not np.allclose(c, c.T) or np.linalg.eigvalsh(c).min() < -1e-10:
             raise InputError(f"`cov` must be a symmetric positive semi-definite {D}×{D} matrix")
     else:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lipscope"
 LAYERS = {
     "errors": 0,
     "rng": 0,
-    "io": 0,
+    "io": 1,
     "schedules": 1,
     "etsdm": 2,
     "reduction": 1,

@@ -97,16 +97,37 @@ def test_hf_needs_extra_or_loads(monkeypatch):
             load_data("hf:/no/such/dataset/here", 4, 0, (3, 32, 32))
 
 
+class _Scale(torch.nn.Module):
+    """ε(x, t) = w·x: a network with weights to hash."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x, t):
+        return self.w * x
+
+
 def test_model_samples_are_cached(tmp_path):
     from lipscope import from_callable
     from lipscope.sampling import model_samples
 
-    m = from_callable(lambda x, t: 0.5 * x, sample_shape=(1, 4, 4))
+    m = from_callable(_Scale(0.5), sample_shape=(1, 4, 4))
     a = model_samples(m, 3, 0, cache_dir=tmp_path)
     files = list(tmp_path.glob("x0_model_*.npz"))
     assert len(files) == 1 and a.shape == (3, 1, 4, 4) and torch.isfinite(a).all()
     b = model_samples(m, 3, 0, cache_dir=tmp_path)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sample_cache_is_keyed_by_weights_not_config(tmp_path):
+    """Two models with the same config but different weights (base vs control) never share samples."""
+    from lipscope import from_callable
+    from lipscope.sampling import model_samples
+
+    lin = [_Scale(0.5), _Scale(-0.5)]
+    a, b = (model_samples(from_callable(m, sample_shape=(1, 4, 4)), 3, 0, cache_dir=tmp_path) for m in lin)
+    assert len(list(tmp_path.glob("x0_model_*.npz"))) == 2 and not torch.equal(a, b)
 
 
 def test_data_sources_never_call_a_network():

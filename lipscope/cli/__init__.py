@@ -5,6 +5,7 @@ Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal error, 130 interr
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -12,7 +13,7 @@ from rich.markup import escape
 from typer.exceptions import TyperException
 
 from . import compare, probe, sample, theory, train
-from .common import app, err
+from .common import Terminated, app, err
 
 
 @app.callback()
@@ -34,8 +35,14 @@ for _command in (
     app.command()(_command)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main() -> None:
-    """Entry point: usage errors (unknown flag, wrong type, value out of range) become one line, exit 2."""
+    """Entry point: usage errors (unknown flag, wrong type, value out of range) become one line, exit 2;
+    SIGTERM interrupts like Ctrl-C (the run's clean-up runs; exit 143)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         rc = app(standalone_mode=False)
     except typer.Abort:

@@ -11,6 +11,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -39,11 +40,15 @@ FLAGS: dict[str, str] = {
     "model": "--model",
     "data": "--data",
 }
+# Python-API parameters no command exposes: shown as they are, never as an invented flag
+API_ONLY = frozenset({"keep_checkpoints", "weight_decay", "lr_schedule", "stop_after"})
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
 def flag(param: str) -> str:
-    """The command-line flag of a library parameter."""
+    """The command-line flag of a library parameter (``param`` itself for API-only parameters)."""
+    if param in API_ONLY:
+        return param
     return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
@@ -71,8 +76,25 @@ def setup_logging(verbose: bool) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so the same clean-up runs (exit 143)."""
+
+
+def what_is_left(out: Path | None) -> str:
+    """After an interrupt: what the run folder holds and whether ``--resume`` applies."""
+    if out is None or not out.is_dir() or not any(out.iterdir()):
+        return "no output was written"
+    steps = sorted(
+        (int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()),
+    )
+    if steps:
+        return f"{out} holds checkpoints up to step {steps[-1]}; continue with --resume (same options)"
+    return f"nothing new was written; {out} is as it was before this run"
+
+
 def cli_errors(fn: F) -> F:
-    """Bad input → one line on stderr and exit 2; interrupts → 130; anything else is an internal error (1)."""
+    """Bad input → one line on stderr and exit 2; interrupts → 130 (SIGTERM 143) with what is left;
+    anything else is an internal error (1)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,9 +103,11 @@ def cli_errors(fn: F) -> F:
         except InputError as e:
             err.print(f"[red]error:[/] {escape(render_error(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/]: no output was written")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            out_dir = kwargs.get("out_dir")
+            left = what_is_left(Path(out_dir) if out_dir is not None else None)
+            err.print(f"[red]interrupted[/]: {escape(left)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -95,5 +119,5 @@ def parse_list(s: str, conv: Callable[[str], Any], param: str) -> list[Any]:
     except ValueError as e:
         raise InputError(f"`{param}` {s!r}: use a comma list like 1,-0.5") from e
     if not vals:
-        raise InputError(f"`{param}` is empty")
+        raise InputError(f"`{param}` is empty; give a comma list like 5,10")
     return vals

@@ -80,6 +80,7 @@ def probe(
     ),
     t_split: float | None = typer.Option(None, "--t-split", help="Split for the summary (default T/10 = 100 of 1000)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
@@ -99,6 +100,7 @@ def probe(
             dtype=dtype,
             data=data,
             out=str(out_dir),
+            overwrite=overwrite,
             timesteps=timesteps,
             dt=dt,
             scheme=scheme,

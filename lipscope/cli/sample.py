@@ -23,6 +23,7 @@ def sample(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", parser=DEVICE),
     out_dir: Path = typer.Option(Path("runs/samples"), "--out", "-o"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
@@ -38,6 +39,7 @@ def sample(
         batch_size=batch_size,
         device=device,
         out=str(out_dir),
+        overwrite=overwrite,
     )
     run_sample(opts)
     out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
@@ -59,6 +61,7 @@ def evaluate(
     ),
     device: str = typer.Option("auto", "--device", parser=DEVICE),
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, digits-classifier
@@ -79,6 +82,7 @@ def evaluate(
             inception_weights=inception_weights,
             device=device,
             out=str(out_dir),
+            overwrite=overwrite,
         )
     )
     tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")

@@ -32,6 +32,7 @@ def theory(
     steps: int = typer.Option(3000, "--steps", min=1, help="Training steps for --train."),
     etsdm: bool = typer.Option(False, "--etsdm", help="With --train: also train the E-TSDM variant."),
     out_dir: Path = typer.Option(Path("runs/theory"), "--out", "-o"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Theorem 3.1 on Gaussian data: closed forms vs FD, JVP and (optionally) a trained net."""
@@ -54,6 +55,7 @@ def theory(
             steps=steps,
             etsdm=etsdm,
             out=str(out_dir),
+            overwrite=overwrite,
         )
     )
     df = res.table

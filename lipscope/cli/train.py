@@ -84,6 +84,13 @@ def train(
 @cli_errors
 def finetune(
     model: str = typer.Option(..., "--model", "-m", help="Pretrained model (as for probe)."),
+    config: Path | None = typer.Option(None, "--config", help="UNet config.json for a single weights file."),
+    scheduler_config: Path | None = typer.Option(
+        None, "--scheduler-config", help="scheduler_config.json (default: from the model, else DDPM linear)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow full unpickling of .pt/.bin checkpoints (runs code from the file)."
+    ),
     data: str = typer.Option("digits", "--data", "-d", help="Fine-tuning data (as for probe)."),
     out_dir: Path = typer.Option(Path("runs/finetune"), "--out", "-o"),
     steps: int = typer.Option(2000, "--steps", min=1),
@@ -112,6 +119,15 @@ def finetune(
 
     cfg = _train_config(locals())
     opts = TrainOptions(
-        model=model, data=data, out=str(out_dir), revision=revision, offline=offline, resume=resume, training=cfg
+        model=model,
+        model_config=None if config is None else str(config),
+        scheduler_config=None if scheduler_config is None else str(scheduler_config),
+        trust_pickle=trust_pickle,
+        data=data,
+        out=str(out_dir),
+        revision=revision,
+        offline=offline,
+        resume=resume,
+        training=cfg,
     )
     _run(opts, progress)

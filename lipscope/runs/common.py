@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..io import check_out_dir
 from ..loading import load_model
 from ..models import EpsModel
 
-
-def check_out_dir(out: str | Path) -> Path:
-    """Refuse an output path that exists and is not a folder, before any work is done."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise InputError(f"`out` {p} exists and is not a folder; choose another path")
-    return p
+__all__ = ["ModelOptions", "check_out_dir", "model_info"]
 
 
 def model_info(m: EpsModel) -> dict[str, Any]:

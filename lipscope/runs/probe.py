@@ -17,7 +17,7 @@ from ..etsdm import Etsdm
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
-from ..reduction import summary
+from ..reduction import check_t_split, summary
 from ..zoo import DEFAULT_DATA
 from .common import ModelOptions, check_out_dir, model_info
 
@@ -37,6 +37,7 @@ class ProbeOptions(ModelOptions):
     seed: int = 0
     batch_size: str = "auto"
     t_split: float | None = None
+    overwrite: bool = False  # replace a non-empty `out`
 
     def resolved(self) -> ProbeOptions:
         """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
@@ -59,10 +60,16 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
 
     if opts.samples < 2:
         raise InputError("`samples` must be ≥ 2 (a confidence interval needs at least two samples)")
-    out = check_out_dir(opts.out)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite)
     opts = opts.resolved()
+    with lio.run_lock(out):
+        return _probe(opts, out, progress)
+
+
+def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     start = time.time()
     m = opts.load()
+    check_t_split(opts.t_split, m.T)
     df = probe(
         m,
         str(opts.data),
@@ -75,7 +82,7 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         seed=opts.seed,
         batch_size=opts.batch_size,
         progress=progress,
-        cache_dir=str(out),
+        cache_dir=str(lio.user_cache_dir() / "samples"),
     )
     summ = summary(df, m.T, opts.t_split)
     wall = time.time() - start
@@ -98,18 +105,34 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
     }
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
     png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"]))
-    lio.write_outputs(out, {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png})
+    files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
+    lio.write_run_folder(out, files, overwrite=opts.overwrite)
     return ProbeResult(df, summ, meta, m, out)
 
 
 def read_probe_run(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """lipschitz.csv and run.json of a probe run folder."""
-
+    """lipschitz.csv and run.json of a probe run folder, checked."""
     r = Path(folder)
-    if not (r / "lipschitz.csv").exists():
+    csv = r / "lipschitz.csv"
+    if not csv.is_file():
         raise InputError(f"{r}: no lipschitz.csv; pass folders written by lipscope probe")
-    meta = json.loads((r / "run.json").read_text()) if (r / "run.json").exists() else {}
-    return pd.read_csv(r / "lipschitz.csv"), meta
+    try:
+        df = pd.read_csv(csv)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"{csv} is not a readable table ({type(e).__name__}); rerun lipscope probe") from e
+    missing = [c for c in ("t", "method", "K_mean") if c not in df.columns]
+    if missing or df.empty:
+        what = f"lacks the columns {', '.join(missing)}" if missing else "has no rows"
+        raise InputError(f"{csv} {what}; pass folders written by lipscope probe")
+    meta: dict[str, Any] = {}
+    if (r / "run.json").exists():
+        try:
+            meta = json.loads((r / "run.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{r / 'run.json'} is not valid JSON; rerun lipscope probe or remove it") from e
+        if not isinstance(meta, dict):
+            raise InputError(f"{r / 'run.json'} must hold a JSON object; rerun lipscope probe or remove it")
+    return df, meta
 
 
 def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | None = None) -> list[dict[str, Any]]:
@@ -117,16 +140,20 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
     returns one summary row per (run, method)."""
 
     if Path(out_file).suffix.lower() != ".png":
-        raise InputError(f"`out` {out_file}: compare writes a .png")
+        raise InputError(f"`out` {out_file}: compare writes a .png; give `out` a name ending in .png")
     frames, bounds, rows = {}, set(), []
     for r in runs:
         df, meta = read_probe_run(r)
-        et = meta.get("model", {}).get("etsdm")
+        model_meta = meta.get("model")
+        info: dict[str, Any] = model_meta if isinstance(model_meta, dict) else {}
+        et = info.get("etsdm")
         if et:
             bounds.update(Etsdm(et["t_tilde"], et["n"]).boundaries()[1:])
         frames[Path(r).name] = df
-        T = int(meta.get("model", {}).get("T", 1000))
+        T = int(info.get("T", 1000))
         for method in df["method"].unique():
             rows.append({"run": Path(r).name, **summary(df, T, t_split, method=method)})
-    lio.atomic_write_bytes(out_file, figure_png(plot_compare(frames, sorted(bounds))))
+    png = figure_png(plot_compare(frames, sorted(bounds)))
+    check_out_dir(Path(out_file).parent, overwrite=True)
+    lio.atomic_write_bytes(out_file, png)
     return rows

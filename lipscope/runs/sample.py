@@ -30,30 +30,32 @@ class SampleOptions:
     batch_size: int = 256
     device: str = "auto"
     out: str = "runs/samples"
+    overwrite: bool = False
 
 
 def run_sample(opts: SampleOptions) -> dict[str, Any]:
-
+    """Sample the model with its own noise levels and write the run folder (all files or none)."""
     if opts.num < 1:
         raise InputError("`num` must be ≥ 1")
-    out = check_out_dir(opts.out)
-    m = load_model(opts.model, device=opts.device)
-    x = sample(m, opts.num, scheduler=opts.scheduler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size)
-    meta = {
-        "command": "sample",
-        "options": asdict(opts),
-        "model": opts.model,
-        "config_hash": m.config_hash,
-        "etsdm": asdict(m.etsdm) if m.etsdm is not None else None,
-        "versions": lio.package_versions(),
-    }
-    files = {
-        "samples.png": png_bytes(image_grid(x)),
-        "samples.npz": lio.npz_bytes(x0=x.numpy()),
-        "run.json": lio.json_bytes(meta),
-    }
-    lio.write_outputs(out, files)
-    return meta
+    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    with lio.run_lock(out):
+        m = load_model(opts.model, device=opts.device)
+        x = sample(m, opts.num, scheduler=opts.scheduler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size)
+        meta = {
+            "command": "sample",
+            "options": asdict(opts),
+            "model": opts.model,
+            "config_hash": m.config_hash,
+            "etsdm": asdict(m.etsdm) if m.etsdm is not None else None,
+            "versions": lio.package_versions(),
+        }
+        files = {
+            "samples.png": png_bytes(image_grid(x)),
+            "samples.npz": lio.npz_bytes(x0=x.numpy()),
+            "run.json": lio.json_bytes(meta),
+        }
+        lio.write_run_folder(out, files, overwrite=opts.overwrite)
+        return meta
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class EvaluateOptions:
     inception_weights: str | None = None
     device: str = "auto"
     out: str = "runs/eval"
+    overwrite: bool = False
 
 
 @dataclass
@@ -81,47 +84,57 @@ class EvaluateResult:
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
-
     for sch in opts.scheduler:
         if sch not in SAMPLERS:
             raise InputError(f"`scheduler` {sch!r} not known; use {', '.join(SAMPLERS)}")
     if opts.num < 3 or opts.seeds < 1:
         raise InputError("`num` must be ≥ 3 and `seeds` ≥ 1")
-    if opts.inception_weights and not Path(opts.inception_weights).exists():
-        raise InputError(f"`inception_weights` {opts.inception_weights}: no such file")
-    out = check_out_dir(opts.out)
-    specs = {"model": opts.model}
-    for i, b in enumerate(opts.baseline):
-        specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
-    models = {k: load_model(v, device=opts.device) for k, v in specs.items()}
-    shapes = {tuple(m.sample_shape or ()) for m in models.values()}
-    if len(shapes) != 1:
-        raise InputError(f"`model` and `baseline` take different sample shapes {sorted(shapes)}")
-    ref = load_data(opts.data, None, 0, models["model"].sample_shape)
-    df = evaluate_models(
-        models,
-        ref,
-        schedulers=list(opts.scheduler),
-        steps=list(opts.steps),
-        num=opts.num,
-        seeds=list(range(opts.seeds)),
-        inception_weights=opts.inception_weights,
-    )
-    df.insert(1, "spec", df["model"].map(specs))
-    summ = summarize_eval(df)
-    fid_ok = bool(df["fid_available"].any())
-    meta = {
-        "command": "evaluate",
-        "options": asdict(opts),
-        "fid": "computed" if fid_ok else "unavailable (no local Inception weights)",
-        "reference_size": int(len(ref)),
-        "versions": lio.package_versions(),
-    }
-    files = {
-        "eval.csv": lio.csv_bytes(df),
-        "eval_summary.csv": lio.csv_bytes(summ),
-        "eval.png": figure_png(plot_eval(summ)),
-        "run.json": lio.json_bytes(meta),
-    }
-    lio.write_outputs(out, files)
-    return EvaluateResult(df, summ, meta, fid_ok)
+    if opts.inception_weights:
+        if not Path(opts.inception_weights).is_file():
+            raise InputError(f"`inception_weights` {opts.inception_weights}: no such file; check the path")
+        try:
+            import torchmetrics  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
+            ) from None
+    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    with lio.run_lock(out):
+        specs = {"model": opts.model}
+        for i, b in enumerate(opts.baseline):
+            specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
+        models = {k: load_model(v, device=opts.device) for k, v in specs.items()}
+        shapes = {tuple(m.sample_shape or ()) for m in models.values()}
+        if len(shapes) != 1:
+            raise InputError(
+                f"`model` and `baseline` take different sample shapes {sorted(shapes)}; "
+                "compare models of one sample size"
+            )
+        ref = load_data(opts.data, None, 0, models["model"].sample_shape)
+        df = evaluate_models(
+            models,
+            ref,
+            schedulers=list(opts.scheduler),
+            steps=list(opts.steps),
+            num=opts.num,
+            seeds=list(range(opts.seeds)),
+            inception_weights=opts.inception_weights,
+        )
+        df.insert(1, "spec", df["model"].map(specs))
+        summ = summarize_eval(df)
+        fid_ok = bool(df["fid_available"].any())
+        meta = {
+            "command": "evaluate",
+            "options": asdict(opts),
+            "fid": "computed" if fid_ok else "unavailable (no local Inception weights)",
+            "reference_size": int(len(ref)),
+            "versions": lio.package_versions(),
+        }
+        files = {
+            "eval.csv": lio.csv_bytes(df),
+            "eval_summary.csv": lio.csv_bytes(summ),
+            "eval.png": figure_png(plot_eval(summ)),
+            "run.json": lio.json_bytes(meta),
+        }
+        lio.write_run_folder(out, files, overwrite=opts.overwrite)
+        return EvaluateResult(df, summ, meta, fid_ok)
