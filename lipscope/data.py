@@ -1,12 +1,17 @@
-"""x0 sources, all returned as float32 tensors (N, C, H, W) scaled to [−1, 1].
+"""x0 sources, all returned as float32 tensors (N, C, H, W) in the model's data range.
+
+The range is declared, never guessed: ``data_range=(lo, hi)`` (default (−1, 1), diffusers' convention
+for pixel-space UNets) or ``None``. Pixel codes are mapped linearly into [lo, hi] (0 → lo, top → hi);
+float arrays are fed unchanged and must lie inside [lo, hi]; ``None`` feeds float arrays as they are
+and refuses pixel codes. :func:`load_data_with_scaling` also says which mapping it applied.
 
 Sources (``load_data(spec, …)``):
-  * ``digits``: scikit-learn's 8×8 digits (values 0..16 → [−1, 1]), resized to the model's size and
+  * ``digits``: scikit-learn's 8×8 digits (values 0..16 → [lo, hi]), resized to the model's size and
     replicated to its channels;
   * a folder of images: resized (shorter side) and centre-cropped to the model's size, converted to
-    L or RGB to match its channels;
-  * ``.npy`` / ``.npz`` / ``.pt`` arrays, NCHW or NHWC: uint8 is mapped by x/127.5 − 1; float data in
-    [0, 1] by 2x − 1; float data already in [−1, 1] is kept; anything else is refused;
+    L or RGB to match its channels, pixels 0..255 → [lo, hi];
+  * ``.npy`` / ``.npz`` / ``.pt`` arrays, NCHW or NHWC: uint8 0..255 → [lo, hi]; float (and other
+    integer) values kept as they are if inside [lo, hi], else refused;
   * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``).
 
 Data sources are static: none calls a network. (``model``, x0 drawn from the model itself, is
@@ -19,6 +24,7 @@ Which n samples are used is decided by ``seed`` alone (a seeded permutation from
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,48 @@ log = logging.getLogger("lipscope")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
+DataRange = tuple[float, float] | None
+DEFAULT_DATA_RANGE: tuple[float, float] = (-1.0, 1.0)  # diffusers' convention for pixel-space UNets
+RANGE_TOL = 1e-3  # float arrays may overshoot the declared range by this fraction of its width
+
+
+@dataclass(frozen=True)
+class DataScaling:
+    """The mapping applied to a data source, e.g. ``uint8 0..255 → [-1, 1]``."""
+
+    source_kind: str  # digits, images, uint8 array, float32 array, model samples, tensor
+    mapping: str
+
+    def __str__(self) -> str:
+        return self.mapping
+
+
+def check_data_range(data_range: object) -> DataRange:
+    """``(lo, hi)`` with finite lo < hi, or None; returned as floats."""
+    if data_range is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in data_range)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise InputError(f"`data_range` {data_range!r}: give two numbers lo,hi (e.g. -1,1 or 0,1) or none") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise InputError(f"`data_range` {lo:g},{hi:g}: needs finite lo < hi (e.g. -1,1 or 0,1) or none")
+    return lo, hi
+
+
+def resolve_data_range(data_range: object, default: DataRange) -> DataRange:
+    """``"auto"`` → ``default`` (the model family's convention); anything else checked by :func:`check_data_range`."""
+    if isinstance(data_range, str):
+        if data_range.strip().lower() == "auto":
+            return default
+        if data_range.strip().lower() == "none":
+            return None
+        raise InputError(f"`data_range` {data_range!r}: give lo,hi (e.g. -1,1 or 0,1), auto or none")
+    return check_data_range(data_range)
+
+
+def range_text(r: tuple[float, float]) -> str:
+    return f"[{r[0]:g}, {r[1]:g}]"
 
 
 def choose_indices(available: int, n: int | None, seed: int) -> np.ndarray:
@@ -53,10 +101,11 @@ def choose_indices(available: int, n: int | None, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resize(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, hw: tuple[int, int], clamp: DataRange) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
-    return F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+    y = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+    return y if clamp is None else y.clamp(*clamp)
 
 
 def _match_channels(x: torch.Tensor, c: int, what: str) -> torch.Tensor:
@@ -67,21 +116,46 @@ def _match_channels(x: torch.Tensor, c: int, what: str) -> torch.Tensor:
     raise InputError(f"{what} has {x.shape[1]} channels but the model takes {c}; pass data with {c} channels")
 
 
-def scale_array(a: np.ndarray, what: str) -> np.ndarray:
-    """uint8 → x/127.5 − 1; floats in [0, 1] → 2x − 1; floats in [−1, 1] kept; else refused."""
+def map_codes(a: np.ndarray, top: int, data_range: DataRange, what: str, kind: str) -> tuple[np.ndarray, DataScaling]:
+    """Integer codes 0..top → [lo, hi] linearly, as float32 (0 → lo and top → hi exactly; for
+    (−1, 1) and top 255 this is x/127.5 − 1 bit for bit)."""
+    codes = f"{ {'uint8 array': 'uint8', 'images': 'image pixels'}.get(kind, kind) } 0..{top}"
+    if data_range is None:
+        raise InputError(
+            f"{what}: {codes} pixel codes need a range to be mapped to; "
+            "declare the model's range with `data_range` (e.g. -1,1 or 0,1)"
+        )
+    lo, hi = data_range
+    y = a.astype(np.float32) / (top / (hi - lo)) + lo
+    y = np.clip(y, np.float32(lo), np.float32(hi))
+    y[a == top] = hi
+    return y.astype(np.float32, copy=False), DataScaling(kind, f"{codes} → {range_text(data_range)}")
+
+
+def scale_array(a: np.ndarray, what: str, data_range: DataRange = DEFAULT_DATA_RANGE) -> tuple[np.ndarray, DataScaling]:
+    """uint8 → [lo, hi]; float (and other integer) values kept as they are if inside [lo, hi] (or
+    with ``data_range=None``), else refused. Returns the float32 array and the mapping applied."""
     if a.dtype == np.uint8:
-        return a.astype(np.float32) / 127.5 - 1.0
+        return map_codes(a, 255, data_range, what, "uint8 array")
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
         raise InputError(f"{what}: dtype {a.dtype} not supported; use uint8 or float arrays")
-    a = a.astype(np.float32)
-    if not np.all(np.isfinite(a)):
+    kind = f"{a.dtype} array"
+    x = a.astype(np.float32)
+    if not np.all(np.isfinite(x)):
         raise InputError(f"{what} contains NaN/inf; clean the data first")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return 2.0 * a - 1.0
-    if lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3:
-        return np.clip(a, -1.0, 1.0)
-    raise InputError(f"{what}: float values span [{lo:.3g}, {hi:.3g}]; scale them to [0, 1] or [−1, 1] (or save uint8)")
+    a_lo, a_hi = float(x.min()), float(x.max())
+    span = f"[{a_lo:.4g}, {a_hi:.4g}]"
+    if data_range is None:
+        return x, DataScaling(kind, f"{kind} kept as is (values in {span}; no range declared)")
+    lo, hi = data_range
+    tol = RANGE_TOL * (hi - lo)
+    if a_lo >= lo - tol and a_hi <= hi + tol:
+        return x, DataScaling(kind, f"{kind} kept as is (values in {span} ⊂ {range_text(data_range)})")
+    hint = " (8-bit pixels stored as floats: save them as uint8)" if 1 + tol < a_hi <= 255 and a_lo >= 0 else ""
+    raise InputError(
+        f"{what}: values span {span}, outside the declared data range {range_text(data_range)}; "
+        f"declare the model's range with `data_range` 0,1, or none to feed arrays as they are{hint}"
+    )
 
 
 def to_nchw(a: np.ndarray, channels: int | None, what: str) -> np.ndarray:
@@ -109,12 +183,16 @@ def to_nchw(a: np.ndarray, channels: int | None, what: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def digits_array() -> np.ndarray:
-    """scikit-learn's digits as (1797, 1, 8, 8) float32 in [−1, 1]."""
+def digits_codes() -> np.ndarray:
+    """scikit-learn's digits as (1797, 1, 8, 8) uint8 codes 0..16."""
     from sklearn.datasets import load_digits
 
-    d = load_digits().images.astype(np.float32)  # 0..16
-    return (d / 8.0 - 1.0)[:, None]
+    return load_digits().images.astype(np.uint8)[:, None]
+
+
+def digits_array(data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> np.ndarray:
+    """scikit-learn's digits as (1797, 1, 8, 8) float32, 0..16 mapped to ``data_range``."""
+    return map_codes(digits_codes(), 16, data_range, "`data` digits", "digits")[0]
 
 
 def _load_array(path: Path) -> np.ndarray:
@@ -164,6 +242,7 @@ def _image_to_array(img, c: int, hw: tuple[int, ...]) -> np.ndarray:
 
 
 def _image_folder(path: Path, n: int | None, seed: int, c: int, hw: tuple[int, ...]) -> np.ndarray:
+    """uint8 (n, C, H, W)."""
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -180,10 +259,11 @@ def _image_folder(path: Path, n: int | None, seed: int, c: int, hw: tuple[int, .
                 out.append(_image_to_array(img, c, hw))
         except (UnidentifiedImageError, OSError) as e:
             raise InputError(f"`data`: cannot read image {files[i]} ({e.__class__.__name__}); remove or fix it") from e
-    return np.stack(out).astype(np.float32) / 127.5 - 1.0
+    return np.stack(out)
 
 
 def _hf_dataset(name: str, split: str, n: int | None, seed: int, c: int, hw: tuple[int, ...]) -> np.ndarray:
+    """uint8 (n, C, H, W)."""
     try:
         import datasets
     except ImportError as e:
@@ -206,7 +286,7 @@ def _hf_dataset(name: str, split: str, n: int | None, seed: int, c: int, hw: tup
         raise InputError(f"`data` hf:{name}: no image column among {ds.column_names}")
     idx = choose_indices(len(ds), n, seed)
     imgs = [_image_to_array(ds[int(i)][col], c, hw) for i in idx]
-    return np.stack(imgs).astype(np.float32) / 127.5 - 1.0
+    return np.stack(imgs)
 
 
 def load_data(
@@ -214,18 +294,32 @@ def load_data(
     n: int | None,
     seed: int = 0,
     sample_shape: tuple[int, ...] | None = None,
+    data_range: DataRange = DEFAULT_DATA_RANGE,
 ) -> torch.Tensor:
-    """Load n x0 samples (every sample for n=None) as float32 (n, C, H, W) in [−1, 1], matched to
-    ``sample_shape`` (C, H, W)."""
+    """Load n x0 samples (every sample for n=None) as float32 (n, C, H, W) in ``data_range``,
+    matched to ``sample_shape`` (C, H, W). :func:`load_data_with_scaling` also returns the mapping."""
+    return load_data_with_scaling(spec, n, seed, sample_shape, data_range)[0]
+
+
+def load_data_with_scaling(
+    spec: str | np.ndarray | torch.Tensor,
+    n: int | None,
+    seed: int = 0,
+    sample_shape: tuple[int, ...] | None = None,
+    data_range: DataRange = DEFAULT_DATA_RANGE,
+) -> tuple[torch.Tensor, DataScaling]:
+    """:func:`load_data`, and the :class:`DataScaling` it applied (for run records)."""
     if n is not None and n < 1:
         raise InputError(f"the number of samples must be ≥ 1 (got {n})")
+    data_range = check_data_range(data_range)
     c = sample_shape[0] if sample_shape else None
     hw = tuple(sample_shape[1:]) if sample_shape else None
     if isinstance(spec, (np.ndarray, torch.Tensor)):
         a = spec.detach().cpu().numpy() if isinstance(spec, torch.Tensor) else spec
         a = to_nchw(np.asarray(a), c, "data array")
-        x = torch.from_numpy(scale_array(a, "data array")[choose_indices(a.shape[0], n, seed)])
-        return _finish(x, c, hw, "data array", resize=False)
+        y, how = scale_array(a, "data array", data_range)
+        x = torch.from_numpy(y[choose_indices(a.shape[0], n, seed)])
+        return _finish(x, c, hw, "data array", resize=False, clamp=data_range), how
     spec = str(spec)
     if spec == "model":
         raise InputError(
@@ -233,15 +327,17 @@ def load_data(
             "for training or evaluation pass real data (digits, a folder or an array file)"
         )
     if spec == "digits":
-        a = digits_array()
-        x = torch.from_numpy(a[choose_indices(a.shape[0], n, seed)])
-        return _finish(x, c, hw, "digits", resize=True)
+        a = digits_codes()
+        y, how = map_codes(a[choose_indices(a.shape[0], n, seed)], 16, data_range, "`data` digits", "digits")
+        return _finish(torch.from_numpy(y), c, hw, "digits", resize=True, clamp=data_range), how
     if spec.startswith("hf:"):
         if c is None or hw is None:  # both come from sample_shape
             raise InputError("`data` hf:… needs a model with a known sample size")
+        _need_range(data_range, spec)
         parts = spec[3:].split(":")
         name, split = parts[0], (parts[1] if len(parts) > 1 else "train")
-        return torch.from_numpy(_hf_dataset(name, split, n, seed, c, hw))
+        y, how = map_codes(_hf_dataset(name, split, n, seed, c, hw), 255, data_range, f"`data` {spec}", "images")
+        return torch.from_numpy(y), how
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(
@@ -250,17 +346,27 @@ def load_data(
     if path.is_dir():
         if c is None or hw is None:  # both come from sample_shape
             raise InputError(f"`data` {spec}: image folders need a model with a known sample size")
-        return torch.from_numpy(_image_folder(path, n, seed, c, hw))
+        _need_range(data_range, spec)
+        y, how = map_codes(_image_folder(path, n, seed, c, hw), 255, data_range, f"`data` {spec}", "images")
+        return torch.from_numpy(y), how
     if path.suffix.lower() not in ARRAY_SUFFIXES:
         raise InputError(f"`data` {spec}: unknown file type; use {'/'.join(ARRAY_SUFFIXES)} or an image folder")
     a = to_nchw(_load_array(path), c, f"`data` {spec}")
     if a.shape[0] == 0:
         raise InputError(f"`data` {spec}: the array holds no samples; pass an array with at least one sample")
-    x = torch.from_numpy(scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}"))
-    return _finish(x, c, hw, f"`data` {spec}", resize=False)
+    y, how = scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}", data_range)
+    return _finish(torch.from_numpy(y), c, hw, f"`data` {spec}", resize=False, clamp=data_range), how
 
 
-def _finish(x: torch.Tensor, c: int | None, hw, what: str, resize: bool) -> torch.Tensor:
+def _need_range(data_range: DataRange, spec: str) -> None:
+    if data_range is None:  # refuse before reading any image
+        raise InputError(
+            f"`data` {spec}: images need a range to map their pixels to; "
+            "declare the model's range with `data_range` (e.g. -1,1 or 0,1)"
+        )
+
+
+def _finish(x: torch.Tensor, c: int | None, hw, what: str, resize: bool, clamp: DataRange) -> torch.Tensor:
     x = x.float().contiguous()
     if c is not None:
         x = _match_channels(x, c, what)
@@ -269,5 +375,5 @@ def _finish(x: torch.Tensor, c: int | None, hw, what: str, resize: bool) -> torc
             raise InputError(
                 f"{what}: samples are {tuple(x.shape[-2:])} but the model takes {tuple(hw)}; resize the data"
             )
-        x = _resize(x, hw)
+        x = _resize(x, hw, clamp)
     return x

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .models import EpsModel, from_callable
-from .schedules import Schedule, default_schedule, noisy
+from .schedules import Schedule, default_schedule
+from .targets import noisy
 
 
 @dataclass
@@ -114,7 +115,10 @@ class GaussianMixture:
         return -s.double().reshape(-1, *([1] * (x.ndim - 1))) * self.score(x, a, s)
 
     def theorem_terms(self, x, a, s, da, ds) -> tuple[torch.Tensor, torch.Tensor]:
-        """(term1, term2) of Theorem 3.1 at fixed x: (α/σ)α'∇log q and −σ ∂_τ∇log q (α' = dα/dτ)."""
+        """(term1, term2) of Theorem 3.1 at fixed x: −σ'∇log q and −σ ∂_τ∇log q (′ = d/dτ).
+
+        On VP (α² + σ² = 1, so −σ' = αα'/σ) term1 is the paper's (α/σ)α'∇log q; written as −σ'∇log q it holds
+        for every process x = αx0 + σε (VE: α' = 0 but σ' ≠ 0; flow; EDM)."""
         z, c, r = self._parts(x, a, s)
         a3, s3 = a.double().reshape(-1, 1, 1), s.double().reshape(-1, 1, 1)
         da3, ds3 = da.double().reshape(-1, 1, 1), ds.double().reshape(-1, 1, 1)
@@ -128,7 +132,7 @@ class GaussianMixture:
         score = (r[..., None] * sk).sum(1)
         dscore = (dr[..., None] * sk + r[..., None] * dsk).sum(1)
         shape = x.shape
-        term1 = (a.double() / s.double() * da.double()).reshape(-1, 1) * score
+        term1 = -ds.double().reshape(-1, 1) * score
         term2 = -s.double().reshape(-1, 1) * dscore
         return term1.reshape(shape), term2.reshape(shape)
 
@@ -161,6 +165,7 @@ def gaussian_eps_model(g: GaussianMixture, schedule: Schedule | None = None, nam
         name=name,
         dtype="float64",
         config={"closed_form": "gaussian_mixture", "K": g.K, "D": g.D},
+        data_range=None,  # Gaussian data is unbounded
     )
 
 
@@ -213,8 +218,8 @@ def terms_exact_ms(g: GaussianMixture, schedule: Schedule, t) -> tuple[np.ndarra
     a, s, da, ds = _coeffs(schedule, k)
     c = a * a * lam + s * s
     dc = 2 * a * da * lam + 2 * s * ds
-    # score coords = −(y − αm)/c: term1 = (α α'/σ)·score, term2 = σ (z'/c − z c'/c²) with z' = −α'm
-    t1 = (a * da / s) ** 2 * (1.0 / c)  # E[(y−αm)²]/c² = 1/c, zero mean
+    # score coords = −(y − αm)/c: term1 = −σ'·score (= (α α'/σ)·score on VP), term2 = σ (z'/c − z c'/c²), z' = −α'm
+    t1 = ds**2 * (1.0 / c)  # E[(y−αm)²]/c² = 1/c, zero mean
     t2 = (s * dc / (c * c)) ** 2 * c + (s * da / c) ** 2 * m * m
     return t1.sum(-1).numpy(), t2.sum(-1).numpy()
 

@@ -2,12 +2,12 @@
 
 Specs:
   * a Hugging Face hub id (``google/ddpm-cifar10-32``), resolved through the HF cache; offline when
-    ``offline=True`` or ``HF_HUB_OFFLINE`` is set;
-  * a local pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``), a unet folder,
+    ``offline=True`` or ``HF_HUB_OFFLINE`` is set, or when the hub does not answer within 3 s;
+  * a local pipeline folder (``model_index.json`` naming a supported unet; ``unet/``, ``scheduler/``), a unet folder,
     or a lipscope train/finetune run folder (its ``pipeline/``);
   * a single weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``) with ``config=``;
-  * ``py:package.module:factory``: a function returning an ``EpsModel``, an ``nn.Module`` or any
-    callable ``eps(x, t)``;
+  * ``py:package.module:factory``: a function (called with ``model_args``) returning an ``EpsModel``,
+    an ``nn.Module`` or any callable ``eps(x, t)`` (:mod:`lipscope.pyspec`);
   * ``builtin:NAME``: the zoo's pipeline folders (:mod:`lipscope.zoo`) and the closed-form
     ``digits-gaussian`` (:mod:`lipscope.gaussian`).
 
@@ -17,17 +17,19 @@ The scheduler config is searched for in one way for every spec (:func:`find_sche
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import os
 import pickle
-import sys
+import socket
+import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 import torch
 from torch import nn
@@ -37,8 +39,9 @@ from .data import digits_array
 from .errors import InputError
 from .etsdm import ETSDMUNet2DModel
 from .gaussian import GaussianMixture, gaussian_eps_model
-from .models import SUPPORTED_CLASSES, EpsModel, from_callable, from_unet, resolve_device, resolve_dtype
-from .schedules import Schedule
+from .models import SUPPORTED_CLASSES, EpsModel, check_pipeline_index, from_unet, resolve_device, resolve_dtype
+from .models import short_error as _short
+from .pyspec import load_py, parse_model_args
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -48,6 +51,7 @@ log = logging.getLogger("lipscope")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # where a scheduler config sits relative to a model root, in the order they are tried
 SCHEDULER_CONFIG_FILES = ("scheduler/scheduler_config.json", "scheduler_config.json")
+HUB_TIMEOUT_S = 3.0  # without an answer from the hub in this time, there is no network
 
 
 def load_model(
@@ -61,14 +65,20 @@ def load_model(
     trust_pickle: bool = False,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    model_args: Mapping[str, Any] | Iterable[str] | None = None,
 ) -> EpsModel:
-    """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel."""
+    """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel.
+
+    ``model_args``: keyword arguments of a ``py:`` factory (a mapping, or ``key=value`` strings)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    kwargs = parse_model_args(model_args)
     sched_cfg = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
+    if spec.startswith("py:"):
+        return load_py(spec, sched_cfg, dev, dt, kwargs)
+    if kwargs:
+        raise InputError(f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec")
     if spec.startswith("builtin:"):
         return _load_builtin(spec.split(":", 1)[1], dev, dt)
-    if spec.startswith("py:"):
-        return _load_py(spec, sched_cfg, dev, dt)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
@@ -85,6 +95,7 @@ def _looks_like_path(spec: str) -> bool:
         or spec.endswith(WEIGHT_SUFFIXES)
         or spec.endswith(".json")
         or spec.count("/") != 1
+        or Path(spec.split("/")[0]).is_dir()  # runs/my-typo with ./runs here: a path, not a hub id
         or os.sep == "\\"
         and "\\" in spec
     )
@@ -174,14 +185,11 @@ def check_unet_config(cfg: dict[str, Any], where: str) -> None:
             raise InputError(f"{where}: {key} must be a positive integer (or a pair for sample_size), got {cfg[key]!r}")
 
 
-def _short(e: BaseException) -> str:  # "Type: first line" (just the type when it has no message): never a traceback
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
-
-
 def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt, trust_pickle=False) -> EpsModel:
     if not subfolder and not (path / "config.json").exists() and (path / "pipeline" / "model_index.json").exists():
         path = path / "pipeline"  # a lipscope train/finetune run folder
+    if not subfolder and (path / "model_index.json").is_file():
+        check_pipeline_index(read_json(path / "model_index.json", "model_index.json"), str(path))
     if subfolder:
         unet_dir = path / subfolder
     elif (path / "unet" / "config.json").exists():
@@ -313,6 +321,10 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
 
     env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     local_only = offline if offline is not None else env_offline
+    no_network = None if local_only else _no_network()
+    if no_network:
+        log.warning("%s: looking for %s in the local Hugging Face cache", no_network, repo)
+        local_only = True
 
     def fetch(filename: str) -> str | None:
         try:
@@ -327,6 +339,9 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
                 "check the id, or use `offline` with a cached copy"
             ) from e
 
+    index = None if subfolder else fetch("model_index.json")
+    if index:
+        check_pipeline_index(read_json(Path(index), "model_index.json"), repo)
     subs = [subfolder] if subfolder else ["unet", ""]
     unet_sub, cfg_file = None, None
     for s in subs:
@@ -338,9 +353,10 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
         if local_only:
             from huggingface_hub import constants
 
+            why = f"{no_network}, and it" if no_network else "offline mode is on and it"
             raise InputError(
-                f"`model` {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and offline mode is on; "
-                "download it once with network access, set HF_HUB_CACHE, or point `model` at a local folder"
+                f"`model` {repo}: {why} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); download it "
+                "once with network access, set HF_HUB_CACHE, or point `model` at a local folder"
             )
         raise InputError(
             f"`model` {repo}: no UNet config.json found in the repo (tried {subs}); "
@@ -362,38 +378,23 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     return from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt)
 
 
-def _load_py(spec: str, sched_cfg: dict | None, dev, dt) -> EpsModel:
-    target = spec[3:]
-    mod_name, _, fn_name = target.partition(":")
-    if not mod_name or not fn_name:
-        raise InputError(f"`model` {spec}: use py:package.module:factory")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InputError(f"`model` {spec}: cannot import {mod_name} ({_short(e)}); is it on PYTHONPATH?") from e
-    except (Exception, SystemExit) as e:  # the module's own code failed: one line, no traceback
-        raise InputError(f"`model` {spec}: importing {mod_name} raised {_short(e)}; fix the module") from e
-    factory = getattr(mod, fn_name, None)
-    if factory is None or not callable(factory):
-        raise InputError(
-            f"`model` {spec}: {mod_name} has no callable {fn_name}; name the function that builds the model"
-        )
-    try:
-        obj = factory()
-    except InputError:
-        raise
-    except (Exception, SystemExit) as e:
-        raise InputError(
-            f"`model` {spec}: the factory {mod_name}:{fn_name}() raised {_short(e)}; fix the factory"
-        ) from e
-    if isinstance(obj, EpsModel):
-        return obj
-    if not callable(obj):
-        raise InputError(
-            f"`model` {spec}: the factory returned {type(obj).__name__}; it must return an EpsModel, an nn.Module "
-            "or a callable eps(x, t)"
-        )
-    schedule = obj.schedule if isinstance(getattr(obj, "schedule", None), Schedule) else None
-    return from_callable(obj, schedule, name=spec, scheduler_config=sched_cfg, device=dev, dtype=dt)
+def _no_network(timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """None when the hub (``HF_ENDPOINT``, or its proxy) accepts a connection within ``timeout`` s, else why not."""
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")  # as huggingface_hub reads it
+    to = proxy if (proxy := urlsplit(getproxies().get(url.scheme, ""))).hostname else url
+    host, port = to.hostname or "huggingface.co", to.port or (443 if to.scheme == "https" else 80)
+    why: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            why.append("")
+        except Exception as e:  # OSError, socket.timeout, DNS failures, a sandbox's guard
+            why.append(_short(e))
+
+    th = threading.Thread(target=connect, daemon=True)  # DNS lookups have no timeout of their own
+    th.start()
+    th.join(timeout + 0.5)
+    if why and not why[0]:
+        return None
+    return f"no network: cannot reach {host}:{port} ({why[0] if why else f'no answer within {timeout:g} s'})"

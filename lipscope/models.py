@@ -23,7 +23,9 @@ from torch import nn
 
 from .errors import InputError, ModelOutputError
 from .etsdm import Etsdm, etsdm_of
-from .schedules import DEFAULT_SCHEDULER_CONFIG, Schedule, schedule_from_config, to_epsilon
+from .processes import process_from_config
+from .schedules import DEFAULT_SCHEDULER_CONFIG, NoiseProcess, Schedule
+from .targets import TARGETS, from_epsilon
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -46,7 +48,7 @@ class EpsModel:
     """
 
     net: NetFn
-    schedule: Schedule
+    schedule: NoiseProcess
     name: str = "model"
     sample_shape: tuple[int, ...] | None = None
     prediction_type: str = "epsilon"
@@ -56,6 +58,18 @@ class EpsModel:
     scheduler_config: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
     module: nn.Module | None = None
     etsdm: Etsdm | None = None
+    rounds_timesteps: bool = False  # the adapter casts t to whole steps (detect_rounding); FD needs whole steps
+    target: str = "eps"  # what a call returns: ε (samplers and training need it), or x0, v, score, velocity
+    # True: net(x, c) takes the model step c and x as it is (callables, closed forms); False: what the process
+    # feeds a diffusers network (σ for VE, c_noise and c_in·x for EDM) and its output conversion (EDM's c_skip/c_out)
+    fed_steps: bool = False
+    # the data range this model was trained on, when it is known better than its process family's convention
+    # ("auto"): None for closed forms on unbounded (Gaussian) data
+    data_range: tuple[float, float] | None | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InputError(f"`target` {self.target!r} not known; use one of {', '.join(TARGETS)}")
 
     @property
     def T(self) -> int:  # noqa: N802
@@ -78,14 +92,44 @@ class EpsModel:
         return self.at_condition(x, self.network_timesteps(tt), tt)
 
     def at_condition(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε from the network fed condition c directly (no map), converted with α, σ at true step t."""
+        """ε (or ``target``) from the network fed condition c directly (no E-TSDM map), converted at true step t.
+
+        The process decides what the network sees: c itself (VP, flow), σ(c) (VE) or ¼ ln σ(c) (EDM), and
+        the input scaling (EDM's c_in at the true t)."""
         x = x.to(device=self.device, dtype=self.dtype)
-        c = as_timesteps(c, x.shape[0], self.device, self.dtype)
-        out = self.net(x, c)
+        p, c = self.schedule, as_timesteps(c, x.shape[0], self.device, self.dtype)
+        x_in, c = (x, c) if self.fed_steps else (p.scale_input(x, t), p.condition(c))
+        try:
+            out = self.net(x_in, c)
+        except (IndexError, TypeError, RuntimeError) as e:
+            _refuse_if_float_t_failure(self, e, x, c)
+            raise
         check_output(out, x)
-        if self.prediction_type == "epsilon":
-            return to_epsilon(out, x, "epsilon")
-        return to_epsilon(out, x, self.prediction_type, self.schedule.alpha(t), self.schedule.sigma(t))
+        convert = NoiseProcess.eps_from_output if self.fed_steps else type(p).eps_from_output
+        eps = convert(p, out, x, t, self.prediction_type)
+        if self.target == "eps":
+            return eps
+        return from_epsilon(eps, x, self.target, self.schedule.alpha(t), self.schedule.sigma(t))
+
+
+def short_error(e: BaseException) -> str:  # "Type: first line" (just the type without a message): no traceback
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
+
+
+def _refuse_if_float_t_failure(model: EpsModel, e: BaseException, x: torch.Tensor, c: torch.Tensor) -> None:
+    """One line when ``model.net`` failed on float t but runs on the same t as integers (a table indexed by t)."""
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return  # the batched runner backs off on OOM
+    try:
+        model.net(x, c.floor().long())
+    except Exception:
+        return  # fails on integer t too: not about float t, let the original error through
+    raise InputError(
+        f"`model` {model.name}: the network fails on float timesteps ({short_error(e)}); lipscope feeds float t "
+        "(B,) in model steps — cast inside your adapter (t.round().long(), then use an integer `dt`), or make the "
+        "time embedding take float t (sinusoidal, or interpolate between table rows)"
+    ) from e
 
 
 def _shape(shape: tuple[int, ...] | torch.Size, batch: int) -> str:
@@ -132,6 +176,34 @@ def as_timesteps(t: torch.Tensor | float, batch: int, device: torch.device, dtyp
     if tt.shape != (batch,):
         raise InputError(f"timesteps must have shape ({batch},), got {tuple(tt.shape)}")
     return tt.contiguous()
+
+
+def check_fractional_dt(model: EpsModel, dt: float, *, scheme="forward", method="fd", timesteps: Any = None) -> None:
+    """Refuse what a rounding adapter turns into K = 0 or double K: fractional dt/timesteps, odd central dt, JVP."""
+    if not model.rounds_timesteps:
+        return
+    what, d = f"`model` {model.name} rounds t to whole steps", float(dt)
+    if d != round(d):
+        raise InputError(f"{what}: a fractional `dt` ({d:g}) gives K = 0 or double K; use an integer `dt`")
+    if scheme == "central" and round(d) % 2:
+        raise InputError(f"{what}: the central `scheme` evaluates t ± `dt`/2; use an even `dt` or `scheme` forward")
+    if "jvp" in str(method).split(","):
+        raise InputError(f"{what}: its derivative in t is 0, so `method` jvp gives K = 0; use `method` fd")
+    ts = torch.as_tensor(timesteps if timesteps is not None else [], dtype=torch.float64).reshape(-1)
+    if (frac := ts[ts != ts.round()]).numel():
+        raise InputError(f"{what}: `timesteps` has fractional steps (e.g. {float(frac[0]):g}); use whole steps")
+
+
+def check_pipeline_index(index: dict[str, Any], where: str) -> None:
+    """Refuse a pipeline (model_index.json) whose denoiser is not a supported unet, naming its classes."""
+    comps = {k: v[1] for k in ("unet", "transformer") if isinstance(v := index.get(k), list | tuple) and len(v) == 2}
+    if comps.get("unet") not in SUPPORTED_CLASSES:
+        raise InputError(
+            f"`model` {where} is a {index.get('_class_name', 'pipeline')} "
+            f"({', '.join(f'{k}: {v}' for k, v in comps.items()) or 'no unet or transformer component'}), which "
+            f"lipscope does not support yet; supported: pipelines whose unet is a {' or '.join(SUPPORTED_CLASSES)} "
+            "(e.g. DDPMPipeline, DDIMPipeline); wrap other networks as `model` py:module:factory"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +276,7 @@ def from_unet(
     if scheduler_config is None:
         log.warning("no scheduler config found for %s: using the DDPM default (linear 1e-4..0.02, T=1000)", name)
         scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
-    schedule = schedule_from_config(scheduler_config)
+    schedule = process_from_config(scheduler_config)
     unet = unet.to(dev).eval()
     if unet.dtype != dt:
         unet = unet.to(dt)
@@ -236,7 +308,7 @@ def from_unet(
 
 def from_callable(
     fn: NetFn | nn.Module,
-    schedule: Schedule | None = None,
+    schedule: NoiseProcess | None = None,
     *,
     sample_shape: tuple[int, ...] | None = None,
     name: str = "callable",
@@ -246,8 +318,12 @@ def from_callable(
     etsdm: Etsdm | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    data_range: tuple[float, float] | None | str = "auto",
 ) -> EpsModel:
-    """Wrap any ``eps(x, t)`` (t: float tensor (B,) in model steps) as an EpsModel.
+    """Wrap any ``eps(x, t)`` (t: float tensor (B,) in model steps, x unscaled) as an EpsModel.
+
+    The callable is fed model steps whatever the process (``fed_steps``) and returns ε, or
+    ``prediction_type`` (default: a VP schedule's own, else epsilon), converted at the true t.
 
     ``etsdm``: the network is fed f(t) (E-TSDM) instead of t. Example — a researcher's own network::
 
@@ -259,7 +335,7 @@ def from_callable(
         if scheduler_config is None:
             log.warning("%s: no schedule given, using the DDPM default (linear 1e-4..0.02, T=1000)", name)
             scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
-        schedule = schedule_from_config(scheduler_config)
+        schedule = process_from_config(scheduler_config)
     module = fn if isinstance(fn, nn.Module) else None
     if module is not None:
         module.to(device=dev, dtype=dt).eval()
@@ -270,11 +346,13 @@ def from_callable(
         schedule=schedule,
         name=name,
         sample_shape=tuple(sample_shape) if sample_shape is not None else None,
-        prediction_type=prediction_type or schedule.prediction_type,
+        prediction_type=prediction_type or (schedule.prediction_type if isinstance(schedule, Schedule) else "epsilon"),
         device=dev,
         dtype=dt,
         config=dict(config) if config is not None else {"callable": name},
-        scheduler_config=dict(scheduler_config or {"log_alpha_bar_sha": _tensor_hash(schedule.log_alpha_bar)}),
+        fed_steps=True,
+        data_range=data_range,
+        scheduler_config=dict(scheduler_config or _process_fingerprint(schedule)),
         module=module,
         etsdm=etsdm,
     )
@@ -292,8 +370,13 @@ def require_unet(model: EpsModel, what: str) -> UNet2DModel:
     )
 
 
-def _tensor_hash(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+def _process_fingerprint(p: NoiseProcess) -> dict[str, Any]:
+    """What identifies a process built in Python (no scheduler config): its description, plus the hash of a
+    VP schedule's log ᾱ."""
+    out = {k: v for k, v in p.describe().items() if isinstance(v, (str, int, float))}
+    if isinstance(p, Schedule):
+        out["log_alpha_bar_sha"] = hashlib.sha256(p.log_alpha_bar.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

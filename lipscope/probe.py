@@ -16,9 +16,9 @@ timesteps (common random numbers), so results do not depend on the batch size or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -26,104 +26,28 @@ import torch
 
 from . import rng
 from .batching import RunStats, check_finite, check_memory, is_oom, run_batched
-from .data import load_data
+from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
-from .etsdm import Etsdm
 from .models import EpsModel, forward_ad_patches
+from .points import SCHEMES as SCHEMES  # re-exported: cli/options
+from .points import (
+    FDPoints,
+    check_dt,
+    check_noise,
+    condition_points,
+    crosses_boundary,
+    fd_noise,
+    fd_pair,
+    fd_points,
+    noise_columns,
+    noisy_inputs,
+    valid_range,
+)
 from .reduction import summarize_samples
 from .sampling import model_samples
-from .schedules import noisy, parse_grid
+from .schedules import parse_grid
 
 log = logging.getLogger("lipscope")
-
-SCHEMES = ("forward", "central")
-
-
-@dataclass
-class FDPoints:
-    """Where x_t is drawn (t) and the two points it is evaluated at (t_a < t_b), all in model steps.
-
-    ``conditions=True``: t_a, t_b are conditions fed to the network directly (no E-TSDM map),
-    as in ``space="condition"``; otherwise they are true timesteps (the map applies).
-    """
-
-    t: np.ndarray
-    t_a: np.ndarray
-    t_b: np.ndarray
-    conditions: bool = False
-
-    @property
-    def dt(self) -> np.ndarray:
-        return self.t_b - self.t_a
-
-
-def check_dt(dt: float, T: int) -> None:
-    """Δt must be a finite step > 0 that fits in the schedule (both FD points inside [0, T−1])."""
-    if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
-        raise InputError(f"`dt` must be > 0 (got {dt}); it is the FD step in model steps, fractional allowed")
-    if dt > T - 1:
-        raise InputError(f"`dt` {dt:g} is longer than the whole schedule (T − 1 = {T - 1} steps); use a step < {T - 1}")
-
-
-def fd_points(grid: np.ndarray, dt: float, scheme: str, T: int) -> FDPoints:
-    """Evaluation points of the FD scheme; refuses any that fall outside [0, T−1]."""
-    if not dt > 0 or not math.isfinite(dt):
-        raise InputError(f"`dt` must be > 0 (got {dt}); it is the FD step in model steps, fractional allowed")
-    if scheme not in SCHEMES:
-        raise InputError(f"`scheme` {scheme!r} not known; use {' or '.join(SCHEMES)}")
-    g = np.asarray(grid, dtype=np.float64)
-    ta, tb = (g, g + dt) if scheme == "forward" else (g - dt / 2, g + dt / 2)
-    bad = (ta < 0) | (tb > T - 1)
-    if bad.any():
-        k = float(g[bad][0])
-        raise InputError(
-            f"timestep {k:g} with `dt` {dt:g} ({scheme}) needs the model at [{ta[bad][0]:g}, {tb[bad][0]:g}], "
-            f"outside [0, {T - 1}]; drop it from `timesteps` or change `dt`/`scheme`"
-        )
-    return FDPoints(t=g, t_a=ta, t_b=tb)
-
-
-def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: Etsdm | None) -> FDPoints:
-    """``space="condition"``: K between consecutive conditions the network is actually fed.
-
-    Plain model: (t, t + Δt) as in time space. E-TSDM: a grid step t < t̃ becomes its sub-interval
-    start c = f(t), paired with the next condition c + t̃/n (x drawn at t = c; duplicates dropped);
-    t ≥ t̃ keeps (t, t + Δt).
-    """
-    g = np.asarray(grid, dtype=np.float64)
-    if etsdm is None:
-        pts = fd_points(g, dt, "forward", T)
-        return FDPoints(pts.t, pts.t_a, pts.t_b, conditions=True)
-    tt, w = etsdm.t_tilde, etsdm.width
-    low = np.unique(np.floor(g[g < tt] / w) * w)
-    high = fd_points(g[g >= tt], dt, "forward", T) if (g >= tt).any() else FDPoints(g[:0], g[:0], g[:0])
-    return FDPoints(
-        np.concatenate([low, high.t]),
-        np.concatenate([low, high.t_a]),
-        np.concatenate([np.minimum(low + w, tt), high.t_b]),
-        conditions=True,
-    )
-
-
-def crosses_boundary(t_a: np.ndarray, t_b: np.ndarray, etsdm: Etsdm | None) -> np.ndarray:
-    """True where (t_a, t_b] contains an E-TSDM sub-interval boundary (t̃/n, 2t̃/n, …, t̃)."""
-    if etsdm is None:
-        return np.zeros(len(t_a), dtype=bool)
-    return etsdm.crosses(t_a, t_b)
-
-
-def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
-    """The span of t where the scheme's evaluation points stay inside [0, T−1]."""
-    if scheme == "central":
-        return dt / 2, T - 1 - dt / 2
-    return 0.0, T - 1 - dt
-
-
-def noisy_inputs(model: EpsModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = α_t x0 + σ_t ε per row (t float64 (B,)), in the model's dtype and device."""
-    work = torch.float64 if model.dtype == torch.float64 else torch.float32
-    a, s = model.schedule.alpha(t).to(work), model.schedule.sigma(t).to(work)
-    return noisy(x0.to(work), noise.to(work), a, s).to(model.device, model.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,33 +63,26 @@ def fd_norms(
     batch_size: int | str = "auto",
     progress: bool = False,
     stats: RunStats | None = None,
-) -> torch.Tensor:
-    """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ for every (sample i, grid point j): float64 (n, G).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ and ‖ε(x_t, t_a)‖₂ + ‖ε(x_t, t_b)‖₂ (the scale of its rounding noise,
+    :func:`fd_noise`) for every (sample i, grid point j): two float64 (n, G).
 
     Items are ordered grid-major (j, i) and packed P pairs per batch, whatever j they belong to:
     the P inputs at t_a, then the same P inputs at t_b, in one call.
     """
     n, G = x0.shape[0], len(pts.t)
-    t_x = torch.as_tensor(pts.t, dtype=torch.float64)
-    t_a = torch.as_tensor(pts.t_a, dtype=torch.float64)
-    t_b = torch.as_tensor(pts.t_b, dtype=torch.float64)
+    scale = torch.empty(n * G, dtype=torch.float64)
+    t_a, t_b = torch.as_tensor(pts.t_a), torch.as_tensor(pts.t_b)
 
     def compute(idx: torch.Tensor) -> torch.Tensor:
-        j, i = idx // n, idx % n
         m = idx.numel()
-        x = noisy_inputs(model, x0[i], noise[i], t_x[j])
-        with torch.inference_mode():
-            if pts.conditions:  # feed the conditions themselves; convert with α, σ at the true t
-                tx = torch.cat([t_x[j], t_x[j]]).to(model.device)
-                eps = model.at_condition(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]), tx)
-            else:
-                eps = model(torch.cat([x, x]), torch.cat([t_a[j], t_b[j]]))
-        d = (eps[m:] - eps[:m]).reshape(m, -1).double()
-        check_finite([eps[:m], eps[m:]], t_a[j], t_b[j], "output")
-        return torch.linalg.vector_norm(d, dim=1)
+        eps = fd_pair(model, x0, noise, pts, idx)
+        check_finite([eps[:m], eps[m:]], t_a[idx // n], t_b[idx // n], "output")
+        scale[idx] = torch.linalg.vector_norm(eps.reshape(2, m, -1).double(), dim=2).sum(0).cpu()
+        return torch.linalg.vector_norm((eps[m:] - eps[:m]).reshape(m, -1).double(), dim=1)
 
     out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "probe fd")
-    return out.reshape(G, n).T.contiguous()
+    return out.reshape(G, n).T.contiguous(), scale.reshape(G, n).T.contiguous()
 
 
 def jvp_norms(
@@ -242,8 +159,14 @@ def _check_tangent_reaches(model: EpsModel, x: torch.Tensor, tt: torch.Tensor, t
 # ---------------------------------------------------------------------------------------------
 
 
-def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) -> pd.DataFrame:
-    """Long-format table from per-sample K (n, G), one row per grid point (DESIGN.md contract columns)."""
+def k_table(
+    model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int, noise: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Long-format table from per-sample K (n, G), one row per grid point (DESIGN.md contract columns).
+
+    ``noise`` (n, G): the FD rounding-noise estimate in K's units (columns ``fd_noise_rel``,
+    ``fd_noise_limited``; None for JVP rows: NaN, False)."""
+    rel, limited = noise_columns(K, noise)
     T = model.T
     s = summarize_samples(K)
     t64 = torch.as_tensor(pts.t, dtype=torch.float64)
@@ -272,13 +195,36 @@ def k_table(model: EpsModel, pts: FDPoints, K: np.ndarray, method: str, D: int) 
             "K_mean_per_dim": s["mean"] / math.sqrt(D),
             "alpha": model.schedule.alpha(t64).numpy(),
             "sigma": model.schedule.sigma(t64).numpy(),
+            "lambda": model.schedule.log_snr(t64).numpy(),
+            "t_native": model.schedule.native_time(t64).numpy(),
             "c_a": c_a,
             "c_b": c_b,
             # time space only: condition-space pairs span a sub-interval by construction
             "crosses_boundary": crosses_boundary(pts.t_a, pts.t_b, None if pts.conditions else model.etsdm),
+            "fd_noise_rel": rel,
+            "fd_noise_limited": limited,
+            "target": model.target,
         }
     )
+    for axis, f in per_axis_factors(model, pts).items():  # K per unit of log-SNR λ and of the native time
+        for col in ("K_mean", "K_ci_low", "K_ci_high"):
+            df[col.replace("K_", f"K_per_{axis}_", 1) if col != "K_mean" else f"K_per_{axis}"] = df[col] * f
     return df
+
+
+def per_axis_factors(model: EpsModel, pts: FDPoints) -> dict[str, np.ndarray]:
+    """Per row, what turns K per unit τ into K per unit λ (log-SNR) and per unit of the native time:
+    Δτ/|Δλ| for an FD pair, 1/|dλ/dτ| for a JVP point (t_a = t_b); likewise for the native time."""
+    p = model.schedule
+    ta, tb = (torch.as_tensor(v, dtype=torch.float64) for v in (pts.t_a, pts.t_b))
+    dtau = (tb - ta) / model.T
+    jvp = dtau == 0
+    out = {}
+    for axis, fn, dfn in (("lambda", p.log_snr, p.dlog_snr_dtau), ("native", p.native_time, p.dnative_dtau)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = torch.where(jvp, dfn(ta), (fn(tb) - fn(ta)) / torch.where(jvp, 1.0, dtau))
+            out[axis] = (1.0 / d.abs()).numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,14 +257,32 @@ def probe(
     batch_size: int | str = "auto",
     progress: bool = False,
     cache_dir: str | None = None,
+    data_range: tuple[float, float] | None | str = "auto",
+    allow_noise_limited: bool = False,
+    target: str = "eps",
 ) -> pd.DataFrame:
     """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
     ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
 
-    ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size) and the
-    per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``).
+    ``data_range`` is the range the model was trained on (see :mod:`lipscope.data`): pixel data is
+    mapped into it, float data must lie inside it and is fed unchanged (None: fed as it is; ``"auto"``:
+    the process family's convention, [−1, 1] for VP/EDM/flow, [0, 1] for score-SDE VE).
+
+    ``target`` (eps, x0, v, score, velocity): the parameterisation measured, converted from ε at the true t
+    (:func:`lipscope.targets.from_epsilon`); the paper's quantity is ε. Every row also carries K per unit of
+    log-SNR λ (``K_per_lambda``) and of the process's native time (``K_per_native``).
+
+    ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size), the
+    per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``) and the
+    ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`).
+
+    FD rows carry ``fd_noise_rel``/``fd_noise_limited`` (rounding noise vs ‖Δε‖; ``attrs["fd_noise"]``:
+    how it was estimated); a float16/bfloat16 FD run with a noise-limited row is refused unless
+    ``allow_noise_limited``.
     """
     methods = parse_methods(method)
+    if target != model.target:
+        model = dataclasses.replace(model, target=target)
     if samples < 1:
         raise InputError(f"`samples` must be ≥ 1 (got {samples})")
     if int(seed) != seed or seed < 0:
@@ -347,12 +311,25 @@ def probe(
         pts = condition_points(grid, dt, T, model.etsdm)
     else:
         pts = fd_points(grid, dt, scheme, T)
-    if isinstance(data, torch.Tensor) and data.shape[0] == samples:
-        x0 = data
+    auto = isinstance(data_range, str) and data_range.strip().lower() == "auto"
+    default = model.schedule.default_data_range if isinstance(model.data_range, str) else model.data_range
+    data_range = resolve_data_range(data_range, default)
+    scaling: DataScaling
+    if isinstance(data, torch.Tensor) and data.is_floating_point() and data.shape[0] == samples:
+        x0 = data  # used as given (dtype, device); its range is still checked and reported
+        scaling = scale_array(data.detach().float().cpu().numpy(), "`data` tensor", data_range)[1]
     elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
         x0 = model_samples(model, samples, seed, cache_dir=cache_dir)
+        scaling = DataScaling("model samples", "samples of the model, kept as generated")
     else:
-        x0 = load_data(data, samples, seed, model.sample_shape)
+        x0, scaling = load_data_with_scaling(data, samples, seed, model.sample_shape, data_range)
+    if auto and scaling.source_kind != "model samples":
+        where = "none" if data_range is None else f"{data_range[0]:g},{data_range[1]:g}"
+        scaling = dataclasses.replace(
+            scaling,
+            mapping=f"{scaling.mapping} (data range {where}: "
+            + (f"the {model.schedule.kind} default)" if model.data_range == "auto" else f"{model.name}'s own)"),
+        )
     if model.sample_shape is not None and tuple(x0.shape[1:]) != tuple(model.sample_shape):
         raise InputError(
             f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
@@ -363,9 +340,12 @@ def probe(
     tables, Ks = [], []
     if use_fd:
         assert pts is not None  # set above whenever use_fd
-        norms = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
+        norms, scale = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
         Ks.append(norms.numpy() / (pts.dt / T)[None, :])
-        tables.append(k_table(model, pts, Ks[-1], "fd-condition" if space == "condition" else f"fd-{scheme}", D))
+        stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
+        noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
+        method_name = "fd-condition" if space == "condition" else f"fd-{scheme}"
+        tables.append(k_table(model, pts, Ks[-1], method_name, D, noise_K))
     if "jvp" in methods:
         jst = RunStats()
         Ks.append(jvp_norms(model, x0, noise, grid, batch_size=batch_size, progress=progress, stats=jst).numpy())
@@ -374,6 +354,7 @@ def probe(
         if not use_fd:
             stats = RunStats(jst.forwards, jst.seconds, jst.batch_size, stats.extra)
     df = pd.concat(tables, ignore_index=True)
+    check_noise(df, model.dtype, allow_noise_limited)
     df.attrs.update(
         {
             "forwards": stats.forwards,
@@ -382,6 +363,8 @@ def probe(
             "batch_size": stats.batch_size,
             "T": T,
             "K_samples": np.concatenate(Ks, axis=1),
+            "data_scaling": scaling,
+            "data_range": None if data_range is None else list(data_range),
             **stats.extra,
         }
     )

@@ -8,6 +8,7 @@ not depend on the batch size.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from . import rng
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
+from .schedules import Schedule
 
 log = logging.getLogger("lipscope")
 
@@ -25,7 +27,12 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver", "dpmsolver++")
 
 
 def betas_of(model: EpsModel) -> np.ndarray:
-    """β_k recovered from the schedule's log ᾱ (exact inverse of the cumulative product)."""
+    """β_k recovered from the schedule's log ᾱ (exact inverse of the cumulative product); VP schedules only."""
+    if not isinstance(model.schedule, Schedule):
+        raise InputError(
+            f"sampling from a {model.schedule.kind} process is not supported yet (VP schedules only): "
+            "give `data` as images or arrays instead of model samples"
+        )
     lab = model.schedule.log_alpha_bar
     prev = torch.cat([torch.zeros(1, dtype=lab.dtype), lab[:-1]])
     return (-torch.expm1(lab - prev)).numpy()
@@ -63,6 +70,8 @@ def sample(
     progress: bool = False,
 ) -> torch.Tensor:
     """Draw n samples (float32 (n, C, H, W), clamped to [−1, 1]); NaN/inf samples are refused."""
+    if model.target != "eps":
+        model = dataclasses.replace(model, target="eps")  # samplers integrate ε, whatever a probe measures
     if model.sample_shape is None:
         raise InputError("sampling needs a model with a known sample_shape")
     if n < 1 or batch_size < 1:

@@ -11,22 +11,24 @@ constant on each [j, j+1). Derivatives at an integer k use the segment to the ri
 All arithmetic is float64: near k = 0, σ² = 1 − ᾱ ≈ β_0 = 1e-4 and float32 ᾱ would lose three
 significant digits of σ.
 
-The forward process x_t = α x0 + σ ε (:func:`noisy`) and the conversions between what a network
-predicts (ε, v, x0) and ε (:func:`to_epsilon`, :func:`prediction_target`) live here too: they are
-the only places these formulas are written, used by the probe, training and sampling alike, and
-differentiable in t (α, σ may carry forward-AD tangents).
+:class:`NoiseProcess` is what every process shares (VP here; VE, EDM and flow matching in
+:mod:`lipscope.processes`): α, σ and their τ-derivatives on the model-step axis, log-SNR, the
+native time axis, what the network is fed (c(t)) and how its output becomes ε (:mod:`lipscope.targets`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .targets import to_epsilon
+
+VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what DDPM-family schedulers accept
 
 DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "DDPMScheduler",
@@ -38,8 +40,78 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+class NoiseProcess:
+    """A forward process x = α(t) x0 + σ(t) ε on the model-step axis k ∈ [0, T−1] (fractional k allowed).
+
+    Subclasses give T, α(k), σ(k), dα/dτ, dσ/dτ (τ = k/T, float64, differentiable in k) and may override
+    what the network is fed for a model step (:meth:`condition`), the scaling of its input
+    (:meth:`scale_input`) and how its output becomes ε (:meth:`eps_from_output`). The rest is derived.
+    """
+
+    kind: ClassVar[str] = "vp-discrete"
+    native_time_name: ClassVar[str] = "tau"  # the process's own time: τ = k/T unless said otherwise
+    default_data_range: ClassVar[tuple[float, float] | None] = (-1.0, 1.0)  # the family's data convention
+    prediction_type: str
+
+    @property
+    def T(self) -> int:  # noqa: N802
+        raise NotImplementedError
+
+    def alpha(self, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma(self, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dalpha_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dsigma_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_snr(self, k: torch.Tensor) -> torch.Tensor:
+        """λ = log(α²/σ²)."""
+        return 2 * (self.alpha(k).log() - self.sigma(k).log())
+
+    def dlog_snr_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        """dλ/dτ = 2(α'/α − σ'/σ)."""
+        return 2 * (self.dalpha_dtau(k) / self.alpha(k) - self.dsigma_dtau(k) / self.sigma(k))
+
+    def native_time(self, k: torch.Tensor) -> torch.Tensor:
+        """The process's own time at model step k (τ = k/T unless the process says otherwise)."""
+        return _as_f64(k) / self.T
+
+    def dnative_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(_as_f64(k))
+
+    def condition(self, c: torch.Tensor) -> torch.Tensor:
+        """What the network is fed for (possibly E-TSDM-mapped) model step c: c itself for VP and flow."""
+        return c
+
+    def scale_input(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The network's input for x at true step k (EDM's c_in; x itself elsewhere)."""
+        return x
+
+    def eps_from_output(self, out: torch.Tensor, x: torch.Tensor, k: torch.Tensor, prediction_type: str):
+        """ε from the raw network output at true step k (:func:`lipscope.targets.to_epsilon`)."""
+        if prediction_type == "epsilon":
+            return to_epsilon(out, x, "epsilon")
+        return to_epsilon(out, x, prediction_type, self.alpha(k), self.sigma(k))
+
+    def describe(self) -> dict[str, Any]:
+        """What run.json records about the process."""
+        return {
+            "process": self.kind,
+            "T": self.T,
+            "time_axis": f"model step k in [0, {self.T - 1}], tau = k/{self.T}",
+            "native_time": self.native_time_name,
+            "network_fed": "k (the model step)",
+            "prediction_type": self.prediction_type,
+        }
+
+
 @dataclass(frozen=True)
-class Schedule:
+class Schedule(NoiseProcess):
     """A discrete VP schedule: log ᾱ at integer steps 0..T−1 (float64) and the model's prediction type."""
 
     log_alpha_bar: torch.Tensor  # (T,) float64
@@ -78,6 +150,15 @@ class Schedule:
         """dσ/dτ = −α (dα/dτ) / σ (from α² + σ² = 1); infinite where σ = 0."""
         return -self.alpha(k) * self.dalpha_dtau(k) / self.sigma(k)
 
+    def log_snr(self, k: torch.Tensor) -> torch.Tensor:
+        """λ = log ᾱ − log(1 − ᾱ), with expm1 so it stays accurate near k = 0."""
+        lab = self.log_alpha_bar_at(k)
+        return lab - torch.log(-torch.expm1(lab))
+
+    def dlog_snr_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        """dλ/dτ = (d log ᾱ/dτ)/(1 − ᾱ)."""
+        return self.dlog_alpha_bar_dk(k) * self.T / (-torch.expm1(self.log_alpha_bar_at(k)))
+
 
 def _as_f64(k: torch.Tensor | float | np.ndarray) -> torch.Tensor:
     """k as float64, keeping autograd/forward-AD graphs (so JVPs flow through the schedule)."""
@@ -112,24 +193,28 @@ class ContinuousSchedule(Schedule):
     σ(0) = 0 for both: the singularity sits exactly at t = 0.
     """
 
-    kind: str = "vp-linear"
+    kind: ClassVar[str] = "vp-continuous"
+    curve: str = "vp-linear"
 
     def _tau(self, k: torch.Tensor) -> torch.Tensor:
         return _as_f64(k) / self.T
 
     def log_alpha_bar_at(self, k: torch.Tensor) -> torch.Tensor:
         tau = self._tau(k)
-        if self.kind == "vp-linear":
+        if self.curve == "vp-linear":
             return -0.5 * (20.0 - 0.1) * tau**2 - 0.1 * tau
         u = (tau + 0.008) / 1.008 * (math.pi / 2)
         return 2 * torch.log(torch.cos(u)) - 2 * math.log(math.cos(0.008 / 1.008 * math.pi / 2))
 
     def dlog_alpha_bar_dk(self, k: torch.Tensor) -> torch.Tensor:
         tau = self._tau(k)
-        if self.kind == "vp-linear":
+        if self.curve == "vp-linear":
             return (-(20.0 - 0.1) * tau - 0.1) / self.T
         u = (tau + 0.008) / 1.008 * (math.pi / 2)
         return -2 * torch.tan(u) * (math.pi / 2) / 1.008 / self.T
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "curve": self.curve}
 
 
 CONTINUOUS = ("vp-linear", "vp-cosine")
@@ -146,8 +231,8 @@ def named_schedule(name: str, T: int = 1000) -> Schedule:
     ``sigmoid`` (through diffusers), or continuous ``vp-linear``, ``vp-cosine``."""
     if name in CONTINUOUS:
         k = torch.arange(T, dtype=torch.float64)
-        proto = ContinuousSchedule(log_alpha_bar=torch.zeros(T, dtype=torch.float64), kind=name)
-        return ContinuousSchedule(log_alpha_bar=proto.log_alpha_bar_at(k), kind=name)
+        proto = ContinuousSchedule(log_alpha_bar=torch.zeros(T, dtype=torch.float64), curve=name)
+        return ContinuousSchedule(log_alpha_bar=proto.log_alpha_bar_at(k), curve=name)
     if name not in NAMED:
         raise InputError(f"`schedule` {name!r} not known; use one of {', '.join([*NAMED, *CONTINUOUS])}")
     return schedule_from_config({**NAMED[name], "num_train_timesteps": T})
@@ -175,8 +260,8 @@ def _check_scheduler_config(cfg: dict[str, Any]) -> None:
         raise bad("beta_end", "a number in (0, 1)")
     if "beta_schedule" in cfg and not isinstance(cfg["beta_schedule"], str):
         raise bad("beta_schedule", "a name such as linear, scaled_linear or squaredcos_cap_v2")
-    if "prediction_type" in cfg and cfg["prediction_type"] not in PREDICTION_TYPES:
-        raise bad("prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
+    if "prediction_type" in cfg and cfg["prediction_type"] not in VP_PREDICTION_TYPES:
+        raise bad("prediction_type", f"one of {', '.join(VP_PREDICTION_TYPES)}")
     tb = cfg.get("trained_betas")
     if tb is not None:
         if not isinstance(tb, (list, tuple)) or len(tb) < 2 or not all(_is_number(b) and 0 < b < 1 for b in tb):
@@ -229,65 +314,6 @@ def default_schedule() -> Schedule:
 
 
 # ---------------------------------------------------------------------------------------------
-# the forward process and parameterisation conversions (DESIGN.md, "Models that predict v or x0")
-# ---------------------------------------------------------------------------------------------
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def per_row(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """A per-sample coefficient (B,) shaped to broadcast against a (B, …) tensor of ``ndim`` dims."""
-    return v.reshape((-1,) + (1,) * (ndim - 1))
-
-
-def noisy(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x_t = α x0 + σ ε with per-row α, σ of shape (B,)."""
-    return per_row(alpha, x0.ndim) * x0 + per_row(sigma, x0.ndim) * eps
-
-
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise InputError(f"prediction_type {prediction_type!r} not supported; use one of {', '.join(PREDICTION_TYPES)}")
-
-
-def to_epsilon(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    prediction_type: str,
-    alpha: torch.Tensor | None = None,
-    sigma: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ε from a network output in its own parameterisation, with per-row α, σ at the true t.
-
-    ε = out (ε-prediction); ε = α v + σ x (v-prediction); ε = (x − α x̂0)/σ (x0-prediction).
-    Learned-variance outputs (2C channels for C-channel inputs) keep their first half, the mean.
-    """
-    _check_prediction_type(prediction_type)
-    if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
-        out = out[:, : x.shape[1]]
-    if prediction_type == "epsilon":
-        return out
-    if alpha is None or sigma is None:
-        raise ValueError(f"converting a {prediction_type} output to ε needs alpha and sigma")
-    a, s = per_row(alpha, x.ndim).to(x.dtype), per_row(sigma, x.ndim).to(x.dtype)
-    if prediction_type == "v_prediction":
-        return a * out + s * x
-    return (x - a * out) / s
-
-
-def prediction_target(
-    prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
-    """What a network of ``prediction_type`` is trained to output: ε, v = α ε − σ x0, or x0."""
-    _check_prediction_type(prediction_type)
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return per_row(alpha, x0.ndim) * eps - per_row(sigma, x0.ndim) * x0
-    return x0
-
-
-# ---------------------------------------------------------------------------------------------
 # timestep grids
 # ---------------------------------------------------------------------------------------------
 
@@ -314,7 +340,7 @@ def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarr
     """Parse a timestep grid spec into sorted unique float64 steps in [0, T).
 
     Specs: ``default``/None, ``all`` (0..t_max), ``linear:N`` (N rounded linspace of 0..t_max),
-    ``log:N`` (N rounded geomspace of 1..t_max, deduplicated), ``range:a:b:s`` (a ≤ k < b step s,
+    ``log:N`` (t = 0 and N − 1 rounded geomspace of 1..t_max, deduplicated), ``range:a:b:s`` (a ≤ k < b step s,
     fractional allowed), or an explicit comma list ``0,1,2.5``. ``t_max`` (default T−1) is the
     largest step the generated grids use; explicit steps are validated against [0, T).
     """
@@ -334,7 +360,8 @@ def parse_grid(spec: str | None, T: int, t_max: float | None = None) -> np.ndarr
         elif s.startswith("log:"):
             n = int(s.split(":", 1)[1])
             _positive(n, s)
-            grid = np.unique(np.minimum(np.round(np.geomspace(1, max(hi, 1), min(n, MAX_GRID_POINTS))), np.floor(hi)))
+            logs = np.geomspace(1, max(hi, 1), min(n, MAX_GRID_POINTS) - 1)  # t = 0 first, then N − 1 log-spaced
+            grid = np.unique(np.concatenate([[0.0], np.minimum(np.round(logs), np.floor(hi))]))
         elif s.startswith("range:"):
             parts = s.split(":")[1:]
             if len(parts) != 3:

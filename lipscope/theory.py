@@ -100,7 +100,7 @@ def theory_table(
     T = schedule.T
     model = gaussian_eps_model(g, schedule, name="eps*")
     x0 = g.sample(samples, seed)
-    df = probe(model, x0, timesteps=grid, dt=dt, method="fd,jvp", samples=samples, seed=seed)
+    df = probe(model, x0, timesteps=grid, dt=dt, method="fd,jvp", samples=samples, seed=seed, data_range=None)
     fd, jv = df[df["method"] == "fd-forward"].reset_index(drop=True), df[df["method"] == "jvp"].reset_index(drop=True)
     noise = rng.noise(seed, samples, tuple(x0.shape[1:]), dtype=torch.float64)
     cf = closed_form_samples(g, schedule, x0, noise, grid)
@@ -135,7 +135,7 @@ def theory_table(
         }
     )
     for name, net in (nets or {}).items():
-        d = probe(net, x0.float(), timesteps=grid, dt=dt, method="fd,jvp", samples=samples, seed=seed)
+        d = probe(net, x0.float(), timesteps=grid, dt=dt, method="fd,jvp", samples=samples, seed=seed, data_range=None)
         out[f"K_fd_{name}"] = d[d["method"] == "fd-forward"]["K_mean"].to_numpy()
         out[f"dtau_jvp_{name}"] = d[d["method"] == "jvp"]["K_mean"].to_numpy()
     out.attrs["samples"] = samples

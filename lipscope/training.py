@@ -42,7 +42,8 @@ from .batching import progress_bar
 from .errors import InputError
 from .etsdm import Etsdm, ETSDMUNet2DModel, etsdm_of
 from .io import atomic_write_bytes, atomic_write_text, json_bytes
-from .schedules import Schedule, noisy, prediction_target, schedule_from_config
+from .schedules import Schedule, schedule_from_config
+from .targets import noisy, prediction_target
 
 log = logging.getLogger("lipscope")
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from lipscope.data import choose_indices, digits_array, load_data
+from lipscope.data import DataScaling, choose_indices, digits_array, load_data, load_data_with_scaling
 from lipscope.errors import InputError
 
 
@@ -39,15 +44,16 @@ def test_uint8_arrays(tmp_path, layout):
 
 
 def test_float_arrays_scaling(tmp_path):
+    """Float arrays inside the declared range are fed as they are, whatever the container."""
     a01 = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float32)
-    np.savez(tmp_path / "a.npz", x0=a01)
+    np.savez(tmp_path / "a.npz", x0=a01 * 2 - 1)
     x = load_data(str(tmp_path / "a.npz"), 4, 0, (1, 8, 8))
-    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5
     torch.save(torch.from_numpy(a01 * 2 - 1), tmp_path / "b.pt")
     y = load_data(str(tmp_path / "b.pt"), 4, 0, (1, 8, 8))
-    torch.testing.assert_close(torch.sort(x.flatten())[0], torch.sort(y.flatten())[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(torch.sort(x.flatten())[0], torch.sort(torch.from_numpy(a01 * 2 - 1).flatten())[0])
     np.save(tmp_path / "c.npy", a01 * 255)
-    with pytest.raises(InputError, match="scale them"):
+    with pytest.raises(InputError, match="outside the declared data range"):
         load_data(str(tmp_path / "c.npy"), 4, 0, (1, 8, 8))
 
 
@@ -134,3 +140,144 @@ def test_data_sources_never_call_a_network():
     """`model` is resolved by the probe (lipscope.sampling), not by the static data sources."""
     with pytest.raises(InputError, match="only the probe"):
         load_data("model", 3, 0, (1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# data_range: declared, never guessed
+# ---------------------------------------------------------------------------------------------
+
+
+def _a01(n: int = 4) -> np.ndarray:
+    a = np.random.default_rng(1).random((n, 1, 8, 8)).astype(np.float32)
+    a[0, 0, 0, :2] = 0.0, 1.0
+    return a
+
+
+def test_float01_with_range_0_1_fed_bit_exact(tmp_path):
+    a = _a01()
+    np.save(tmp_path / "x.npy", a)
+    x, how = load_data_with_scaling(str(tmp_path / "x.npy"), None, 0, (1, 8, 8), data_range=(0, 1))
+    assert x.dtype == torch.float32 and np.array_equal(x.numpy(), a)
+    assert how == DataScaling("float32 array", "float32 array kept as is (values in [0, 1] ⊂ [0, 1])")
+
+
+def test_float01_with_default_range_is_no_longer_remapped(tmp_path):
+    """Behaviour change: a [0, 1] float array used to be mapped to 2x − 1 silently. It lies inside the
+    default range (−1, 1), so it is now fed unchanged, and the description says which span it had."""
+    a = _a01()
+    np.save(tmp_path / "x.npy", a)
+    x, how = load_data_with_scaling(str(tmp_path / "x.npy"), None, 0, (1, 8, 8))
+    assert np.array_equal(x.numpy(), a)
+    assert how.mapping == "float32 array kept as is (values in [0, 1] ⊂ [-1, 1])"
+    assert np.array_equal(load_data(a, None, 0, (1, 8, 8)).numpy(), a)  # in-memory arrays alike
+
+
+def test_float_0_255_refused_with_the_fix(tmp_path):
+    np.save(tmp_path / "x.npy", _a01() * 255)
+    for rng_ in ((-1.0, 1.0), (0.0, 1.0)):
+        with pytest.raises(InputError) as e:
+            load_data(str(tmp_path / "x.npy"), 4, 0, (1, 8, 8), data_range=rng_)
+        msg = str(e.value)
+        assert "\n" not in msg and "values span [0, 255]" in msg
+        assert f"declared data range [{rng_[0]:g}, {rng_[1]:g}]" in msg
+        assert "`data_range` 0,1" in msg and "none to feed arrays as they are" in msg
+    # slightly outside (within 1e-3 of the width) is still accepted, unchanged
+    b = _a01() * 2 - 1
+    b[0, 0, 0, 0] = -1.0015
+    assert np.array_equal(load_data(b, None, 0, (1, 8, 8)).numpy(), b)
+
+
+@pytest.mark.parametrize("rng_", [(-1.0, 1.0), (0.0, 1.0), (-0.5, 2.0), (0.1, 0.7), (-3.3, 1.7)])
+def test_uint8_mapped_to_declared_range_exactly(rng_):
+    lo, hi = rng_
+    a = np.arange(256, dtype=np.uint8).reshape(4, 1, 8, 8)
+    x, how = load_data_with_scaling(a, None, 0, (1, 8, 8), data_range=rng_)
+    v = x.flatten().numpy()
+    assert v[0] == np.float32(lo) and v[255] == np.float32(hi)
+    assert v.min() >= np.float32(lo) and v.max() <= np.float32(hi) and np.all(np.diff(v) > 0)
+    np.testing.assert_allclose(v, lo + np.arange(256) / 255 * (hi - lo), rtol=0, atol=1e-6 * (hi - lo + abs(lo)))
+    assert how == DataScaling("uint8 array", f"uint8 0..255 → [{lo:g}, {hi:g}]")
+    if rng_ == (-1.0, 1.0):  # the default keeps the historical x/127.5 − 1, bit for bit
+        assert np.array_equal(v, np.arange(256, dtype=np.float32) / 127.5 - 1.0)
+
+
+def test_digits_mapped_to_declared_range():
+    x, how = load_data_with_scaling("digits", None, 0, (1, 8, 8), data_range=(0, 1))
+    assert x.min() == 0 and x.max() == 1 and how.mapping == "digits 0..16 → [0, 1]"
+    np.testing.assert_array_equal(x.numpy(), (digits_array() + 1) / 2)
+    # the default is the range the built-ins were trained on: digits_array(), bit for bit
+    np.testing.assert_array_equal(load_data("digits", None, 0, (1, 8, 8)).numpy(), digits_array())
+    r = load_data("digits", 6, 0, (3, 32, 32), data_range=(0.0, 1.0))  # resized: clamped to the range
+    assert r.min() >= 0 and r.max() <= 1
+
+
+def test_images_mapped_to_declared_range(tmp_path):
+    px = np.zeros((8, 8), dtype=np.uint8)
+    px[:4] = 255
+    Image.fromarray(px).save(tmp_path / "0.png")
+    x, how = load_data_with_scaling(str(tmp_path), 1, 0, (1, 8, 8), data_range=(0, 1))
+    assert sorted(x.unique().tolist()) == [0.0, 1.0] and how == DataScaling("images", "image pixels 0..255 → [0, 1]")
+    assert sorted(load_data(str(tmp_path), 1, 0, (1, 8, 8)).unique().tolist()) == [-1.0, 1.0]
+
+
+def test_range_none_feeds_floats_as_they_are_and_refuses_pixels(tmp_path):
+    a = _a01() * 255
+    np.save(tmp_path / "x.npy", a)
+    x, how = load_data_with_scaling(str(tmp_path / "x.npy"), None, 0, (1, 8, 8), data_range=None)
+    assert np.array_equal(x.numpy(), a) and how.mapping.endswith("(values in [0, 255]; no range declared)")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "0.png")
+    for spec in (str(tmp_path), "digits", np.zeros((2, 1, 8, 8), dtype=np.uint8)):
+        with pytest.raises(InputError, match="need a range") as e:
+            load_data(spec, 2, 0, (1, 8, 8), data_range=None)
+        assert "`data_range`" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [(1.0, 0.0), (0.0, 0.0), (0.0, float("inf")), (0.0,), "0,1"])
+def test_bad_data_range_refused(bad):
+    with pytest.raises(InputError, match="`data_range`"):
+        load_data("digits", 2, 0, (1, 8, 8), data_range=bad)
+
+
+def test_probe_reports_the_scaling_and_checks_tensors():
+    from lipscope import from_callable, probe
+
+    m = from_callable(_Scale(0.5), sample_shape=(1, 8, 8))
+    a = torch.from_numpy(_a01(2))
+    df = probe(m, a, timesteps=[0, 1], samples=2, batch_size=4)
+    assert df.attrs["data_scaling"].mapping == "float32 array kept as is (values in [0, 1] ⊂ [-1, 1])"
+    with pytest.raises(InputError, match="outside the declared data range"):
+        probe(m, a * 255, timesteps=[0, 1], samples=2, batch_size=4)
+    df = probe(m, a * 255, timesteps=[0, 1], samples=2, batch_size=4, data_range=None)
+    assert df.attrs["data_scaling"].mapping.endswith("no range declared)")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_cli_records_data_range_and_scaling(tmp_path, pipeline_dir):
+    np.save(tmp_path / "x01.npy", _a01())
+    base = ["probe", "--model", str(pipeline_dir), "--samples", "2", "-t", "0,1", "--no-progress"]
+    r = _cli(*base, "--data", str(tmp_path / "x01.npy"), "--data-range", "0,1", "--out", str(tmp_path / "a"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    meta = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert meta["data_range"] == [0.0, 1.0] and meta["options"]["data_range"] == [0.0, 1.0]
+    assert meta["data_scaling"] == {
+        "source_kind": "float32 array",
+        "mapping": "float32 array kept as is (values in [0, 1] ⊂ [0, 1])",
+    }
+    assert "float32 array kept as is" in r.stdout
+    r = _cli(*base, "--data", "digits", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert meta["data_range"] == [-1.0, 1.0] and meta["data_scaling"]["mapping"] == "digits 0..16 → [-1, 1]"
+    r = _cli(*base, "--data", str(tmp_path / "x01.npy"), "--data-range", "none", "--out", str(tmp_path / "c"))
+    assert r.returncode == 0 and json.loads((tmp_path / "c" / "run.json").read_text())["data_range"] is None
+    np.save(tmp_path / "x255.npy", _a01() * 255)
+    for extra in (["--data", str(tmp_path / "x255.npy")], ["--data-range", "1,0"], ["--data-range", "a,b"]):
+        r = _cli(*base, *extra, "--out", str(tmp_path / "d"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--data-range" in r.stderr and not (tmp_path / "d" / "run.json").exists()

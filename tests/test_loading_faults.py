@@ -476,3 +476,57 @@ def test_require_unet():
         msg = _one_line(info)
         assert "fine-tuning needs a diffusers UNet2DModel (hub id, folder or weights file) as `model`" in msg
         assert "py: callable" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# networks that fail on float t
+# ---------------------------------------------------------------------------------------------
+
+FLOAT_T_NETS = {
+    "table": "self.table = torch.linspace(0, 1, 1000)\n",
+    "embedding": "self.table = torch.nn.Embedding(1000, 1)\n",
+}
+
+
+def _float_t_module(tmp_path: Path, monkeypatch, mod: str, kind: str, shape: bool) -> None:
+    (tmp_path / f"{mod}.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        + ("    sample_shape = (1, 4, 4)\n" if shape else "")
+        + "    def __init__(self):\n"
+        "        super().__init__()\n"
+        f"        {FLOAT_T_NETS[kind]}"
+        "    def forward(self, x, t):\n"
+        "        return x * 0 + self.table(t).view(-1, 1, 1, 1) if callable(self.table) "
+        "else x * 0 + self.table[t].view(-1, 1, 1, 1)\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind", list(FLOAT_T_NETS))
+def test_network_that_fails_on_float_t_is_one_line_at_load(tmp_path, monkeypatch, kind):
+    _float_t_module(tmp_path, monkeypatch, f"lf_float_t_{kind}", kind, shape=True)
+    with pytest.raises(InputError) as info:
+        load_model(f"py:lf_float_t_{kind}:make")
+    msg = _one_line(info)
+    assert "the network fails on float timesteps (" in msg and "lipscope feeds float t (B,) in model steps" in msg
+    assert "cast inside your adapter" in msg and ("IndexError" in msg if kind == "table" else "RuntimeError" in msg)
+
+
+def test_network_that_fails_on_float_t_is_one_line_when_called(tmp_path, monkeypatch):
+    _float_t_module(tmp_path, monkeypatch, "lf_float_t_late", "table", shape=False)  # no shape: not probed at load
+    m = load_model("py:lf_float_t_late:make")
+    with pytest.raises(InputError) as info:
+        m(torch.zeros(2, 1, 4, 4), torch.tensor([3.0, 4.5]))
+    assert "fails on float timesteps (IndexError: " in _one_line(info)
+
+
+def test_network_that_fails_on_any_t_keeps_its_own_error():
+    def broken(x, t):
+        raise IndexError("list index out of range")
+
+    m = from_callable(broken, sample_shape=(1, 4, 4))
+    with pytest.raises(IndexError, match="list index out of range"):
+        m(torch.zeros(1, 1, 4, 4), torch.tensor([3.0]))

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from lipscope import load_model
 from lipscope.errors import InputError
 from lipscope.models import from_unet
-from lipscope.schedules import default_schedule, to_epsilon
+from lipscope.schedules import default_schedule
+from lipscope.targets import to_epsilon
 
 
 def _same_outputs(m, ref: UNet2DModel):
@@ -225,3 +226,212 @@ def test_py_factory(tmp_path, monkeypatch):
 
 def test_tiny_config_is_what_the_tests_claim():
     assert TINY["block_out_channels"] == (4, 8) and TINY["norm_num_groups"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# py: factories with --model-arg; rounding adapters; hub ids without network; pipeline classes
+# ---------------------------------------------------------------------------------------------
+
+FACTORY = (
+    "import torch\n"
+    "import lipscope\n"
+    "def make(scale=1.0, name='x'):\n"
+    "    net = lambda x, t: x * 0 + scale\n"
+    "    return lipscope.from_callable(net, sample_shape=(1, 4, 4), name=name)\n"
+)
+
+
+def test_model_args_reach_the_factory(tmp_path, monkeypatch):
+    (tmp_path / "lm_args.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("py:lm_args:make", model_args=["scale=2.5", "name=ema"])
+    assert m.name == "ema" and float(m(torch.zeros(1, 1, 4, 4), 3.0).mean()) == 2.5
+    m = load_model("py:lm_args:make", model_args={"scale": 0.5})  # a mapping from the Python API
+    assert m.name == "x" and float(m(torch.zeros(1, 1, 4, 4), 3.0).mean()) == 0.5
+    assert not m.rounds_timesteps
+    with pytest.raises(InputError, match="unexpected keyword argument 'depth'.*`model_args`"):
+        load_model("py:lm_args:make", model_args=["depth=3"])
+
+
+def test_model_args_parse_json_values_else_strings():
+    from lipscope.pyspec import parse_model_args
+
+    got = parse_model_args(["a=1", "b=true", "c=null", "d=[1, 2]", "e=hello", "f=1e-3", "g=", "h=a=b", 'i="7"'])
+    assert got == {"a": 1, "b": True, "c": None, "d": [1, 2], "e": "hello", "f": 1e-3, "g": "", "h": "a=b", "i": "7"}
+    for bad in (["novalue"], ["=1"], ["1x=2"], ["a=1", "a=2"]):
+        with pytest.raises(InputError, match="`model_args`"):
+            parse_model_args(bad)
+
+
+def test_model_args_only_for_py_specs(pipeline_dir):
+    with pytest.raises(InputError, match="`model_args` are passed to a py: factory"):
+        load_model(str(pipeline_dir), model_args=["scale=2"])
+
+
+def test_model_args_are_recorded_and_mapped_to_the_flag():
+    from dataclasses import asdict
+
+    from lipscope.cli.common import render_error
+    from lipscope.runs import ModelOptions
+
+    assert asdict(ModelOptions(model="py:m:f", model_args=("scale=2", "name=x")))["model_args"] == ("scale=2", "name=x")
+    assert render_error("`model_args` bad") == "--model-arg bad"
+
+
+ROUNDING = (
+    "import torch\n"
+    "class Net(torch.nn.Module):\n"
+    "    sample_shape = (1, 4, 4)\n"
+    "    def __init__(self, cast):\n"
+    "        super().__init__()\n"
+    "        self.cast = cast\n"
+    "    def forward(self, x, t):\n"
+    "        t = {'long': t.long().float(), 'round': t.round(), 'none': t}[self.cast]\n"
+    "        return x * 0 + torch.sin(t / 37).view(-1, 1, 1, 1)\n"
+    "def make(cast='none'):\n"
+    "    return Net(cast)\n"
+)
+
+
+@pytest.mark.parametrize("cast", ["long", "round"])
+def test_rounding_adapter_is_detected_and_fractional_dt_refused(tmp_path, monkeypatch, caplog, cast):
+    from lipscope.models import check_fractional_dt
+    from lipscope.runs import model_info
+
+    (tmp_path / "lm_round.py").write_text(ROUNDING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("py:lm_round:make", model_args=[f"cast={cast}"])
+    assert m.rounds_timesteps and model_info(m)["rounds_timesteps"] is True
+    assert "rounds t to whole steps" in caplog.text
+    with pytest.raises(
+        InputError, match=r"rounds t to whole steps: a fractional `dt` \(0.5\) gives K = 0 or double K; "
+    ):
+        check_fractional_dt(m, 0.5)
+    check_fractional_dt(m, 1.0)  # an integer dt is measured as it is
+    check_fractional_dt(m, 2, scheme="central", timesteps=[0, 5, 100])
+    with pytest.raises(InputError, match="central `scheme`"):
+        check_fractional_dt(m, 1, scheme="central")
+    with pytest.raises(InputError, match="`method` jvp gives K = 0"):
+        check_fractional_dt(m, 1, method="fd,jvp")
+    with pytest.raises(InputError, match="fractional steps"):
+        check_fractional_dt(m, 1, timesteps=[0, 2.5])
+
+
+def test_smooth_networks_are_not_flagged(tmp_path, monkeypatch, unet):
+    from lipscope.models import check_fractional_dt
+    from lipscope.pyspec import detect_rounding
+
+    (tmp_path / "lm_smooth.py").write_text(ROUNDING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("py:lm_smooth:make")
+    assert not m.rounds_timesteps
+    check_fractional_dt(m, 0.5, method="jvp", timesteps=[2.5])
+    assert not detect_rounding(from_unet(unet))  # diffusers UNets take float t as it is
+
+
+def _no_proxies(monkeypatch):
+    import os
+
+    for k in list(os.environ):
+        if k.lower().endswith("_proxy"):
+            monkeypatch.delenv(k)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, no_network):
+    import threading
+    import time
+
+    _no_proxies(monkeypatch)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    release = threading.Event()
+    seen = []
+
+    def hang(addr, timeout=None, *a, **k):  # a connection that never answers (a firewall dropping packets)
+        seen.append(addr)
+        release.wait(30)
+        raise OSError("dropped")
+
+    monkeypatch.setattr("socket.create_connection", hang)
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(InputError) as info:
+            load_model("someone/some-model")
+    finally:
+        release.set()
+    assert time.perf_counter() - t0 < 5
+    msg = str(info.value)
+    assert "\n" not in msg and "no network: cannot reach huggingface.co:443 (no answer within 3 s)" in msg, msg
+    assert "not in the Hugging Face cache" in msg and seen == [("huggingface.co", 443)]
+
+
+def test_hub_endpoint_is_read_from_hf_endpoint(tmp_path, monkeypatch, no_network):
+    _no_proxies(monkeypatch)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example:8080")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    seen = []
+
+    def refuse(addr, timeout=None, *a, **k):
+        seen.append(addr)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    with pytest.raises(InputError, match=r"no network: cannot reach hub.example:8080 \(ConnectionRefusedError"):
+        load_model("someone/some-model")
+    assert seen == [("hub.example", 8080)]
+
+
+def test_hub_id_without_network_uses_the_cache(tmp_path, monkeypatch, pipeline_dir, unet, caplog, no_network):
+    _no_proxies(monkeypatch)
+    _hf_cache(tmp_path / "hub", "google/ddpm-cifar10-32", pipeline_dir, flat=True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    m = load_model("google/ddpm-cifar10-32")
+    assert "no network" in caplog.text and m.name == "google/ddpm-cifar10-32"
+    _same_outputs(m, unet)
+
+
+@pytest.mark.parametrize("spec", ["runs/my-typo", "./x", "a/b/c", "x"])
+def test_missing_local_paths_are_not_hub_ids(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/my-typo: ./runs exists, so this is a path with a typo
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("a path went to the hub"))
+    with pytest.raises(InputError, match=f"`model` {spec}: no such file or folder"):
+        load_model(spec)
+
+
+def _pipeline_index(folder: Path, cls: str, **components) -> Path:
+    folder.mkdir(parents=True)
+    index = {"_class_name": cls, "scheduler": ["diffusers", "DDPMScheduler"], **components}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("cls", "components", "named"),
+    [
+        ("DiTPipeline", {"transformer": ["diffusers", "DiTTransformer2DModel"]}, "transformer: DiTTransformer2DModel"),
+        ("StableDiffusionPipeline", {"unet": ["diffusers", "UNet2DConditionModel"]}, "unet: UNet2DConditionModel"),
+        ("AudioPipeline", {"vqvae": ["diffusers", "AutoencoderKL"]}, "no unet or transformer component"),
+    ],
+)
+def test_unsupported_pipeline_is_refused_by_class(tmp_path, cls, components, named):
+    folder = _pipeline_index(tmp_path / "dit", cls, **components)
+    with pytest.raises(InputError) as info:
+        load_model(str(folder))
+    msg = str(info.value)
+    assert f"is a {cls} ({named}), which lipscope does not support yet; supported: " in msg, msg
+    assert "no config.json" not in msg and "\n" not in msg
+
+
+def test_unsupported_pipeline_on_the_hub_is_refused_by_class(tmp_path, monkeypatch, no_network):
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    base = tmp_path / "hub" / "models--facebook--DiT-XL-2-256"
+    _pipeline_index(base / "snapshots" / rev, "DiTPipeline", transformer=["diffusers", "DiTTransformer2DModel"])
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        InputError, match=r"facebook/DiT-XL-2-256 is a DiTPipeline \(transformer: DiTTransformer2DModel\)"
+    ):
+        load_model("facebook/DiT-XL-2-256", offline=True)

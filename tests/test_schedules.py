@@ -93,7 +93,7 @@ def test_parse_grid(spec, expect):
 
 def test_parse_log_grid_is_unique_and_in_range():
     g = parse_grid("log:64", 1000)
-    assert g[0] == 1 and g[-1] == 999 and len(np.unique(g)) == len(g)
+    assert g[0] == 0 and g[1] == 1 and g[-1] == 999 and len(np.unique(g)) == len(g)
 
 
 @pytest.mark.parametrize("spec", ["1000", "-1,3", "linear:0", "range:0:10:0", "bogus", "log:x", ","])
@@ -124,3 +124,9 @@ def test_continuous_schedule_closed_form():
     assert float(s.sigma(torch.tensor(0.0))) == 0.0
     with pytest.raises(InputError):
         named_schedule("nope")
+
+
+def test_log_grid_starts_at_zero():
+    g = parse_grid("log:8", 1000)
+    assert g[0] == 0 and len(g) == 8 and g[-1] == 999
+    assert list(parse_grid("log:1", 1000)) == [0]

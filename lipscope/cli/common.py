@@ -38,6 +38,7 @@ FLAGS: dict[str, str] = {
     "config": "--config",
     "spec": "--model",
     "model": "--model",
+    "model_args": "--model-arg",
     "data": "--data",
 }
 # Python-API parameters no command exposes: shown as they are, never as an invented flag

@@ -14,6 +14,7 @@ import typer
 from ..models import DTYPES
 from ..probe import SCHEMES
 from ..sampling import SAMPLERS
+from ..targets import TARGETS
 
 
 def choice(*values: str) -> Callable[[str], str]:
@@ -52,6 +53,7 @@ def batch_size(v: str) -> str:
 METHOD = choice("fd", "jvp", "fd,jvp", "jvp,fd")
 SCHEME = choice(*SCHEMES)
 SPACE = choice("time", "condition")
+TARGET = choice(*TARGETS)
 DTYPE = choice(*DTYPES)
 SAMPLER = choice(*SAMPLERS)
 MIXED_PRECISION = choice("no", "fp16", "bf16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,29 @@ import typer
 from rich.table import Table
 
 from .common import cli_errors, out, setup_logging
-from .options import BATCH_SIZE, DEVICE, DTYPE, METHOD, SCHEME, SPACE
+from .options import BATCH_SIZE, DEVICE, DTYPE, METHOD, SCHEME, SPACE, TARGET
+
+
+def _data_range(v: str) -> tuple[float, float] | None | str:
+    """``--data-range``: LO,HI (finite, LO < HI), auto or none."""
+    v = v.strip()
+    if v.lower() == "none":
+        return None
+    if v.lower() == "auto":
+        return "auto"
+    parts = v.split(",")
+    try:
+        lo, hi = (float(x) for x in parts)
+    except ValueError:
+        raise typer.BadParameter(f"{v!r} is not a range; use LO,HI (e.g. -1,1 or 0,1), auto or none") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise typer.BadParameter(f"{v!r}: needs finite LO < HI (e.g. -1,1 or 0,1) or none")
+    return lo, hi
+
+
+def _data_range_flag(v: str) -> str:
+    _data_range(v)  # checked here, converted in the command
+    return v.strip()
 
 
 @cli_errors
@@ -19,6 +42,9 @@ def probe(
         "--model",
         "-m",
         help="hub id, pipeline/unet folder, weights file (+ --config), py:module:factory or builtin:NAME.",
+    ),
+    model_arg: list[str] | None = typer.Option(
+        None, "--model-arg", help="key=value keyword argument of a py: factory (repeatable; values parsed as JSON)."
     ),
     data: str | None = typer.Option(
         None,
@@ -79,8 +105,28 @@ def probe(
         False, "--trust-pickle", help="Allow full unpickling of .pt/.bin checkpoints (runs code from the file)."
     ),
     t_split: float | None = typer.Option(None, "--t-split", help="Split for the summary (default T/10 = 100 of 1000)."),
+    data_range: str = typer.Option(
+        "auto",
+        "--data-range",
+        parser=_data_range_flag,
+        help="Range the model was trained on: LO,HI, none, or auto (the process family's convention: -1,1; "
+        "0,1 for score-SDE VE; printed). Images, digits and uint8 are mapped into it; float arrays must lie "
+        "inside it and are fed unchanged; none feeds float arrays as they are.",
+    ),
+    target: str = typer.Option(
+        "eps",
+        "--target",
+        parser=TARGET,
+        help="Parameterisation measured: eps (the paper's ε), x0, v, score or velocity (ε − x0), converted at the "
+        "true t.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
+    allow_noise_limited: bool = typer.Option(
+        False,
+        "--allow-noise-limited",
+        help="Keep a float16/bfloat16 FD run whose rows are limited by rounding noise (flagged in fd_noise_limited).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
@@ -90,6 +136,7 @@ def probe(
     res = run_probe(
         ProbeOptions(
             model=model,
+            model_args=tuple(model_arg or ()),
             config=_s(config),
             scheduler_config=_s(scheduler_config),
             revision=revision,
@@ -110,6 +157,9 @@ def probe(
             seed=seed,
             batch_size=batch_size,
             t_split=t_split,
+            data_range=_data_range(data_range),
+            target=target,
+            allow_noise_limited=allow_noise_limited,
         ),
         progress=progress and sys.stderr.isatty(),
     )
@@ -126,6 +176,13 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     tab.add_row(f"median K, t ≥ {s['t_split']:g}", f"{s['median_K_above']:.4g}")
     tab.add_row(f"mean K, t < {s['t_split']:g}", f"{s['mean_K_below']:.4g}")
     tab.add_row("singularity ratio", f"{s['singularity_ratio']:.3g}")
+    scaling = df.attrs.get("data_scaling")
+    if scaling is not None:
+        tab.add_row("data", str(scaling))
     tab.add_row("forwards/s", f"{df.attrs['forwards_per_s']:.1f}  ({df.attrs['forwards']} forwards, {wall:.1f} s)")
+    flagged = int(df["fd_noise_limited"].sum())
+    if flagged:
+        fd = int(df["method"].astype(str).str.startswith("fd").sum())
+        tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
     out.print(tab)

@@ -20,9 +20,11 @@ def model_info(m: EpsModel) -> dict[str, Any]:
         "config_hash": m.config_hash,
         "T": m.T,
         "prediction_type": m.prediction_type,
+        "process": m.schedule.describe(),
         "sample_shape": m.sample_shape,
         "config": m.config,
         "scheduler_config": m.scheduler_config,
+        "rounds_timesteps": m.rounds_timesteps,
     }
 
 
@@ -39,6 +41,7 @@ class ModelOptions:
     trust_pickle: bool = False
     device: str = "auto"
     dtype: str = "float32"
+    model_args: tuple[str, ...] | dict[str, Any] = ()  # py: factory keyword arguments (key=value strings or a dict)
 
     def load(self) -> EpsModel:
         return load_model(
@@ -51,4 +54,5 @@ class ModelOptions:
             trust_pickle=self.trust_pickle,
             device=self.device,
             dtype=self.dtype,
+            model_args=self.model_args,
         )

@@ -12,12 +12,14 @@ from typing import Any
 import pandas as pd
 
 from .. import io as lio
+from ..data import check_data_range
 from ..errors import InputError
 from ..etsdm import Etsdm
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
 from ..reduction import check_t_split, summary
+from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
 from .common import ModelOptions, check_out_dir, model_info
 
@@ -38,6 +40,12 @@ class ProbeOptions(ModelOptions):
     batch_size: str = "auto"
     t_split: float | None = None
     overwrite: bool = False  # replace a non-empty `out`
+    allow_noise_limited: bool = False  # keep float16/bfloat16 FD rows limited by rounding noise
+    # the range the model was trained on: pixel data is mapped into it, float data must lie inside
+    # it and is fed unchanged; None feeds float data as it is (lipscope.data)
+    # "auto": the process family's convention ([−1, 1]; [0, 1] for score-SDE VE), printed and recorded
+    data_range: tuple[float, float] | None | str = "auto"
+    target: str = "eps"  # the parameterisation measured: eps (the paper's), x0, v, score, velocity
 
     def resolved(self) -> ProbeOptions:
         """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
@@ -60,6 +68,10 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
 
     if opts.samples < 2:
         raise InputError("`samples` must be ≥ 2 (a confidence interval needs at least two samples)")
+    if not isinstance(opts.data_range, str):
+        check_data_range(opts.data_range)
+    if opts.target not in TARGETS:
+        raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
     out = check_out_dir(opts.out, overwrite=opts.overwrite)
     opts = opts.resolved()
     with lio.run_lock(out):
@@ -83,6 +95,9 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         batch_size=opts.batch_size,
         progress=progress,
         cache_dir=str(lio.user_cache_dir() / "samples"),
+        data_range=opts.data_range,
+        allow_noise_limited=opts.allow_noise_limited,
+        target=opts.target,
     )
     summ = summary(df, m.T, opts.t_split)
     wall = time.time() - start
@@ -93,6 +108,10 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         "device": str(m.device),
         "dtype": str(m.dtype).removeprefix("torch."),
         "seed": opts.seed,
+        "data_range": df.attrs["data_range"],
+        "target": opts.target,
+        "process": m.schedule.describe(),
+        "data_scaling": asdict(df.attrs["data_scaling"]),
         "versions": lio.package_versions(),
         "wall_time_s": wall,
         "probe_time_s": df.attrs["seconds"],
@@ -101,6 +120,9 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         "batch_size_used": df.attrs["batch_size"],
         "grid_points": len(df),
         "summary": summ,
+        # how fd_noise_rel was estimated: c·u·(‖ε_a‖ + ‖ε_b‖), c measured or the constant (docs/probe.md)
+        "fd_noise": df.attrs.get("fd_noise"),
+        "fd_noise_limited_rows": int(df["fd_noise_limited"].sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"

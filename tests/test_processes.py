@@ -1,0 +1,186 @@
+"""Noise processes (VE, EDM, flow matching) against independent references written from diffusers' own
+scheduler and pipeline calls (tests/reference_processes.py, which does not import lipscope), and the
+Gaussian closed forms of Theorem 3.1 extended to those processes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from process_fixtures import save_edm_folder, save_flow_folder, save_ve_pipeline
+from reference_processes import edm_fd_reference, flow_fd_reference, ve_fd_reference
+
+from lipscope.errors import InputError
+from lipscope.gaussian import GaussianMixture, closed_form_samples, gaussian_eps_model
+from lipscope.loading import load_model
+from lipscope.probe import probe
+from lipscope.processes import EDMProcess, FlowProcess, VEProcess, process_from_config
+from lipscope.schedules import Schedule, named_schedule
+
+U32 = 2.0**-24
+
+
+def _load_diffusers(folder):
+    from diffusers import UNet2DModel
+    from diffusers.schedulers import SchedulerMixin
+
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    import diffusers
+
+    sched: SchedulerMixin = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    return unet, sched
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("processes")
+    return {
+        "ve": save_ve_pipeline(d / "ve"),
+        "flow": save_flow_folder(d / "flow", shift=3.0),
+        "edm": save_edm_folder(d / "edm"),
+    }
+
+
+def test_dispatch_by_class_name_and_refusals():
+    assert isinstance(process_from_config({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 50.0}), VEProcess)
+    assert isinstance(process_from_config({"_class_name": "EDMEulerScheduler"}), EDMProcess)
+    f = process_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    assert isinstance(f, FlowProcess) and f.shift == 3.0 and f.T == 1000
+    assert (
+        process_from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}).shift
+        is None
+    )
+    assert isinstance(process_from_config({"_class_name": "EulerDiscreteScheduler"}), Schedule)
+    assert isinstance(process_from_config({"num_train_timesteps": 10}), Schedule)  # no class: DDPM-family, as before
+    for cfg, words in (
+        ({"_class_name": "BananaScheduler"}, "BananaScheduler is not a noise process"),
+        ({"_class_name": "ScoreSdeVpScheduler"}, "ScoreSdeVpScheduler"),
+        ({"_class_name": "EDMEulerScheduler", "sigma_schedule": "cosine"}, "sigma_schedule"),
+        ({"_class_name": "ScoreSdeVeScheduler", "sigma_min": -1}, "sigma_min"),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}, "invert_sigmas"),
+    ):
+        with pytest.raises(InputError, match=words):
+            process_from_config(cfg)
+
+
+PROCESSES = {
+    "vp-discrete": named_schedule("linear"),
+    "vp-cosine": named_schedule("vp-cosine"),
+    "ve": VEProcess(sigma_min=0.01, sigma_max=50.0),
+    "edm-karras": EDMProcess(),
+    "edm-exponential": EDMProcess(ramp="exponential"),
+    "flow": FlowProcess(),
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSES))
+def test_derivatives_match_central_differences(name):
+    """dα/dτ, dσ/dτ, dλ/dτ and d(native)/dτ against float64 central differences (h = 1e-4 steps, off the
+    VP interpolation's integer knots): truncation O(h²) and rounding O(u/h) are both below 1e-7 relative."""
+    p = PROCESSES[name]
+    k = torch.tensor([3.3, 10.5, 250.25, 700.7], dtype=torch.float64)
+    h = 1e-4
+    for f, df in (
+        (p.alpha, p.dalpha_dtau),
+        (p.sigma, p.dsigma_dtau),
+        (p.log_snr, p.dlog_snr_dtau),
+        (p.native_time, p.dnative_dtau),
+    ):
+        fd = (f(k + h) - f(k - h)) / (2 * h / p.T)
+        torch.testing.assert_close(df(k), fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["ve", "flow", "edm"])
+def test_fd_matches_diffusers_brute_force(folders, kind):
+    """K per sample from lipscope's batched FD equals a per-sample loop written from diffusers' scheduler calls.
+
+    Both run the network in float64; the only float32 steps are inside diffusers (the positional embedding
+    casts its input to float32; the flow scheduler stores σ as float32): each rounds one input by ≤ u₃₂
+    relative, so the two ε agree to a few u₃₂·‖ε‖ and K to 8·u₃₂·(‖ε_a‖ + ‖ε_b‖)/Δτ (factor 8: two roundings
+    per point, amplified at most 2× by these tiny networks, measured ≤ 1.5)."""
+    folder = folders[kind]
+    unet, sched = _load_diffusers(folder)
+    model = load_model(str(folder), dtype="float64")
+    assert model.schedule.kind == kind
+    n, T = 3, model.T
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.rand((n, *model.sample_shape), generator=gen, dtype=torch.float64) * 2 - 1
+    grid = [0, 10, 500]
+    df = probe(model, x0, timesteps=grid, dt=1.0, samples=n, data_range=None)
+    K = df.attrs["K_samples"]
+    from lipscope import rng
+
+    noise = rng.noise(0, n, tuple(model.sample_shape), dtype=x0.dtype)
+    ref_fn = {"ve": ve_fd_reference, "flow": flow_fd_reference, "edm": edm_fd_reference}[kind]
+    for j, k in enumerate(grid):
+        ref = ref_fn(unet, sched, x0, noise, k, 1).numpy()
+        # ‖ε_a‖ + ‖ε_b‖ from lipscope's model (float64) at the same points
+        x = model.schedule.alpha(torch.tensor(float(k))) * x0 + model.schedule.sigma(torch.tensor(float(k))) * noise
+        with torch.no_grad():
+            scale = sum(torch.linalg.vector_norm(model(x, float(kk)).reshape(n, -1), dim=1) for kk in (k, k + 1))
+        tol = 8 * U32 * scale.numpy() * T
+        assert np.all(np.abs(K[:, j] - ref) <= tol), (kind, k, K[:, j], ref, tol)
+        assert np.all(np.abs(K[:, j] - ref) <= 1e-3 * ref)  # and the tolerance is far below K itself
+
+
+def test_ve_is_fed_sigma_and_defaults_to_unit_range(folders):
+    model = load_model(str(folders["ve"]))
+    d = model.schedule.describe()
+    assert d["process"] == "ve" and d["network_fed"] == "sigma(k)" and model.T == 2000
+    assert model.schedule.default_data_range == (0.0, 1.0)
+    df = probe(model, "digits", timesteps="0,10", samples=4)
+    assert "[0, 1]" in str(df.attrs["data_scaling"]) and "the ve default" in str(df.attrs["data_scaling"])
+    assert np.isfinite(df["K_mean"]).all() and (df["K_mean"] > 0).all()
+
+
+def test_flow_shift_recorded_not_applied(folders):
+    """The network is fed σ·T whatever the shift; the same folder with shift 1 gives the same table."""
+    model = load_model(str(folders["flow"]))
+    assert model.schedule.describe()["shift"] == 3.0
+    cfg = dict(model.scheduler_config, shift=1.0)
+    other = load_model(str(folders["flow"]), scheduler_config=cfg)
+    a = probe(model, "digits", timesteps="0,5,900", samples=4)
+    b = probe(other, "digits", timesteps="0,5,900", samples=4)
+    np.testing.assert_array_equal(a["K_mean"], b["K_mean"])
+
+
+GAUSS_PROCESSES = ["ve", "flow", "edm-karras"]
+
+
+@pytest.mark.parametrize("name", GAUSS_PROCESSES)
+def test_gaussian_closed_form_every_process(name):
+    """Theorem 3.1 on N(μ, Σ) for VE, flow and EDM: JVP through ε* equals the closed-form ∂ε*/∂τ per sample
+    (both float64: agreement to ~1e-12 relative), and FD converges to it."""
+    p = PROCESSES[name]
+    g = GaussianMixture.gaussian(torch.tensor([0.5, -0.25]), torch.tensor([0.3, 1.5]))
+    model = gaussian_eps_model(g, p)
+    grid = np.array([1.0, 10.0, 300.0])
+    df = probe(model, g.sample(8, 0), timesteps=grid, method="jvp", samples=8, data_range=None)
+    x0 = g.sample(8, 0)
+    from lipscope import rng
+
+    noise = rng.noise(0, 8, g.shape, dtype=x0.dtype)
+    ref = closed_form_samples(g, p, x0, noise, grid)[0]
+    np.testing.assert_allclose(df.attrs["K_samples"], ref, rtol=1e-9)
+    fine = probe(model, x0, timesteps=grid, dt=1e-3, scheme="central", samples=8, data_range=None)
+    np.testing.assert_allclose(fine.attrs["K_samples"], ref, rtol=1e-5)
+
+
+def test_lambda_and_native_columns():
+    """K_per_lambda = K·Δτ/|Δλ| (FD) and K/|dλ/dτ| (JVP); EDM's native time is σ."""
+    g = GaussianMixture.gaussian(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]))
+    p = PROCESSES["edm-karras"]
+    df = probe(
+        gaussian_eps_model(g, p), g.sample(4, 0), timesteps=[10.0, 100.0], method="fd,jvp", samples=4, data_range=None
+    )
+    fd, jv = df[df.method == "fd-forward"], df[df.method == "jvp"]
+    k = torch.tensor([10.0, 100.0], dtype=torch.float64)
+    dlam = (p.log_snr(k + 1) - p.log_snr(k)).abs().numpy()
+    np.testing.assert_allclose(fd["K_per_lambda"], fd["K_mean"] * (1 / p.T) / dlam, rtol=1e-12)
+    np.testing.assert_allclose(jv["K_per_lambda"], jv["K_mean"] / p.dlog_snr_dtau(k).abs().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(jv["t_native"], p.sigma(k).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(jv["K_per_native"], jv["K_mean"] / p.dsigma_dtau(k).numpy(), rtol=1e-12)
+    assert (df["K_per_lambda_ci_low"] <= df["K_per_lambda"]).all()
