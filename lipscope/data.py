@@ -195,7 +195,7 @@ def digits_array(data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> np.nda
     return map_codes(digits_codes(), 16, data_range, "`data` digits", "digits")[0]
 
 
-def _load_array(path: Path) -> np.ndarray:
+def load_array(path: Path) -> np.ndarray:
     try:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -351,7 +351,7 @@ def load_data_with_scaling(
         return torch.from_numpy(y), how
     if path.suffix.lower() not in ARRAY_SUFFIXES:
         raise InputError(f"`data` {spec}: unknown file type; use {'/'.join(ARRAY_SUFFIXES)} or an image folder")
-    a = to_nchw(_load_array(path), c, f"`data` {spec}")
+    a = to_nchw(load_array(path), c, f"`data` {spec}")
     if a.shape[0] == 0:
         raise InputError(f"`data` {spec}: the array holds no samples; pass an array with at least one sample")
     y, how = scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}", data_range)

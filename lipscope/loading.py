@@ -39,6 +39,7 @@ from .data import digits_array
 from .errors import InputError
 from .etsdm import ETSDMUNet2DModel
 from .gaussian import GaussianMixture, gaussian_eps_model
+from .latents import load_codec, vae_component
 from .models import SUPPORTED_CLASSES, EpsModel, check_pipeline_index, from_unet, resolve_device, resolve_dtype
 from .models import short_error as _short
 from .pyspec import load_py, parse_model_args
@@ -188,8 +189,22 @@ def check_unet_config(cfg: dict[str, Any], where: str) -> None:
 def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt, trust_pickle=False) -> EpsModel:
     if not subfolder and not (path / "config.json").exists() and (path / "pipeline" / "model_index.json").exists():
         path = path / "pipeline"  # a lipscope train/finetune run folder
-    if not subfolder and (path / "model_index.json").is_file():
-        check_pipeline_index(read_json(path / "model_index.json", "model_index.json"), str(path))
+    index = read_json(path / "model_index.json", "model_index.json") if (path / "model_index.json").is_file() else {}
+    if not subfolder and index:
+        check_pipeline_index(index, str(path))
+    return _with_codec(_load_unet_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle), path, index, dev, dt)
+
+
+def _with_codec(model: EpsModel, root, index: dict, dev, dt, **hub) -> EpsModel:
+    """A latent pipeline's model carries its autoencoder (:mod:`lipscope.latents`)."""
+    if not vae_component(index):
+        return model
+    codec = load_codec(root, index, dev, dt, **hub)
+    log.info("%s: latent pipeline; image data is encoded with its %s (%s)", model.name, codec.kind, codec.component)
+    return dataclasses.replace(model, latent=codec)
+
+
+def _load_unet_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt, trust_pickle) -> EpsModel:
     if subfolder:
         unet_dir = path / subfolder
     elif (path / "unet" / "config.json").exists():
@@ -339,9 +354,10 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
                 "check the id, or use `offline` with a cached copy"
             ) from e
 
-    index = None if subfolder else fetch("model_index.json")
+    index_file = None if subfolder else fetch("model_index.json")
+    index = read_json(Path(index_file), "model_index.json") if index_file else {}
     if index:
-        check_pipeline_index(read_json(Path(index), "model_index.json"), repo)
+        check_pipeline_index(index, repo)
     subs = [subfolder] if subfolder else ["unet", ""]
     unet_sub, cfg_file = None, None
     for s in subs:
@@ -375,7 +391,8 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
             f"`model` {repo}: could not load the UNet ({_short(e)}); check the repo id and its files"
         ) from e
     name = repo if revision is None else f"{repo}@{revision}"
-    return from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt)
+    hub = {"revision": revision, "local_files_only": local_only}
+    return _with_codec(from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt), repo, index, dev, dt, **hub)
 
 
 def _no_network(timeout: float = HUB_TIMEOUT_S) -> str | None:

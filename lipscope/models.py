@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import InputError, ModelOutputError
 from .etsdm import Etsdm, etsdm_of
+from .latents import LatentCodec
 from .processes import process_from_config
 from .schedules import DEFAULT_SCHEDULER_CONFIG, NoiseProcess, Schedule
 from .targets import TARGETS, from_epsilon
@@ -66,6 +67,7 @@ class EpsModel:
     # the data range this model was trained on, when it is known better than its process family's convention
     # ("auto"): None for closed forms on unbounded (Gaussian) data
     data_range: tuple[float, float] | None | str = "auto"
+    latent: LatentCodec | None = None  # a latent pipeline's autoencoder: image data is encoded to x0 with it
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

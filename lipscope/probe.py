@@ -28,6 +28,7 @@ from . import rng
 from .batching import RunStats, check_finite, check_memory, is_oom, run_batched
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
+from .latents import latent_x0
 from .models import EpsModel, forward_ad_patches
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
@@ -315,12 +316,19 @@ def probe(
     default = model.schedule.default_data_range if isinstance(model.data_range, str) else model.data_range
     data_range = resolve_data_range(data_range, default)
     scaling: DataScaling
-    if isinstance(data, torch.Tensor) and data.is_floating_point() and data.shape[0] == samples:
+    if (
+        isinstance(data, torch.Tensor)
+        and data.is_floating_point()
+        and data.shape[0] == samples
+        and (model.latent is None or tuple(data.shape[1:]) == tuple(model.sample_shape or ()))
+    ):
         x0 = data  # used as given (dtype, device); its range is still checked and reported
         scaling = scale_array(data.detach().float().cpu().numpy(), "`data` tensor", data_range)[1]
     elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
         x0 = model_samples(model, samples, seed, cache_dir=cache_dir)
         scaling = DataScaling("model samples", "samples of the model, kept as generated")
+    elif model.latent is not None:  # images through the pipeline's autoencoder, or precomputed latents
+        x0, scaling = latent_x0(model.latent, data, samples, seed, data_range, model.sample_shape)
     else:
         x0, scaling = load_data_with_scaling(data, samples, seed, model.sample_shape, data_range)
     if auto and scaling.source_kind != "model samples":
@@ -334,6 +342,7 @@ def probe(
         raise InputError(
             f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
         )
+    x0 = x0.contiguous()  # memory layout changes kernels and so float32 rounding: one layout for every source
     noise = rng.noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
     D = math.prod(x0.shape[1:])
     stats = RunStats()

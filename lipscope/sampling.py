@@ -38,8 +38,9 @@ def betas_of(model: EpsModel) -> np.ndarray:
     return (-torch.expm1(lab - prev)).numpy()
 
 
-def make_scheduler(name: str, model: EpsModel, steps: int):
-    """A diffusers scheduler for ``name`` over the model's own betas, timesteps set for ``steps``."""
+def make_scheduler(name: str, model: EpsModel, steps: int, clip: bool = True):
+    """A diffusers scheduler for ``name`` over the model's own betas, timesteps set for ``steps``; ``clip``:
+    x̂0 clipped to [−1, 1] at each step (pixel models, as diffusers' pixel pipelines do; never for latents)."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     if name not in SAMPLERS:
@@ -48,9 +49,9 @@ def make_scheduler(name: str, model: EpsModel, steps: int):
         raise InputError(f"`steps` {steps}: use 1..{model.T}")
     common = {"num_train_timesteps": model.T, "trained_betas": betas_of(model), "prediction_type": "epsilon"}
     if name == "ddpm":
-        sched = DDPMScheduler(**common, variance_type="fixed_small", clip_sample=True)
+        sched = DDPMScheduler(**common, variance_type="fixed_small", clip_sample=clip)
     elif name == "ddim":
-        sched = DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+        sched = DDIMScheduler(**common, clip_sample=clip, set_alpha_to_one=True, timestep_spacing="trailing")
     else:  # "dpmsolver" is DPM-Solver++(2M): plain DPM-Solver is deprecated in diffusers
         sched = DPMSolverMultistepScheduler(
             **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
@@ -69,7 +70,9 @@ def sample(
     batch_size: int = 256,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Draw n samples (float32 (n, C, H, W), clamped to [−1, 1]); NaN/inf samples are refused."""
+    """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to
+    [−1, 1]; a latent model's samples stay latents, unclamped."""
+    clip = model.latent is None
     if model.target != "eps":
         model = dataclasses.replace(model, target="eps")  # samplers integrate ε, whatever a probe measures
     if model.sample_shape is None:
@@ -80,7 +83,7 @@ def sample(
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
     with torch.inference_mode():
         for s in range(0, n, batch_size):
-            sched = make_scheduler(scheduler, model, steps)  # multistep solvers keep per-run state
+            sched = make_scheduler(scheduler, model, steps, clip)  # multistep solvers keep per-run state
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
             gens = [
                 rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=model.device) for i in range(xb.shape[0])
@@ -95,7 +98,7 @@ def sample(
                     f"sampling {model.name} ({scheduler}, {steps} steps) gave NaN/inf in {int(bad.sum())} of "
                     f"{xb.shape[0]} samples (batch at {s}); check the weights, or sample in float32"
                 )
-            out.append(xb.float().clamp(-1, 1).cpu())
+            out.append((xb.float().clamp(-1, 1) if clip else xb.float()).cpu())
     return torch.cat(out)
 
 

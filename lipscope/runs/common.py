@@ -21,6 +21,7 @@ def model_info(m: EpsModel) -> dict[str, Any]:
         "T": m.T,
         "prediction_type": m.prediction_type,
         "process": m.schedule.describe(),
+        "space": m.latent.describe() if m.latent is not None else {"space": "pixel"},
         "sample_shape": m.sample_shape,
         "config": m.config,
         "scheduler_config": m.scheduler_config,
