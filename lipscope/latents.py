@@ -57,6 +57,18 @@ class LatentCodec:
                 out.append(z.double() if x.dtype == torch.float64 else z.float())
         return torch.cat(out)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixels in [−1, 1] of latents z, as the pipelines decode: vae.decode(z / scaling_factor (+ shift))."""
+        p = next(self.vae.parameters())
+        out = []
+        with torch.no_grad():
+            for s in range(0, z.shape[0], ENCODE_BATCH):
+                zb = z[s : s + ENCODE_BATCH].to(p.device, p.dtype) / self.scaling_factor
+                if self.shift_factor is not None:
+                    zb = zb + self.shift_factor
+                out.append(self.vae.decode(zb).sample.clamp(-1, 1).float().cpu())
+        return torch.cat(out)
+
     def describe(self) -> dict[str, Any]:
         what = "latent_dist.mean" if self.kind == "AutoencoderKL" else "encode().latents (before quantisation)"
         shift = f" − {self.shift_factor:g}" if self.shift_factor is not None else ""

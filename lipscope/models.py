@@ -26,7 +26,7 @@ from .etsdm import Etsdm, etsdm_of
 from .latents import LatentCodec
 from .processes import process_from_config
 from .schedules import DEFAULT_SCHEDULER_CONFIG, NoiseProcess, Schedule
-from .targets import TARGETS, from_epsilon
+from .targets import NATIVE_TARGET, TARGETS, from_epsilon, mean_half
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -107,6 +107,8 @@ class EpsModel:
             _refuse_if_float_t_failure(self, e, x, c)
             raise
         check_output(out, x)
+        if NATIVE_TARGET.get(self.prediction_type) == self.target and (self.fed_steps or p.output_is_prediction):
+            return mean_half(out, x)  # the network's own parameterisation: no round trip through ε (α = 0 in flow)
         convert = NoiseProcess.eps_from_output if self.fed_steps else type(p).eps_from_output
         eps = convert(p, out, x, t, self.prediction_type)
         if self.target == "eps":

@@ -1,17 +1,32 @@
-"""Figures (Agg backend; library code never calls plt.show)."""
+"""Figures as ``matplotlib.figure.Figure`` objects: no pyplot, so no backend is chosen or changed and no
+figure is left registered; the seaborn style applies inside each function only (:func:`_themed`)."""
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _themed(fn: Callable[P, R]) -> Callable[P, R]:
+    """Draw inside seaborn's whitegrid/notebook style, restored afterwards (no global theme change)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _t_axes(ax) -> None:
@@ -21,22 +36,35 @@ def _t_axes(ax) -> None:
     ax.set_yscale("log")
 
 
-def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = None):
-    """K vs t on log-log axes (symlog in t so t = 0 shows), with the 95% CI band per method."""
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+@_themed
+def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = None, x: str = "t"):
+    """K vs t on log-log axes (symlog in t so t = 0 shows), with the 95% CI band per method.
+
+    ``x="lambda"``: K per unit of log-SNR against λ = log(α²/σ²) (``K_per_lambda`` columns), the axis on which
+    models of different noise processes compare; low noise (small t) is on the right."""
+    if x not in ("t", "lambda"):
+        raise ValueError(f"x must be t or lambda, got {x!r}")
+    xcol, k = ("t", "K") if x == "t" else ("lambda", "K_per_lambda")
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    ax = fig.subplots()
     palette = sns.color_palette("deep")
     for c, (method, d) in zip(palette, df.groupby("method", sort=False), strict=False):
-        d = d.sort_values("t")
-        ax.plot(d["t"], d["K_mean"], marker="o", ms=2.5, lw=1.4, color=c, label=method)
-        if {"K_ci_low", "K_ci_high"} <= set(d.columns):
-            lo = d["K_ci_low"].clip(lower=d["K_mean"].min() * 1e-3)
-            ax.fill_between(d["t"], lo, d["K_ci_high"], color=c, alpha=0.25, lw=0, label=f"{method} 95% CI")
-    _t_axes(ax)
-    ax.set_xlabel("timestep t (model steps)")
-    ax.set_ylabel("K(t) = E‖ε(x_t,t′) − ε(x_t,t)‖ / Δτ")
-    if t_split is not None:
-        ax.axvline(t_split, color="0.4", ls="--", lw=0.8)
+        d = d[np.isfinite(d[xcol])].sort_values(xcol)
+        mean = d[f"{k}_mean" if k == "K" else k]
+        ax.plot(d[xcol], mean, marker="o", ms=2.5, lw=1.4, color=c, label=method)
+        if {f"{k}_ci_low", f"{k}_ci_high"} <= set(d.columns):
+            lo = d[f"{k}_ci_low"].clip(lower=mean.min() * 1e-3)
+            ax.fill_between(d[xcol], lo, d[f"{k}_ci_high"], color=c, alpha=0.25, lw=0, label=f"{method} 95% CI")
+    if x == "t":
+        _t_axes(ax)
+        ax.set_xlabel("timestep t (model steps)")
+        ax.set_ylabel("K(t) = E‖ε(x_t,t′) − ε(x_t,t)‖ / Δτ")
+        if t_split is not None:
+            ax.axvline(t_split, color="0.4", ls="--", lw=0.8)
+    else:
+        ax.set_yscale("log")
+        ax.set_xlabel("log-SNR λ = log(α²/σ²)")
+        ax.set_ylabel("K per unit λ = E‖Δε‖ / |Δλ|")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -47,14 +75,14 @@ def figure_png(fig) -> bytes:
     """Render a figure to PNG bytes (so it can be written atomically) and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
+@_themed
 def plot_theory(df: pd.DataFrame, title: str = ""):
     """Closed forms vs estimators against t (log-log; t = 0 drawn at symlog origin)."""
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
+    fig = Figure(figsize=(7.5, 4.6), dpi=120)
+    ax = fig.subplots()
     t = df["t"]
     series = [
         ("K_fd_exact_rms", "FD on ε*, exact RMS", "-", 2.0),
@@ -85,10 +113,11 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
     return fig
 
 
+@_themed
 def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "fd_pixel", "swd_pixel")):
     """Metric vs number of sampling steps, one panel per metric, a line per (model, scheduler)."""
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), dpi=110)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.8), dpi=110)
+    axes = fig.subplots(1, len(metrics))
     for ax, met in zip(np.atleast_1d(axes), metrics, strict=True):
         for (model, sch), d in summary.groupby(["model", "scheduler"], sort=False):
             d = d.sort_values("steps")
@@ -112,10 +141,11 @@ def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "fd_pixel", "swd_pixe
     return fig
 
 
+@_themed
 def plot_compare(runs: dict[str, pd.DataFrame], boundaries: list[float] | None = None, title: str = ""):
     """Overlay K(t) of several probe runs (first method of each), with E-TSDM boundaries marked."""
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=120)
+    fig = Figure(figsize=(7.5, 4.4), dpi=120)
+    ax = fig.subplots()
     for c, (name, df) in zip(sns.color_palette("deep", len(runs)), runs.items(), strict=True):
         for method, d in df.groupby("method", sort=False):
             d = d.sort_values("t")

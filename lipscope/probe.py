@@ -29,7 +29,7 @@ from .batching import RunStats, check_finite, check_memory, is_oom, run_batched
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
 from .latents import latent_x0
-from .models import EpsModel, forward_ad_patches
+from .models import EpsModel, check_fractional_dt, forward_ad_patches
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
     FDPoints,
@@ -306,6 +306,7 @@ def probe(
             grid = grid[grid >= lo]
     else:
         grid = parse_grid(",".join(repr(float(v)) for v in np.asarray(timesteps).ravel()), T)
+    check_fractional_dt(model, dt if use_fd else 1.0, scheme=scheme, method=method, timesteps=grid)
     if not use_fd:
         pts = None
     elif space == "condition":

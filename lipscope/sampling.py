@@ -19,6 +19,7 @@ import torch
 from . import rng
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
+from .processes import FlowProcess
 from .schedules import Schedule
 
 log = logging.getLogger("lipscope")
@@ -60,6 +61,22 @@ def make_scheduler(name: str, model: EpsModel, steps: int, clip: bool = True):
     return sched
 
 
+def flow_scheduler(name: str, model: EpsModel, steps: int):
+    """Flow models sample with diffusers' ``FlowMatchEulerDiscreteScheduler`` from their own config (so a timestep
+    shift applies); ``ddim`` names it, since DDIM's update x' = α'x̂0 + σ'ε̂ is exactly the Euler flow step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if name != "ddim":
+        raise InputError(f"`scheduler` {name}: a flow model samples with the Euler flow step; use ddim")
+    if model.scheduler_config.get("use_dynamic_shifting"):
+        raise InputError("sampling a flow model with dynamic (resolution-dependent) shift needs its pipeline's mu")
+    if steps < 1 or steps > model.T:
+        raise InputError(f"`steps` {steps}: use 1..{model.T}")
+    sched = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    sched.set_timesteps(steps)
+    return sched
+
+
 def sample(
     model: EpsModel,
     n: int,
@@ -73,8 +90,10 @@ def sample(
     """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to
     [−1, 1]; a latent model's samples stay latents, unclamped."""
     clip = model.latent is None
-    if model.target != "eps":
-        model = dataclasses.replace(model, target="eps")  # samplers integrate ε, whatever a probe measures
+    flow = isinstance(model.schedule, FlowProcess)
+    # samplers integrate ε (VP) or the velocity (flow), whatever a probe measured
+    if model.target != ("velocity" if flow else "eps"):
+        model = dataclasses.replace(model, target="velocity" if flow else "eps")
     if model.sample_shape is None:
         raise InputError("sampling needs a model with a known sample_shape")
     if n < 1 or batch_size < 1:
@@ -83,15 +102,16 @@ def sample(
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
     with torch.inference_mode():
         for s in range(0, n, batch_size):
-            sched = make_scheduler(scheduler, model, steps, clip)  # multistep solvers keep per-run state
+            # multistep solvers keep per-run state
+            sched = flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
             gens = [
                 rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=model.device) for i in range(xb.shape[0])
             ]
             for t in sched.timesteps:
                 tt = torch.full((xb.shape[0],), float(t), device=model.device)
-                eps = model(xb, tt)
-                xb = sched.step(eps, t, xb, generator=gens).prev_sample
+                pred = model(xb, tt)  # ε, or the velocity u = ε − x0 at σ = t/T for flow
+                xb = sched.step(pred, t, xb, generator=gens).prev_sample
             bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
             if bad.any():
                 raise ModelOutputError(

@@ -51,6 +51,7 @@ class NoiseProcess:
     kind: ClassVar[str] = "vp-discrete"
     native_time_name: ClassVar[str] = "tau"  # the process's own time: τ = k/T unless said otherwise
     default_data_range: ClassVar[tuple[float, float] | None] = (-1.0, 1.0)  # the family's data convention
+    output_is_prediction: ClassVar[bool] = True  # the raw output is the prediction itself (not EDM's preconditioned F)
     prediction_type: str
 
     @property

@@ -22,6 +22,8 @@ from .errors import InputError
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "score", "flow_prediction")
 # what the probe measures (``target``): the same network seen in each parameterisation
 TARGETS = ("eps", "x0", "v", "score", "velocity")
+# the target each prediction type outputs directly
+NATIVE_TARGET = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "score": "score", "flow_prediction": "velocity"}
 
 
 def per_row(v: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -42,7 +42,8 @@ from .batching import progress_bar
 from .errors import InputError
 from .etsdm import Etsdm, ETSDMUNet2DModel, etsdm_of
 from .io import atomic_write_bytes, atomic_write_text, json_bytes
-from .schedules import Schedule, schedule_from_config
+from .processes import vp_schedule
+from .schedules import Schedule
 from .targets import noisy, prediction_target
 
 log = logging.getLogger("lipscope")
@@ -286,7 +287,7 @@ def _train(
     from diffusers.training_utils import EMAModel
 
     resume, progress, stop_after = flags
-    schedule = schedule_from_config(scheduler_config)
+    schedule = vp_schedule(scheduler_config, "training")
     T, pred_type = schedule.T, schedule.prediction_type
     cks = _checkpoints(out)
     if resume and not cks:

@@ -105,3 +105,17 @@ def test_model_samples_are_unclamped_latents_and_run_json_says_latent(ldm, tmp_p
     assert x0.shape[1:] == LDM_LATENT_SHAPE
     # random-weight latents are not confined to [−1, 1]: a clamp would show as values exactly at ±1
     assert x0.abs().max() > 1 and not bool((x0.abs() == 1).any())
+
+
+def test_sample_decodes_latents_and_training_refuses(ldm, tmp_path):
+    from lipscope.errors import InputError
+    from lipscope.runs import SampleOptions, TrainOptions, run_sample, run_training
+
+    kind, folder = ldm
+    meta = run_sample(SampleOptions(model=str(folder), steps=2, num=2, device="cpu", out=str(tmp_path / "s")))
+    z = np.load(tmp_path / "s" / "samples.npz")
+    assert z["x0"].shape == (2, *LDM_LATENT_SHAPE) and z["images"].shape == (2, *LDM_IMAGE_SHAPE)
+    assert meta["space"]["space"] == "latent" and np.abs(z["images"]).max() <= 1
+    with pytest.raises(InputError, match="latent pipeline"):
+        run_training(TrainOptions(model=str(folder), out=str(tmp_path / "t")), progress=False)
+    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())

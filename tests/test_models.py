@@ -435,3 +435,27 @@ def test_unsupported_pipeline_on_the_hub_is_refused_by_class(tmp_path, monkeypat
         InputError, match=r"facebook/DiT-XL-2-256 is a DiTPipeline \(transformer: DiTTransformer2DModel\)"
     ):
         load_model("facebook/DiT-XL-2-256", offline=True)
+
+
+def test_probe_refuses_fractional_dt_on_a_rounding_adapter(tmp_path, monkeypatch):
+    """A py: adapter that rounds t is detected at load and the probe refuses what it would get wrong (K = 0 and
+    2·K at dt = 0.5, measured on lipscope 0.1) instead of reporting it."""
+    (tmp_path / "rounding_adapter.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    sample_shape = (1, 8, 8)\n"
+        "    def forward(self, x, t):\n"
+        "        s = (t.round() / 1000.0).reshape(-1, 1, 1, 1)\n"
+        "        return torch.tanh(x) * torch.sin(30 * s)\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from lipscope.loading import load_model
+    from lipscope.probe import probe
+
+    m = load_model("py:rounding_adapter:make")
+    assert m.rounds_timesteps
+    with pytest.raises(InputError, match="fractional `dt`"):
+        probe(m, "digits", timesteps="10,11", dt=0.5, samples=2)
+    assert (probe(m, "digits", timesteps="10,11", dt=1.0, samples=2)["K_mean"] > 0).all()

@@ -184,3 +184,66 @@ def test_lambda_and_native_columns():
     np.testing.assert_allclose(jv["t_native"], p.sigma(k).numpy(), rtol=1e-12)
     np.testing.assert_allclose(jv["K_per_native"], jv["K_mean"] / p.dsigma_dtau(k).numpy(), rtol=1e-12)
     assert (df["K_per_lambda_ci_low"] <= df["K_per_lambda"]).all()
+
+
+def test_training_and_sampling_refuse_other_processes(folders, tmp_path):
+    """VP-only code refuses a VE/flow/EDM model by its process, never reads it as a DDPM schedule."""
+    from lipscope.runs import TrainOptions, run_training
+    from lipscope.sampling import model_samples
+
+    for kind in ("ve", "flow"):
+        with pytest.raises(InputError, match=f"VP \\(DDPM-family\\) schedules only.*{kind} process"):
+            run_training(TrainOptions(model=str(folders[kind]), out=str(tmp_path / kind)), progress=False)
+        with pytest.raises(InputError, match=f"sampling from a {kind} process"):
+            model_samples(load_model(str(folders[kind])), 2, 0)
+
+
+def test_flow_sampling_matches_diffusers_euler_loop(folders):
+    """Model samples of a flow model = the Euler loop of diffusers' FlowMatchEulerDiscreteScheduler (shift 3 from
+    the folder's config) on the raw UNet, fed timestep t: same network calls, float32, so equal to 1e-5."""
+    from lipscope.sampling import sample
+
+    unet, sched = _load_diffusers(folders["flow"])
+    model = load_model(str(folders["flow"]))
+    x = sample(model, 2, steps=4, seed=0)
+    rng_x = rng_init = None
+    from lipscope import rng as lrng
+
+    rng_init = lrng.normal(0, lrng.Stream.SAMPLER_INIT, 2, tuple(model.sample_shape))
+    sched.set_timesteps(4)
+    rng_x = rng_init.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            v = unet(rng_x, t.expand(2)).sample
+            rng_x = sched.step(v, t, rng_x).prev_sample
+    torch.testing.assert_close(x, rng_x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+
+
+def _smooth_net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth network output in t and x (float64), as in test_jvp_parameterisations."""
+    s = (t.to(x.dtype) / 1000.0).reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.tanh(0.7 * x + 0.3 * torch.sin(3.0 * s) * x.roll(1, -1)) + 0.2 * s
+
+
+@pytest.mark.parametrize("target", ["eps", "x0", "v", "score", "velocity"])
+@pytest.mark.parametrize("kind", ["vp-v", "flow"])
+def test_targets_jvp_equals_fine_central_fd(kind, target):
+    """Each target, differentiated exactly (JVP through both conversions, output → ε → target, at the true t),
+    equals a central FD of the same quantity in float64. Richardson: the central FD error is ≈ c·h², so
+    |FD(h/2) − exact| ≈ |FD(h) − FD(h/2)|/3; allowed 2× that plus float64 rounding (≪ 1e-9 relative)."""
+    from lipscope import from_callable
+    from lipscope.schedules import default_schedule
+
+    process, pred = (default_schedule(), "v_prediction") if kind == "vp-v" else (FlowProcess(), "flow_prediction")
+    m = from_callable(_smooth_net, process, sample_shape=(6,), prediction_type=pred, dtype="float64")
+    x0 = torch.randn(5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = np.array([3.5, 40.5, 700.5])  # mid-segment: VP's log ᾱ is linear on [k, k+1)
+    jvp = probe(m, x0, timesteps=grid, method="jvp", samples=5, target=target, data_range=None)
+    assert (jvp["target"] == target).all()
+    f1, f2 = (
+        probe(m, x0, timesteps=grid, dt=h, scheme="central", samples=5, target=target, data_range=None)
+        for h in (2e-3, 1e-3)
+    )
+    k1, k2, kj = f1.attrs["K_samples"], f2.attrs["K_samples"], jvp.attrs["K_samples"]
+    tol = 2 * np.abs(k1 - k2) + 1e-9 * np.abs(k2)
+    assert np.all(np.abs(kj - k2) <= tol), np.max(np.abs(kj - k2) / k2)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .common import cli_errors, out, setup_logging
-from .options import BATCH_SIZE, DEVICE, DTYPE, METHOD, SCHEME, SPACE, TARGET
+from .options import BATCH_SIZE, DEVICE, DTYPE, METHOD, PLOT_X, SCHEME, SPACE, TARGET
 
 
 def _data_range(v: str) -> tuple[float, float] | None | str:
@@ -120,6 +120,12 @@ def probe(
         help="Parameterisation measured: eps (the paper's ε), x0, v, score or velocity (ε − x0), converted at the "
         "true t.",
     ),
+    plot_x: str = typer.Option(
+        "t",
+        "--plot-x",
+        parser=PLOT_X,
+        help="lipschitz.png against t, or K per unit log-SNR against λ (lambda): compares noise processes.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
     allow_noise_limited: bool = typer.Option(
@@ -159,6 +165,7 @@ def probe(
             t_split=t_split,
             data_range=_data_range(data_range),
             target=target,
+            plot_x=plot_x,
             allow_noise_limited=allow_noise_limited,
         ),
         progress=progress and sys.stderr.isatty(),

@@ -46,6 +46,7 @@ class ProbeOptions(ModelOptions):
     # "auto": the process family's convention ([−1, 1]; [0, 1] for score-SDE VE), printed and recorded
     data_range: tuple[float, float] | None | str = "auto"
     target: str = "eps"  # the parameterisation measured: eps (the paper's), x0, v, score, velocity
+    plot_x: str = "t"  # lipschitz.png against t, or K per unit λ against log-SNR λ ("lambda")
 
     def resolved(self) -> ProbeOptions:
         """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
@@ -70,6 +71,8 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError("`samples` must be ≥ 2 (a confidence interval needs at least two samples)")
     if not isinstance(opts.data_range, str):
         check_data_range(opts.data_range)
+    if opts.plot_x not in ("t", "lambda"):
+        raise InputError(f"`plot_x` {opts.plot_x!r}: use t or lambda")
     if opts.target not in TARGETS:
         raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
     out = check_out_dir(opts.out, overwrite=opts.overwrite)
@@ -126,7 +129,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
-    png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"]))
+    png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x))
     files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
     lio.write_run_folder(out, files, overwrite=opts.overwrite)
     return ProbeResult(df, summ, meta, m, out)

@@ -49,9 +49,14 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
             "etsdm": asdict(m.etsdm) if m.etsdm is not None else None,
             "versions": lio.package_versions(),
         }
+        arrays = {"x0": x.numpy()}
+        if m.latent is not None:  # x are latents: the grid shows them decoded; the npz keeps both
+            x = m.latent.decode(x)
+            arrays["images"] = x.numpy()
+            meta["space"] = m.latent.describe()
         files = {
             "samples.png": png_bytes(image_grid(x)),
-            "samples.npz": lio.npz_bytes(x0=x.numpy()),
+            "samples.npz": lio.npz_bytes(**arrays),
             "run.json": lio.json_bytes(meta),
         }
         lio.write_run_folder(out, files, overwrite=opts.overwrite)
@@ -104,6 +109,12 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         for i, b in enumerate(opts.baseline):
             specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
         models = {k: load_model(v, device=opts.device) for k, v in specs.items()}
+        latent = [k for k, m in models.items() if m.latent is not None]
+        if latent:
+            raise InputError(
+                f"`{latent[0]}` {specs[latent[0]]} is a latent pipeline; evaluate compares pixel-space models only "
+                "for now (sample it with lipscope sample)"
+            )
         shapes = {tuple(m.sample_shape or ()) for m in models.values()}
         if len(shapes) != 1:
             raise InputError(

@@ -14,7 +14,8 @@ from ..data import load_data
 from ..errors import InputError
 from ..loading import check_unet_config, load_model, read_json, read_scheduler_config, unet_class
 from ..models import require_unet
-from ..schedules import DEFAULT_SCHEDULER_CONFIG, schedule_from_config
+from ..processes import vp_schedule
+from ..schedules import DEFAULT_SCHEDULER_CONFIG
 from ..training import TrainConfig, train_loop
 from .common import check_out_dir
 
@@ -57,7 +58,7 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
         )
     with lio.run_lock(out) if main else contextlib.nullcontext():
         unet, sched_cfg = _initial_unet(opts)
-        T = schedule_from_config(sched_cfg).T
+        T = vp_schedule(sched_cfg, "training").T
         if cfg.etsdm and not cfg.t_tilde < T:
             raise InputError(f"`t_tilde` {cfg.t_tilde:g} must be below T = {T} (E-TSDM maps the steps t < t̃)")
         c, s = int(unet.config.in_channels), unet.config.sample_size
@@ -100,4 +101,9 @@ def _initial_unet(opts: TrainOptions) -> tuple[Any, dict[str, Any]]:
         offline=opts.offline or None,
         trust_pickle=opts.trust_pickle,
     )
+    if m.latent is not None:
+        raise InputError(
+            f"`model` {opts.model} is a latent pipeline ({m.latent.kind}); fine-tuning trains pixel-space UNets only "
+            "for now"
+        )
     return require_unet(m, "fine-tuning"), m.scheduler_config
