@@ -21,7 +21,8 @@ from diffusers import UNet2DModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probe import CIFAR10_DDPM, TINY, timed  # noqa: E402
 
-from lipscope.models import forward_ad_patches, from_unet  # noqa: E402
+from lipscope.fwad import forward_ad_patches  # noqa: E402
+from lipscope.models import from_unet  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

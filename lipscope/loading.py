@@ -20,11 +20,8 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import socket
 import threading
-import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,17 +29,17 @@ from urllib.parse import urlsplit
 from urllib.request import getproxies
 
 import torch
-from torch import nn
 
 from . import zoo
 from .data import digits_array
 from .errors import InputError
+from .errors import short_error as _short
 from .etsdm import ETSDMUNet2DModel
 from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
 from .models import SUPPORTED_CLASSES, EpsModel, check_pipeline_index, from_unet, resolve_device, resolve_dtype
-from .models import short_error as _short
 from .pyspec import load_py, parse_model_args
+from .weights import read_state_dict
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -224,7 +221,7 @@ def _load_unet_folder(path: Path, subfolder: str | None, sched_cfg: dict | None,
     pt = unet_dir / "diffusion_pytorch_model.bin"
     if not (unet_dir / "diffusion_pytorch_model.safetensors").exists() and pt.is_file():
         # a pickle: read it here (weights only, full unpickling only with trust_pickle), not in from_pretrained
-        unet = _unet_from_state_dict(ucfg, _load_state_dict(pt, trust_pickle), pt, str(cfg_path))
+        unet = _unet_from_state_dict(ucfg, read_state_dict(pt, trust_pickle), pt, str(cfg_path))
         return from_unet(unet, sched_cfg, name=str(path), device=dev, dtype=dt)
     try:
         unet = unet_class(ucfg).from_pretrained(unet_dir)
@@ -237,55 +234,6 @@ def _load_unet_folder(path: Path, subfolder: str | None, sched_cfg: dict | None,
             raise InputError(f"`model` {path}: weights file is corrupt ({_short(e)}); re-download or re-save it") from e
         raise
     return from_unet(unet, sched_cfg, name=str(path), device=dev, dtype=dt)
-
-
-def _load_state_dict(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # SafetensorError is not exported under a stable name
-            raise InputError(
-                f"`model` {path}: not a readable safetensors file ({_short(e)}); the file may be corrupt"
-            ) from e
-    try:
-        with path.open("rb") as f:
-            is_pickle = f.read(1) == b"\x80"  # the PROTO opcode that opens every pickle of protocol ≥ 2
-    except OSError as e:
-        raise InputError(f"`model` {path} cannot be read ({_short(e)}); check its permissions") from e
-    if not (is_pickle or zipfile.is_zipfile(path)):
-        raise InputError(
-            f"`model` {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle); the file may be corrupt"
-        )
-    corrupt = f"`model` {path}: not a readable PyTorch checkpoint (%s); the file may be corrupt or truncated"
-    try:
-        with warnings.catch_warnings():  # torch's UserWarning on pickle protocols would be a second stderr line
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, IndexError, BadZipFile, … for a bad file
-        if not (isinstance(e, pickle.UnpicklingError) and "weights only load failed" in str(e).lower()):
-            raise InputError(corrupt % _short(e)) from e
-        if not trust_pickle:
-            raise InputError(
-                f"`model` {path}: this checkpoint holds more than tensors and needs full unpickling, which can run "
-                "arbitrary code; pass `trust_pickle` only if you trust its source (or convert it to .safetensors)"
-            ) from e
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False)
-        except Exception as e2:  # arbitrary code ran: anything can come out of it
-            raise InputError(corrupt % _short(e2)) from e2
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, dict):
-        for key in ("ema", "ema_model", "state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                log.info("using the %r entry of %s", key, path)
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"`model` {path}: checkpoint does not hold a state dict of tensors; save model.state_dict()")
-    return obj
 
 
 def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle: bool, dev, dt) -> EpsModel:
@@ -301,7 +249,7 @@ def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle:
         cpath = cpath / "config.json"
     cfg = read_json(cpath, "model config")
     check_unet_config(cfg, f"`config` {cpath}")
-    unet = _unet_from_state_dict(cfg, _load_state_dict(path, trust_pickle), path, f"`config` {cpath}")
+    unet = _unet_from_state_dict(cfg, read_state_dict(path, trust_pickle), path, f"`config` {cpath}")
     if sched_cfg is None:
         sched_cfg = find_scheduler_config(dict.fromkeys([path.parent, cpath.parent]))
     return from_unet(unet, sched_cfg, name=str(path), device=dev, dtype=dt)

@@ -9,19 +9,17 @@ into EpsModels by :mod:`lipscope.loading`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .errors import InputError, ModelOutputError
+from .errors import InputError, ModelOutputError, short_error
 from .etsdm import Etsdm, etsdm_of
 from .latents import LatentCodec
 from .processes import process_from_config
@@ -114,11 +112,6 @@ class EpsModel:
         if self.target == "eps":
             return eps
         return from_epsilon(eps, x, self.target, self.schedule.alpha(t), self.schedule.sigma(t))
-
-
-def short_error(e: BaseException) -> str:  # "Type: first line" (just the type without a message): no traceback
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
 
 
 def _refuse_if_float_t_failure(model: EpsModel, e: BaseException, x: torch.Tensor, c: torch.Tensor) -> None:
@@ -381,54 +374,3 @@ def _process_fingerprint(p: NoiseProcess) -> dict[str, Any]:
     if isinstance(p, Schedule):
         out["log_alpha_bar_sha"] = hashlib.sha256(p.log_alpha_bar.detach().cpu().numpy().tobytes()).hexdigest()[:16]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# forward-mode AD patches (DESIGN.md, "Exact derivative")
-# ---------------------------------------------------------------------------------------------
-
-
-def _group_norm_forward(mod: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm from reshape/mean/var: same maths as the fused kernel, with a forward-AD formula
-    that accepts the non-contiguous tangents the native one rejects."""
-    b = x.shape[0]
-    xg = x.reshape(b, mod.num_groups, -1)
-    mean = xg.mean(-1, keepdim=True)
-    var = xg.var(-1, unbiased=False, keepdim=True)
-    y = ((xg - mean) * torch.rsqrt(var + mod.eps)).reshape(x.shape)
-    if mod.affine:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = y * mod.weight.reshape(shape) + mod.bias.reshape(shape)
-    return y
-
-
-@contextmanager
-def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
-    """Make a diffusers UNet differentiable with forward-mode AD, and restore it exactly afterwards.
-
-    Two known blockers: SDPA attention kernels have no forward-AD formula (swap each diffusers
-    ``Attention``'s processor for the plain ``AttnProcessor``), and the native GroupNorm's forward
-    AD fails on non-contiguous tangents (give each GroupNorm instance a functional forward).
-    """
-    if module is None:
-        yield
-        return
-    from diffusers.models.attention_processor import Attention, AttnProcessor
-
-    saved_proc: list[tuple[nn.Module, Any]] = []
-    patched_gn: list[nn.Module] = []
-    try:
-        for mod in module.modules():
-            if isinstance(mod, Attention):
-                saved_proc.append((mod, mod.processor))
-                mod.processor = AttnProcessor()
-            elif isinstance(mod, nn.GroupNorm) and "forward" not in mod.__dict__:
-                # instance-level patch, undone by `del mod.forward` below; mypy forbids assigning to a method
-                mod.forward = functools.partial(_group_norm_forward, mod)  # type: ignore[method-assign]
-                patched_gn.append(mod)
-        yield
-    finally:
-        for mod, proc in saved_proc:
-            mod.processor = proc
-        for mod in patched_gn:
-            del mod.forward

@@ -28,8 +28,9 @@ from . import rng
 from .batching import RunStats, check_finite, check_memory, is_oom, run_batched
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
+from .fwad import forward_ad_patches
 from .latents import latent_x0
-from .models import EpsModel, check_fractional_dt, forward_ad_patches
+from .models import EpsModel, check_fractional_dt
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
     FDPoints,
@@ -98,7 +99,7 @@ def jvp_norms(
     """‖∂εθ(x_t, t)/∂τ‖₂ by forward-mode AD (``torch.func.jvp``) w.r.t. the timestep input: (n, G).
 
     x_t is held fixed (drawn at t); the tangent is 1 step, times T for per-unit-τ. Runs inside
-    :func:`lipscope.models.forward_ad_patches`, which restores the model afterwards.
+    :func:`lipscope.fwad.forward_ad_patches`, which restores the model afterwards.
     """
     n, G = x0.shape[0], len(t)
     t_x = torch.as_tensor(np.asarray(t, dtype=np.float64))

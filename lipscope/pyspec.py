@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .models import EpsModel, from_callable, short_error
+from .errors import InputError, short_error
+from .models import EpsModel, from_callable
 from .schedules import Schedule
 
 log = logging.getLogger("lipscope")

@@ -1,13 +1,11 @@
-"""One training loop for ``lipscope train`` (from a UNet config) and ``lipscope finetune`` (from a
-pretrained model), with or without E-TSDM.
+"""One training loop for ``lipscope train`` (from a UNet config) and ``finetune`` (a pretrained VP model), ± E-TSDM.
 
-ε-loss (or the model's own v/x0 target) with noise at the true integer step t and the network fed f(t) under
-E-TSDM (Yang et al., 2306.11251, Sec. 4); AdamW, warm-up + cosine through ``diffusers.optimization.get_scheduler``,
-gradient clipping, EMA through ``diffusers.training_utils.EMAModel``, mixed precision and multi-GPU through
+ε-loss (or the model's v/x0 target), noise at the true step t, the network fed f(t) under E-TSDM (Sec. 4);
+AdamW, warm-up + cosine (``get_scheduler``), clipping, ``EMAModel``, mixed precision and multi-GPU through
 accelerate (``accelerate launch -m lipscope finetune …``).
 
-Reproducibility: the batch of step s comes from a generator seeded by (seed, s, process index) alone, so a
-resumed run replays exactly the steps an uninterrupted run takes (bit-exact on CPU).
+Reproducibility: step s's batch comes from a generator seeded by (seed, s, process index) alone: a resumed run
+replays the steps an uninterrupted run takes (bit-exact on CPU).
 
 Run folder: ``loss.csv`` (step, loss, lr), ``train.json``, ``checkpoints/step-N/``, ``pipeline/``.
 Checkpoints need no unpickling: accelerate's state (``torch.load(weights_only=True)``), ``ema.safetensors``,

@@ -105,7 +105,7 @@ def _float32_tolerance(module, df, data, samples, seed, T=1000, batch_sizes=(1, 
     import copy
 
     from lipscope.data import load_data
-    from lipscope.models import forward_ad_patches
+    from lipscope.fwad import forward_ad_patches
     from lipscope.rng import noise as per_sample_noise
 
     c = module.config

@@ -14,8 +14,9 @@ from diffusers import DDPMScheduler
 
 from lipscope import load_model
 from lipscope.errors import InputError, ModelOutputError
+from lipscope.fwad import forward_ad_patches
 from lipscope.loading import check_unet_config, read_json, read_scheduler_config
-from lipscope.models import forward_ad_patches, from_callable, from_unet, require_unet, resolve_device
+from lipscope.models import from_callable, from_unet, require_unet, resolve_device
 from lipscope.schedules import schedule_from_config
 
 PICKLE_SUFFIXES = [".pt", ".bin", ".ckpt", ".pth"]

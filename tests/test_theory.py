@@ -40,13 +40,14 @@ import pytest  # noqa: E402
 from conftest import tiny_unet  # noqa: E402
 
 from lipscope.errors import InputError  # noqa: E402
+from lipscope.fwad import forward_ad_patches  # noqa: E402
 from lipscope.gaussian import (  # noqa: E402
     closed_form_samples,
     dtau_exact_ms,
     fd_exact_ms,
     terms_exact_ms,
 )
-from lipscope.models import forward_ad_patches, from_unet  # noqa: E402
+from lipscope.models import from_unet  # noqa: E402
 from lipscope.probe import jvp_norms, probe  # noqa: E402
 from lipscope.rng import noise as per_sample_noise  # noqa: E402
 from lipscope.schedules import named_schedule  # noqa: E402
