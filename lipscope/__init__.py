@@ -9,17 +9,22 @@ from .etsdm import Etsdm
 from .loading import load_model
 from .models import EpsModel, from_callable, from_unet
 from .probe import probe
+from .processes import EDMProcess, FlowProcess, VEProcess, process_from_config
 from .reduction import summary
-from .schedules import Schedule, default_schedule, parse_grid, schedule_from_config
+from .schedules import NoiseProcess, Schedule, default_schedule, parse_grid, schedule_from_config
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EDMProcess",
     "EpsModel",
     "Etsdm",
+    "FlowProcess",
     "InputError",
     "ModelOutputError",
+    "NoiseProcess",
     "Schedule",
+    "VEProcess",
     "default_schedule",
     "from_callable",
     "from_unet",
@@ -27,6 +32,7 @@ __all__ = [
     "load_model",
     "parse_grid",
     "probe",
+    "process_from_config",
     "schedule_from_config",
     "summary",
 ]

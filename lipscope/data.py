@@ -151,14 +151,17 @@ def scale_array(a: np.ndarray, what: str, data_range: DataRange = DEFAULT_DATA_R
     tol = RANGE_TOL * (hi - lo)
     if a_lo >= lo - tol and a_hi <= hi + tol:
         note = ""
-        if x.size > 1 and (a_hi - a_lo) <= 0.5 * (hi - lo) + tol:  # e.g. [0, 1] data under a declared [−1, 1]
-            note = f"; they fill half the range or less: if the model was trained on [{a_lo:.3g}, {a_hi:.3g}], say so"
+        mid, span_w = (lo + hi) / 2, a_hi - a_lo
+        if span_w >= 0.25 * (hi - lo) and (a_lo >= mid - tol or a_hi <= mid + tol):  # e.g. [0, 1] data under [−1, 1]
+            note = f"; one half only: if the model was trained on [{a_lo:.3g}, {a_hi:.3g}], declare that range"
             log.warning(
-                "%s: values in %s fill half of the data range %s or less%s",
+                "%s: values in %s fill one half of the data range %s; if the model was trained on that half, "
+                "declare its range (data range %.3g,%.3g)",
                 what,
                 span,
                 range_text(data_range),
-                " (declare the model's range with `data_range`, e.g. 0,1)",
+                a_lo,
+                a_hi,
             )
         return x, DataScaling(kind, f"{kind} kept as is (values in {span} ⊂ {range_text(data_range)}{note})")
     hint = " (8-bit pixels stored as floats: save them as uint8)" if 1 + tol < a_hi <= 255 and a_lo >= 0 else ""

@@ -2,7 +2,7 @@
 
 An :class:`EpsModel` is a callable ``eps(x, t)`` with ``t`` a float tensor of shape (B,) in model
 steps (fractional allowed), returning ε whatever the network predicts (ε, v or x0; the conversion is
-:func:`lipscope.schedules.to_epsilon`, at the true t and differentiable in t). E-TSDM models carry
+:mod:`lipscope.targets`, at the true t and differentiable in t). E-TSDM models carry
 their map in one field, ``etsdm``. Specs (hub ids, folders, files, ``py:``, ``builtin:``) are turned
 into EpsModels by :mod:`lipscope.loading`.
 """

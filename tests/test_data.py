@@ -161,14 +161,24 @@ def test_float01_with_range_0_1_fed_bit_exact(tmp_path):
     assert how == DataScaling("float32 array", "float32 array kept as is (values in [0, 1] ⊂ [0, 1])")
 
 
-def test_float01_with_default_range_is_no_longer_remapped(tmp_path):
+def test_float01_with_default_range_is_no_longer_remapped(tmp_path, caplog):
     """Behaviour change: a [0, 1] float array used to be mapped to 2x − 1 silently. It lies inside the
-    default range (−1, 1), so it is now fed unchanged, and the description says which span it had."""
+    default range (−1, 1), so it is now fed unchanged, and the description says which span it had and that it
+    fills one half of the declared range (with a warning: a [0, 1]-trained model needs `data_range` 0,1)."""
     a = _a01()
     np.save(tmp_path / "x.npy", a)
-    x, how = load_data_with_scaling(str(tmp_path / "x.npy"), None, 0, (1, 8, 8))
+    with caplog.at_level("WARNING", logger="lipscope"):
+        x, how = load_data_with_scaling(str(tmp_path / "x.npy"), None, 0, (1, 8, 8))
     assert np.array_equal(x.numpy(), a)
-    assert how.mapping == "float32 array kept as is (values in [0, 1] ⊂ [-1, 1])"
+    assert how.mapping == (
+        "float32 array kept as is (values in [0, 1] ⊂ [-1, 1]; one half only: if the model was trained on [0, 1], "
+        "declare that range)"
+    )
+    assert "fill one half of the data range [-1, 1]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lipscope"):
+        load_data_with_scaling(2 * a - 1, None, 0, (1, 8, 8))  # the whole range: no warning
+    assert "one half" not in caplog.text
     assert np.array_equal(load_data(a, None, 0, (1, 8, 8)).numpy(), a)  # in-memory arrays alike
 
 
@@ -244,7 +254,10 @@ def test_probe_reports_the_scaling_and_checks_tensors():
     m = from_callable(_Scale(0.5), sample_shape=(1, 8, 8))
     a = torch.from_numpy(_a01(2))
     df = probe(m, a, timesteps=[0, 1], samples=2, batch_size=4)
-    assert df.attrs["data_scaling"].mapping == "float32 array kept as is (values in [0, 1] ⊂ [-1, 1])"
+    assert df.attrs["data_scaling"].mapping == (
+        "float32 array kept as is (values in [0, 1] ⊂ [-1, 1]; one half only: if the model was trained on [0, 1], "
+        "declare that range) (data range -1,1: the vp-discrete default)"
+    )
     with pytest.raises(InputError, match="outside the declared data range"):
         probe(m, a * 255, timesteps=[0, 1], samples=2, batch_size=4)
     df = probe(m, a * 255, timesteps=[0, 1], samples=2, batch_size=4, data_range=None)
@@ -273,7 +286,8 @@ def test_cli_records_data_range_and_scaling(tmp_path, pipeline_dir):
     r = _cli(*base, "--data", "digits", "--out", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "b" / "run.json").read_text())
-    assert meta["data_range"] == [-1.0, 1.0] and meta["data_scaling"]["mapping"] == "digits 0..16 → [-1, 1]"
+    assert meta["data_range"] == [-1.0, 1.0] and meta["options"]["data_range"] == "auto"
+    assert meta["data_scaling"]["mapping"] == "digits 0..16 → [-1, 1] (data range -1,1: the vp-discrete default)"
     r = _cli(*base, "--data", str(tmp_path / "x01.npy"), "--data-range", "none", "--out", str(tmp_path / "c"))
     assert r.returncode == 0 and json.loads((tmp_path / "c" / "run.json").read_text())["data_range"] is None
     np.save(tmp_path / "x255.npy", _a01() * 255)
