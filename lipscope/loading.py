@@ -103,7 +103,8 @@ def _load_builtin(name: str, dev: torch.device, dt: torch.dtype) -> EpsModel:
     if name in zoo.CLOSED_FORMS:
         g = GaussianMixture.fit(torch.from_numpy(digits_array()))
         # closed forms are cheap and exact in float64 on the CPU, whatever device/dtype was asked for
-        return gaussian_eps_model(g, name=f"builtin:{name}")
+        # a Gaussian fitted to the digits in [−1, 1]: its data range is theirs
+        return dataclasses.replace(gaussian_eps_model(g, name=f"builtin:{name}"), data_range=(-1.0, 1.0))
     m = _load_folder(zoo.folder(name), None, None, dev, dt)
     return dataclasses.replace(m, name=f"builtin:{name}")
 
