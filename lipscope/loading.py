@@ -35,9 +35,10 @@ from .data import digits_array
 from .errors import InputError
 from .errors import short_error as _short
 from .etsdm import ETSDMUNet2DModel
+from .families import family_of_class, load_denoiser, pipeline_denoiser
 from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
-from .models import SUPPORTED_CLASSES, EpsModel, check_pipeline_index, from_unet, resolve_device, resolve_dtype
+from .models import SUPPORTED_CLASSES, EpsModel, from_unet, resolve_device, resolve_dtype
 from .pyspec import load_py, parse_model_args
 from .weights import read_state_dict
 
@@ -188,9 +189,15 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
     if not subfolder and not (path / "config.json").exists() and (path / "pipeline" / "model_index.json").exists():
         path = path / "pipeline"  # a lipscope train/finetune run folder
     index = read_json(path / "model_index.json", "model_index.json") if (path / "model_index.json").is_file() else {}
-    if not subfolder and index:
-        check_pipeline_index(index, str(path))
-    return _with_codec(_load_unet_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle), path, index, dev, dt)
+    fam, comp = pipeline_denoiser(index, str(path)) if not subfolder and index else (None, None)
+    if fam is None and (cfg := path / (subfolder or "") / "config.json").is_file():  # a bare denoiser folder
+        fam, comp = family_of_class(read_json(cfg, "model config").get("_class_name")), subfolder
+    if fam is not None and fam.name != "unet2d":
+        sched_cfg = sched_cfg if sched_cfg is not None else find_scheduler_config([path])
+        model = load_denoiser(fam, str(path), comp, sched_cfg, str(path), dev, dt)
+    else:
+        model = _load_unet_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle)
+    return _with_codec(model, path, index, dev, dt)
 
 
 def _with_codec(model: EpsModel, root, index: dict, dev, dt, **hub) -> EpsModel:
@@ -305,8 +312,12 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
 
     index_file = None if subfolder else fetch("model_index.json")
     index = read_json(Path(index_file), "model_index.json") if index_file else {}
-    if index:
-        check_pipeline_index(index, repo)
+    hub = {"revision": revision, "local_files_only": local_only}
+    name = repo if revision is None else f"{repo}@{revision}"
+    if index and (fam := pipeline_denoiser(index, repo)[0]).name != "unet2d":
+        sched_cfg = sched_cfg if sched_cfg is not None else find_scheduler_config([""], fetch)
+        model = load_denoiser(fam, repo, fam.component, sched_cfg, name, dev, dt, **hub)
+        return _with_codec(model, repo, index, dev, dt, **hub)
     subs = [subfolder] if subfolder else ["unet", ""]
     unet_sub, cfg_file = None, None
     for s in subs:
@@ -339,8 +350,6 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
         raise InputError(
             f"`model` {repo}: could not load the UNet ({_short(e)}); check the repo id and its files"
         ) from e
-    name = repo if revision is None else f"{repo}@{revision}"
-    hub = {"revision": revision, "local_files_only": local_only}
     return _with_codec(from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt), repo, index, dev, dt, **hub)
 
 

@@ -13,12 +13,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .conditioning import Conditioning, cat_kwargs, guided
 from .errors import InputError, ModelOutputError, short_error
 from .etsdm import Etsdm, etsdm_of
 from .latents import LatentCodec
@@ -34,7 +35,7 @@ log = logging.getLogger("lipscope")
 SUPPORTED_CLASSES = ("UNet2DModel", "ETSDMUNet2DModel")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-NetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NetFn = Callable[..., torch.Tensor]  # net(x, c, **conditioning) → raw output
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class EpsModel:
     # ("auto"): None for closed forms on unbounded (Gaussian) data
     data_range: tuple[float, float] | None | str = "auto"
     latent: LatentCodec | None = None  # a latent pipeline's autoencoder: image data is encoded to x0 with it
+    conditioning: Conditioning | None = None  # a conditional denoiser's inputs per sample, and CFG
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -85,33 +87,53 @@ class EpsModel:
         """The condition the network is fed for true step ``t`` (E-TSDM map when set)."""
         return self.etsdm.map(t) if self.etsdm is not None else t
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        """ε(x, t) for x (B, …) and float t (B,) in model steps."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """ε(x, t) for x (B, …) and float t (B,) in model steps; ``rows``: which samples the rows of x are (their
+        conditioning; default 0..B−1)."""
         x = x.to(device=self.device, dtype=self.dtype)
         tt = as_timesteps(t, x.shape[0], self.device, self.dtype)
-        return self.at_condition(x, self.network_timesteps(tt), tt)
+        return self.at_condition(x, self.network_timesteps(tt), tt, rows)
 
-    def at_condition(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def at_condition(
+        self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """ε (or ``target``) from the network fed condition c directly (no E-TSDM map), converted at true step t.
 
         The process decides what the network sees: c itself (VP, flow), σ(c) (VE) or ¼ ln σ(c) (EDM), and
-        the input scaling (EDM's c_in at the true t)."""
+        the input scaling (EDM's c_in at the true t). A conditional model is also fed the conditioning of
+        samples ``rows``; with a guidance scale both branches go in one call and ε is the guided field."""
         x = x.to(device=self.device, dtype=self.dtype)
         p, c = self.schedule, as_timesteps(c, x.shape[0], self.device, self.dtype)
         x_in, c = (x, c) if self.fed_steps else (p.scale_input(x, t), p.condition(c))
+        cond = self.conditioning
+        if cond is None:
+            return self._convert(self._net(x_in, c, {}), x, t, self.target)
+        kw_c, kw_u = cond.rows(torch.arange(x.shape[0]) if rows is None else rows, self.device, self.dtype)
+        if cond.guidance_scale is None or kw_u is None:
+            return self._convert(self._net(x_in, c, kw_c), x, t, self.target)
+        out = self._net(torch.cat([x_in, x_in]), torch.cat([c, c]), cat_kwargs(kw_c, kw_u))
+        b = x.shape[0]
+        eps = guided(self._convert(out[:b], x, t, "eps"), self._convert(out[b:], x, t, "eps"), cond.guidance_scale)
+        return eps if self.target == "eps" else from_epsilon(eps, x, self.target, p.alpha(t), p.sigma(t))
+
+    def _net(self, x: torch.Tensor, c: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         try:
-            out = self.net(x_in, c)
+            out = self.net(x, c, **kwargs)
         except (IndexError, TypeError, RuntimeError) as e:
-            _refuse_if_float_t_failure(self, e, x, c)
+            if not kwargs:
+                _refuse_if_float_t_failure(self, e, x, c)
             raise
         check_output(out, x)
-        if NATIVE_TARGET.get(self.prediction_type) == self.target and (self.fed_steps or p.output_is_prediction):
+        return out
+
+    def _convert(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, target: str) -> torch.Tensor:
+        """The network output as ``target``, at true step t (the native output as it is where it is the target)."""
+        p = self.schedule
+        if NATIVE_TARGET.get(self.prediction_type) == target and (self.fed_steps or p.output_is_prediction):
             return mean_half(out, x)  # the network's own parameterisation: no round trip through ε (α = 0 in flow)
         convert = NoiseProcess.eps_from_output if self.fed_steps else type(p).eps_from_output
         eps = convert(p, out, x, t, self.prediction_type)
-        if self.target == "eps":
-            return eps
-        return from_epsilon(eps, x, self.target, self.schedule.alpha(t), self.schedule.sigma(t))
+        return eps if target == "eps" else from_epsilon(eps, x, target, p.alpha(t), p.sigma(t))
 
 
 def _refuse_if_float_t_failure(model: EpsModel, e: BaseException, x: torch.Tensor, c: torch.Tensor) -> None:
@@ -191,18 +213,6 @@ def check_fractional_dt(model: EpsModel, dt: float, *, scheme="forward", method=
         raise InputError(f"{what}: `timesteps` has fractional steps (e.g. {float(frac[0]):g}); use whole steps")
 
 
-def check_pipeline_index(index: dict[str, Any], where: str) -> None:
-    """Refuse a pipeline (model_index.json) whose denoiser is not a supported unet, naming its classes."""
-    comps = {k: v[1] for k in ("unet", "transformer") if isinstance(v := index.get(k), list | tuple) and len(v) == 2}
-    if comps.get("unet") not in SUPPORTED_CLASSES:
-        raise InputError(
-            f"`model` {where} is a {index.get('_class_name', 'pipeline')} "
-            f"({', '.join(f'{k}: {v}' for k, v in comps.items()) or 'no unet or transformer component'}), which "
-            f"lipscope does not support yet; supported: pipelines whose unet is a {' or '.join(SUPPORTED_CLASSES)} "
-            "(e.g. DDPMPipeline, DDIMPipeline); wrap other networks as `model` py:module:factory"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # devices and dtypes
 # ---------------------------------------------------------------------------------------------
@@ -263,24 +273,15 @@ def from_unet(
     dtype: str | torch.dtype = "float32",
 ) -> EpsModel:
     """Wrap a diffusers ``UNet2DModel`` (eval mode, moved to device/dtype) as an EpsModel."""
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
     cls = type(unet).__name__
     if cls not in SUPPORTED_CLASSES:
         raise InputError(
             f"model class {cls} is not supported yet (supported: {', '.join(SUPPORTED_CLASSES)}); "
             "wrap it as a callable eps(x, t) and pass it with `model` py:module:factory"
         )
-    if scheduler_config is None:
-        log.warning("no scheduler config found for %s: using the DDPM default (linear 1e-4..0.02, T=1000)", name)
-        scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
-    schedule = process_from_config(scheduler_config)
-    unet = unet.to(dev).eval()
-    if unet.dtype != dt:
-        unet = unet.to(dt)
     cfg = dict(unet.config)
-    c, s = int(cfg["in_channels"]), cfg["sample_size"]
+    s = cfg["sample_size"]
     hw = (s, s) if isinstance(s, int) else tuple(int(v) for v in s)
-
     etsdm = etsdm_of(unet)
     # an E-TSDM UNet applies the map in its forward; the EpsModel applies it once, from its etsdm field
     forward = unet.forward_condition if etsdm is not None else unet
@@ -288,18 +289,36 @@ def from_unet(
     def net(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return forward(x, c).sample
 
+    m = from_module(unet, net, scheduler_config, (int(cfg["in_channels"]), *hw), name, device, dtype)
+    return replace(m, etsdm=etsdm) if etsdm is not None else m
+
+
+def from_module(
+    module: nn.Module, net: NetFn, scheduler_config: dict[str, Any] | None, sample_shape: tuple[int, ...], name: str,
+    device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+) -> EpsModel:  # fmt: skip
+    """An EpsModel around a diffusers denoiser ``module`` (eval, on device/dtype) called through ``net(x, c, **kw)``,
+    with the process of ``scheduler_config`` (the DDPM default, with a warning, when None)."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if scheduler_config is None:
+        log.warning("no scheduler config found for %s: using the DDPM default (linear 1e-4..0.02, T=1000)", name)
+        scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
+    schedule = process_from_config(scheduler_config)
+    module = module.to(dev).eval()
+    if next(module.parameters()).dtype != dt:
+        module = module.to(dt)
+    cfg = {**dict(getattr(module, "config", {})), "_class_name": type(module).__name__}
     return EpsModel(
         net=net,
         schedule=schedule,
         name=name,
-        sample_shape=(c, *hw),
+        sample_shape=sample_shape,
         prediction_type=schedule.prediction_type,
         device=dev,
         dtype=dt,
         config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"},
         scheduler_config=dict(scheduler_config),
-        module=unet,
-        etsdm=etsdm,
+        module=module,
     )
 
 

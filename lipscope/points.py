@@ -166,9 +166,10 @@ def fd_pair(model: EpsModel, x0: torch.Tensor, noise: torch.Tensor, pts: FDPoint
     x = noisy_inputs(model, x0[i], noise[i], t_x)
     with torch.inference_mode():
         if pts.conditions:  # feed the conditions themselves; convert with α, σ at the true t
-            eps = model.at_condition(torch.cat([x, x]), torch.cat([t_a, t_b]), torch.cat([t_x, t_x]).to(model.device))
+            tx2 = torch.cat([t_x, t_x]).to(model.device)
+            eps = model.at_condition(torch.cat([x, x]), torch.cat([t_a, t_b]), tx2, torch.cat([i, i]))
         else:
-            eps = model(torch.cat([x, x]), torch.cat([t_a, t_b]))
+            eps = model(torch.cat([x, x]), torch.cat([t_a, t_b]), torch.cat([i, i]))
     return eps
 
 

@@ -25,10 +25,12 @@ import pandas as pd
 import torch
 
 from . import rng
-from .batching import RunStats, check_finite, check_memory, is_oom, run_batched
+from .batching import RunStats, check_finite, check_memory, run_batched
+from .conditioning import Conditioning
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
-from .fwad import forward_ad_patches
+from .families import resolve_conditioning
+from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower level
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
@@ -42,7 +44,6 @@ from .points import (
     fd_pair,
     fd_points,
     noise_columns,
-    noisy_inputs,
     valid_range,
 )
 from .reduction import summarize_samples
@@ -85,75 +86,6 @@ def fd_norms(
 
     out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "probe fd")
     return out.reshape(G, n).T.contiguous(), scale.reshape(G, n).T.contiguous()
-
-
-def jvp_norms(
-    model: EpsModel,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    t: np.ndarray,
-    batch_size: int | str = "auto",
-    progress: bool = False,
-    stats: RunStats | None = None,
-) -> torch.Tensor:
-    """‖∂εθ(x_t, t)/∂τ‖₂ by forward-mode AD (``torch.func.jvp``) w.r.t. the timestep input: (n, G).
-
-    x_t is held fixed (drawn at t); the tangent is 1 step, times T for per-unit-τ. Runs inside
-    :func:`lipscope.fwad.forward_ad_patches`, which restores the model afterwards.
-    """
-    n, G = x0.shape[0], len(t)
-    t_x = torch.as_tensor(np.asarray(t, dtype=np.float64))
-    T = model.T
-    _refuse_learned_embedding(model)
-    checked = [False]
-
-    def compute(idx: torch.Tensor) -> torch.Tensor:
-        j, i = idx // n, idx % n
-        x = noisy_inputs(model, x0[i], noise[i], t_x[j])
-        tt = t_x[j].to(model.device, torch.float64 if model.dtype == torch.float64 else torch.float32)
-        with torch.no_grad():
-            # torch types jvp's result as a 2- or 3-tuple (no overload on has_aux); without has_aux it is 2
-            out, tangent = torch.func.jvp(lambda s: model(x, s), (tt,), (torch.ones_like(tt),))  # type: ignore[misc]
-        check_finite([out, tangent], t_x[j], t_x[j], "output or its t-derivative")
-        if not checked[0]:
-            checked[0] = True
-            _check_tangent_reaches(model, x, tt, tangent)
-        return torch.linalg.vector_norm(tangent.reshape(idx.numel(), -1).double(), dim=1) * T
-
-    try:
-        with forward_ad_patches(model.module):
-            out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "probe jvp")
-    except (NotImplementedError, RuntimeError) as e:
-        if is_oom(e):
-            raise
-        raise InputError(
-            f"{model.name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
-            "use `method` fd"
-        ) from e
-    return out.reshape(G, n).T.contiguous()
-
-
-def _refuse_learned_embedding(model: EpsModel) -> None:
-    if model.config.get("time_embedding_type") == "learned":
-        raise InputError(
-            f"{model.name} looks timesteps up in a learned embedding table: ε is not differentiable in t; "
-            "use `method` fd"
-        )
-
-
-def _check_tangent_reaches(model: EpsModel, x: torch.Tensor, tt: torch.Tensor, tangent: torch.Tensor) -> None:
-    """A zero tangent where a finite difference moves means t reaches the network through an integer
-    cast or a table: forward AD would silently report 0."""
-    if tangent.abs().max() > 0:
-        return
-    with torch.inference_mode():
-        lo = torch.clamp(tt - 1, min=0)
-        d = model(x, lo + 1) - model(x, lo)
-    if d.abs().max() > 0:
-        raise InputError(
-            f"{model.name}: the timestep does not reach the network differentiably (d/dt is 0 but ε changes "
-            "between steps: an integer cast or embedding table); use `method` fd"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +194,7 @@ def probe(
     data_range: tuple[float, float] | None | str = "auto",
     allow_noise_limited: bool = False,
     target: str = "eps",
+    conditioning: Conditioning | None = None,
 ) -> pd.DataFrame:
     """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
     ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
@@ -274,6 +207,11 @@ def probe(
     (:func:`lipscope.targets.from_epsilon`); the paper's quantity is ε. Every row also carries K per unit of
     log-SNR λ (``K_per_lambda``) and of the process's native time (``K_per_native``).
 
+    ``conditioning`` (class labels, prompt embeddings, guidance scale:
+    :func:`lipscope.families.resolve_conditioning`): sample i is conditioned on condition i mod P; a
+    conditional model without it is probed unconditionally (the null class), or refused where that needs
+    a text encoder.
+
     ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size), the
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``) and the
     ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`).
@@ -285,6 +223,10 @@ def probe(
     methods = parse_methods(method)
     if target != model.target:
         model = dataclasses.replace(model, target=target)
+    if model.conditioning is None and conditioning is None:
+        conditioning = resolve_conditioning(model)  # a conditional family's default (unconditional), or None
+    if conditioning is not None:
+        model = dataclasses.replace(model, conditioning=conditioning)
     if samples < 1:
         raise InputError(f"`samples` must be ≥ 1 (got {samples})")
     if int(seed) != seed or seed < 0:
@@ -376,6 +318,9 @@ def probe(
             "K_samples": np.concatenate(Ks, axis=1),
             "data_scaling": scaling,
             "data_range": None if data_range is None else list(data_range),
+            "conditioning": model.conditioning.info | {"guidance_scale": model.conditioning.guidance_scale}
+            if model.conditioning is not None
+            else None,
             **stats.extra,
         }
     )

@@ -110,7 +110,8 @@ def sample(
             ]
             for t in sched.timesteps:
                 tt = torch.full((xb.shape[0],), float(t), device=model.device)
-                pred = model(xb, tt)  # ε, or the velocity u = ε − x0 at σ = t/T for flow
+                # ε, or the velocity u = ε − x0 at σ = t/T for flow; sample s + r gets the conditioning of row s + r
+                pred = model(xb, tt, torch.arange(s, s + xb.shape[0]))
                 xb = sched.step(pred, t, xb, generator=gens).prev_sample
             bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
             if bad.any():
@@ -152,7 +153,15 @@ def model_samples(
     if cache_dir is not None and model.module is not None:
         key = hashlib.sha256(
             "|".join(
-                [weights_digest(model.module), model.config_hash, str(model.etsdm), str(model.dtype), str(n), str(seed)]
+                [
+                    weights_digest(model.module),
+                    model.config_hash,
+                    str(model.etsdm),
+                    str(model.dtype),
+                    str(n),
+                    str(seed),
+                    model.conditioning.digest() if model.conditioning is not None else "",
+                ]
             ).encode()
         ).hexdigest()[:20]
         path = Path(cache_dir) / f"x0_model_{key}_n{n}_s{seed}_ddim{steps}.npz"

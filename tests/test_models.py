@@ -118,12 +118,17 @@ def test_folder_without_config(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_condition_model_refused(tmp_path):
+def test_unknown_denoiser_class_refused_by_name(tmp_path):
+    """A denoiser class no family wraps is refused naming it (UNet2DConditionModel is a family now:
+    tests/test_families.py)."""
     (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "config.json").write_text(json.dumps({"_class_name": "UVit2DModel", "in_channels": 4}))
+    with pytest.raises(InputError, match="UVit2DModel is not supported"):
+        load_model(str(tmp_path / "u"))
     (tmp_path / "u" / "config.json").write_text(
         json.dumps({"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 64})
     )
-    with pytest.raises(InputError, match="UNet2DConditionModel is not supported"):
+    with pytest.raises(InputError, match="could not load its UNet2DConditionModel"):  # recognised; no weights here
         load_model(str(tmp_path / "u"))
 
 
@@ -410,8 +415,16 @@ def _pipeline_index(folder: Path, cls: str, **components) -> Path:
 @pytest.mark.parametrize(
     ("cls", "components", "named"),
     [
-        ("DiTPipeline", {"transformer": ["diffusers", "DiTTransformer2DModel"]}, "transformer: DiTTransformer2DModel"),
-        ("StableDiffusionPipeline", {"unet": ["diffusers", "UNet2DConditionModel"]}, "unet: UNet2DConditionModel"),
+        (
+            "PixArtAlphaPipeline",
+            {"transformer": ["diffusers", "PixArtTransformer2DModel"]},
+            "transformer: PixArtTransformer2DModel",
+        ),
+        (
+            "FluxPipeline",
+            {"transformer": ["diffusers", "FluxTransformer2DModel"]},
+            "transformer: FluxTransformer2DModel",
+        ),
         ("AudioPipeline", {"vqvae": ["diffusers", "AutoencoderKL"]}, "no unet or transformer component"),
     ],
 )
@@ -426,15 +439,18 @@ def test_unsupported_pipeline_is_refused_by_class(tmp_path, cls, components, nam
 
 def test_unsupported_pipeline_on_the_hub_is_refused_by_class(tmp_path, monkeypatch, no_network):
     rev = "0123456789abcdef0123456789abcdef01234567"
-    base = tmp_path / "hub" / "models--facebook--DiT-XL-2-256"
-    _pipeline_index(base / "snapshots" / rev, "DiTPipeline", transformer=["diffusers", "DiTTransformer2DModel"])
+    base = tmp_path / "hub" / "models--PixArt-alpha--PixArt-XL-2-512x512"
+    _pipeline_index(
+        base / "snapshots" / rev, "PixArtAlphaPipeline", transformer=["diffusers", "PixArtTransformer2DModel"]
+    )
     (base / "refs").mkdir()
     (base / "refs" / "main").write_text(rev)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(
-        InputError, match=r"facebook/DiT-XL-2-256 is a DiTPipeline \(transformer: DiTTransformer2DModel\)"
+        InputError,
+        match=r"PixArt-alpha/PixArt-XL-2-512x512 is a PixArtAlphaPipeline \(transformer: PixArtTransformer2DModel\)",
     ):
-        load_model("facebook/DiT-XL-2-256", offline=True)
+        load_model("PixArt-alpha/PixArt-XL-2-512x512", offline=True)
 
 
 def test_probe_refuses_fractional_dt_on_a_rounding_adapter(tmp_path, monkeypatch):

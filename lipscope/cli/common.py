@@ -39,6 +39,7 @@ FLAGS: dict[str, str] = {
     "spec": "--model",
     "model": "--model",
     "model_args": "--model-arg",
+    "class_labels": "--class-label",
     "data": "--data",
 }
 # Python-API parameters no command exposes: shown as they are, never as an invented flag

@@ -120,6 +120,18 @@ def probe(
         help="Parameterisation measured: eps (the paper's ε), x0, v, score or velocity (ε − x0), converted at the "
         "true t.",
     ),
+    class_label: list[int] | None = typer.Option(
+        None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."
+    ),
+    prompt_embeds: Path | None = typer.Option(
+        None,
+        "--prompt-embeds",
+        help="safetensors file with encode_prompt's tensors (prompt_embeds, negative_prompt_embeds, SDXL pooled) "
+        "for a text-conditioned model.",
+    ),
+    guidance_scale: float | None = typer.Option(
+        None, "--guidance-scale", help="Probe the classifier-free guided field ε_u + w(ε_c − ε_u)."
+    ),
     plot_x: str = typer.Option(
         "t",
         "--plot-x",
@@ -166,6 +178,9 @@ def probe(
             data_range=_data_range(data_range),
             target=target,
             plot_x=plot_x,
+            class_labels=tuple(class_label or ()),
+            prompt_embeds=_s(prompt_embeds),
+            guidance_scale=guidance_scale,
             allow_noise_limited=allow_noise_limited,
         ),
         progress=progress and sys.stderr.isatty(),

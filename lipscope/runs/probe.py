@@ -15,6 +15,7 @@ from .. import io as lio
 from ..data import check_data_range
 from ..errors import InputError
 from ..etsdm import Etsdm
+from ..families import resolve_conditioning
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
@@ -47,6 +48,10 @@ class ProbeOptions(ModelOptions):
     data_range: tuple[float, float] | None | str = "auto"
     target: str = "eps"  # the parameterisation measured: eps (the paper's), x0, v, score, velocity
     plot_x: str = "t"  # lipschitz.png against t, or K per unit λ against log-SNR λ ("lambda")
+    # conditional families (lipscope.families): class labels (DiT), prompt embeddings (SD/SDXL), CFG scale
+    class_labels: tuple[int, ...] = ()
+    prompt_embeds: str | None = None
+    guidance_scale: float | None = None
 
     def resolved(self) -> ProbeOptions:
         """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
@@ -84,6 +89,7 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
 def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     start = time.time()
     m = opts.load()
+    cond = resolve_conditioning(m, opts.class_labels, opts.prompt_embeds, opts.guidance_scale)
     check_t_split(opts.t_split, m.T)
     df = probe(
         m,
@@ -101,6 +107,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         data_range=opts.data_range,
         allow_noise_limited=opts.allow_noise_limited,
         target=opts.target,
+        conditioning=cond,
     )
     summ = summary(df, m.T, opts.t_split)
     wall = time.time() - start
@@ -113,6 +120,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         "seed": opts.seed,
         "data_range": df.attrs["data_range"],
         "target": opts.target,
+        "conditioning": df.attrs["conditioning"],
         "process": m.schedule.describe(),
         "data_scaling": asdict(df.attrs["data_scaling"]),
         "versions": lio.package_versions(),

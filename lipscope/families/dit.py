@@ -1,0 +1,46 @@
+"""DiT (``DiTTransformer2DModel``, Peebles & Xie 2023): class-conditional latent transformer with learned
+variance. Conditioned on ``class_labels``; the null class (index ``num_embeds_ada_norm``, what DiTPipeline
+feeds the unconditional branch) is the default and the CFG branch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..conditioning import Conditioning
+from ..errors import InputError
+from ..models import EpsModel, from_module
+
+
+def build(transformer: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
+    def net(x: torch.Tensor, c: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return transformer(x, timestep=c, class_labels=class_labels).sample
+
+    cfg = dict(transformer.config)
+    s = int(cfg["sample_size"])
+    return from_module(transformer, net, scheduler_config, (int(cfg["in_channels"]), s, s), name, device, dtype)
+
+
+def conditioning(
+    model: EpsModel, class_labels: list[int] | None = None, guidance_scale: float | None = None, **other: Any
+) -> Conditioning:
+    """Labels cycled over the samples (none: the null class, unconditional); CFG against the null class."""
+    if any(v for v in other.values()):
+        raise InputError(f"`model` {model.name} is class-conditional (DiT): give `class_labels`, not text conditioning")
+    n_cls = int(model.config.get("num_embeds_ada_norm") or 1000)
+    null = torch.tensor([n_cls])
+    if not class_labels:
+        if guidance_scale is not None:
+            raise InputError("`guidance_scale` needs `class_labels` to guide towards; give one or more labels")
+        return Conditioning({"class_labels": null}, info={"conditioning": f"unconditional (null class {n_cls})"})
+    bad = [c for c in class_labels if not (isinstance(c, int) and 0 <= c < n_cls)]
+    if bad:
+        raise InputError(f"`class_labels` {bad[0]} is out of range: {model.name} has {n_cls} classes (0..{n_cls - 1})")
+    labels = torch.tensor(class_labels)
+    return Conditioning(
+        {"class_labels": labels},
+        {"class_labels": null.expand(len(labels)).clone()},
+        guidance_scale,
+        {"conditioning": "class labels", "class_labels": list(class_labels), "null_class": n_cls},
+    )
