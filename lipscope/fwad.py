@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,31 +27,27 @@ def _group_norm_forward(mod: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
-    """Make a diffusers UNet differentiable with forward-mode AD, and restore it exactly afterwards.
+    """Make a diffusers network differentiable with forward-mode AD, and restore it exactly afterwards.
 
-    Two known blockers: SDPA attention kernels have no forward-AD formula (swap each diffusers
-    ``Attention``'s processor for the plain ``AttnProcessor``), and the native GroupNorm's forward
-    AD fails on non-contiguous tangents (give each GroupNorm instance a functional forward).
+    Two known blockers: the fused SDPA kernels have no forward-AD formula, so attention runs on PyTorch's
+    math SDPA backend (``sdpa_kernel(MATH)``: every attention processor — cross, joint (SD3), Flux,
+    PixArt — keeps its own maths, only the kernel changes); and the native GroupNorm's forward AD fails on
+    non-contiguous tangents (each GroupNorm instance gets a functional forward).
     """
     if module is None:
         yield
         return
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    saved_proc: list[tuple[nn.Module, Any]] = []
     patched_gn: list[nn.Module] = []
     try:
         for mod in module.modules():
-            if isinstance(mod, Attention):
-                saved_proc.append((mod, mod.processor))
-                mod.processor = AttnProcessor()
-            elif isinstance(mod, nn.GroupNorm) and "forward" not in mod.__dict__:
+            if isinstance(mod, nn.GroupNorm) and "forward" not in mod.__dict__:
                 # instance-level patch, undone by `del mod.forward` below; mypy forbids assigning to a method
                 mod.forward = functools.partial(_group_norm_forward, mod)  # type: ignore[method-assign]
                 patched_gn.append(mod)
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
-        for mod, proc in saved_proc:
-            mod.processor = proc
         for mod in patched_gn:
             del mod.forward

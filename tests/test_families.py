@@ -4,6 +4,7 @@ embeddings, SDXL's added conditions, classifier-free guidance, latent data throu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -200,3 +201,68 @@ def test_cli_probe_dit_with_cfg_and_bad_label(folders, tmp_path):
                        text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--class-label 99 is out of range" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_sample_a_conditional_latent_model(folders, tmp_path):
+    from lipscope.runs import SampleOptions, run_sample
+
+    opts = SampleOptions(model=str(folders["dit"]), steps=2, num=2, device="cpu", out=str(tmp_path / "s"))
+    meta = run_sample(dataclasses.replace(opts, class_labels=(4,), guidance_scale=2.0))
+    z = np.load(tmp_path / "s" / "samples.npz")
+    assert z["x0"].shape == (2, *LATENT_SHAPE) and z["images"].shape == (2, 3, 16, 16)
+    assert meta["conditioning"]["class_labels"] == [4] and meta["conditioning"]["guidance_scale"] == 2.0
+    with pytest.raises(InputError, match="give `prompt_embeds`"):
+        run_sample(SampleOptions(model=str(folders["sd"]), steps=2, num=2, device="cpu", out=str(tmp_path / "t")))
+
+
+@pytest.fixture(scope="module")
+def folders2(tmp_path_factory):
+    from family_fixtures2 import save_embeds, save_pixart_folder, save_sd3_folder
+
+    d = tmp_path_factory.mktemp("families2")
+    return {
+        "sd3": save_sd3_folder(d / "sd3", shift=3.0),
+        "pixart": save_pixart_folder(d / "pixart"),
+        "embeds-sd3": save_embeds(d / "sd3.safetensors", "sd3"),
+        "embeds-pixart": save_embeds(d / "pixart.safetensors", "pixart"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["sd3", "pixart"])
+@pytest.mark.parametrize("w", [None, 3.0])
+def test_sd3_and_pixart_match_pipeline_call(folders2, kind, w):
+    from reference_families2 import pixart_fd_reference, sd3_fd_reference
+
+    m = load_model(str(folders2[kind]), dtype="float64")
+    assert m.latent is not None and m.schedule.kind == ("flow" if kind == "sd3" else "vp-discrete")
+    path = str(folders2[f"embeds-{kind}"])
+    df = _probe(m, resolve_conditioning(m, None, path, w))
+    e = load_file(path)
+    rows = torch.tensor([0, 1, 0])
+    if kind == "sd3":
+        e = {k: v.double() for k, v in e.items()}
+        args = (e["prompt_embeds"], e["pooled_prompt_embeds"], e["negative_prompt_embeds"])
+        args = (*args, e["negative_pooled_prompt_embeds"])
+        fn = sd3_fd_reference
+    else:
+        args = (e["prompt_embeds"].double(), e["prompt_attention_mask"], e["negative_prompt_embeds"].double())
+        args = (*args, e["negative_prompt_attention_mask"])
+        fn = pixart_fd_reference
+    args = tuple(a[rows] for a in args)
+    noise = rng.noise(0, 3, LATENT_SHAPE, torch.float64)
+    _check(m, df, lambda k: fn(folders2[kind], _latents(3), noise, *args, k, 1, guidance_scale=w), 3)
+
+
+def test_sd3_jvp_with_cfg(folders2):
+    """JVP through the joint-attention transformer (processors kept, math SDPA) equals central FD (Richardson)."""
+    m = load_model(str(folders2["sd3"]), dtype="float64")
+    cond = resolve_conditioning(m, None, str(folders2["embeds-sd3"]), 2.0)
+    x0, grid = _latents(2), [10.5]
+    jvp = probe(m, x0, timesteps=grid, method="jvp", samples=2, data_range=None, conditioning=cond)
+    f1, f2 = (
+        probe(m, x0, timesteps=grid, dt=h, scheme="central", samples=2, data_range=None, conditioning=cond)
+        for h in (0.02, 0.01)
+    )
+    k1, k2, kj = f1.attrs["K_samples"], f2.attrs["K_samples"], jvp.attrs["K_samples"]
+    tol = 2 * np.abs(k1 - k2) + (2 * U32 * 10.5 / 0.01 + 1e-9) * np.abs(k2)
+    assert np.all(np.abs(kj - k2) <= tol), np.max(np.abs(kj - k2) / k2)

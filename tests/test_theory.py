@@ -228,8 +228,11 @@ def test_forward_ad_patches_restore_the_model_bit_exact():
     dicts = {id(mod): dict(vars(mod)) for mod in u.modules()}
     sd = {k: v.clone() for k, v in u.state_dict().items()}
     with forward_ad_patches(u):
-        assert all(type(mod.processor).__name__ == "AttnProcessor" for mod in u.modules() if isinstance(mod, Attention))
+        # processors are kept (their own maths), only the SDPA kernel is the math one
+        assert {id(mod): mod.processor for mod in u.modules() if isinstance(mod, Attention)} == procs
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
         torch.func.jvp(lambda s: m(x, s), (t,), (torch.ones_like(t),))
+    assert torch.backends.cuda.flash_sdp_enabled()  # the SDPA backend choice is restored too
     assert {id(mod): mod.processor for mod in u.modules() if isinstance(mod, Attention)} == procs
     for mod in u.modules():
         assert vars(mod).keys() == dicts[id(mod)].keys() and "forward" not in vars(mod)

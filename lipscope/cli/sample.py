@@ -24,6 +24,9 @@ def sample(
     device: str = typer.Option("auto", "--device", parser=DEVICE),
     out_dir: Path = typer.Option(Path("runs/samples"), "--out", "-o"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
+    class_label: list[int] | None = typer.Option(None, "--class-label", help="Class (DiT; repeatable, cycled)."),
+    prompt_embeds: Path | None = typer.Option(None, "--prompt-embeds", help="encode_prompt's tensors (safetensors)."),
+    guidance_scale: float | None = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
@@ -40,6 +43,9 @@ def sample(
         device=device,
         out=str(out_dir),
         overwrite=overwrite,
+        class_labels=tuple(class_label or ()),
+        prompt_embeds=str(prompt_embeds) if prompt_embeds is not None else None,
+        guidance_scale=guidance_scale,
     )
     run_sample(opts)
     out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..models import EpsModel
-from . import dit, sd, unet2d
+from . import dit, pixart, sd, sd3, unet2d
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("unet2d", ("UNet2DModel", "ETSDMUNet2DModel"), "unet", unet2d.build),
     Family("dit", ("DiTTransformer2DModel",), "transformer", dit.build, dit.conditioning, "class"),
     Family("sd", ("UNet2DConditionModel",), "unet", sd.build, sd.conditioning, "text"),
+    Family("sd3", ("SD3Transformer2DModel",), "transformer", sd3.build, sd3.conditioning, "text"),
+    Family("pixart", ("PixArtTransformer2DModel",), "transformer", pixart.build, pixart.conditioning, "text"),
 )
 
 

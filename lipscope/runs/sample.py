@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from .. import io as lio
 from ..data import load_data
 from ..errors import InputError
 from ..evaluate import evaluate_models, summarize_eval
+from ..families import resolve_conditioning
 from ..loading import load_model
 from ..plots import figure_png, plot_eval
 from ..sampling import SAMPLERS, image_grid, png_bytes, sample
@@ -31,6 +33,9 @@ class SampleOptions:
     device: str = "auto"
     out: str = "runs/samples"
     overwrite: bool = False
+    class_labels: tuple[int, ...] = ()  # conditional families (lipscope.families)
+    prompt_embeds: str | None = None
+    guidance_scale: float | None = None
 
 
 def run_sample(opts: SampleOptions) -> dict[str, Any]:
@@ -40,6 +45,8 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
     out = check_out_dir(opts.out, overwrite=opts.overwrite)
     with lio.run_lock(out):
         m = load_model(opts.model, device=opts.device)
+        cond = resolve_conditioning(m, opts.class_labels, opts.prompt_embeds, opts.guidance_scale)
+        m = dataclasses.replace(m, conditioning=cond) if cond is not None else m
         x = sample(m, opts.num, scheduler=opts.scheduler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size)
         meta = {
             "command": "sample",
@@ -47,6 +54,7 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
             "model": opts.model,
             "config_hash": m.config_hash,
             "etsdm": asdict(m.etsdm) if m.etsdm is not None else None,
+            "conditioning": {**cond.info, "guidance_scale": cond.guidance_scale} if cond is not None else None,
             "versions": lio.package_versions(),
         }
         arrays = {"x0": x.numpy()}

@@ -1,0 +1,51 @@
+"""PixArt-α/Σ (``PixArtTransformer2DModel``): a VP latent DiT with learned variance, conditioned on T5
+``encoder_hidden_states`` with their ``encoder_attention_mask`` (encode_prompt's ``prompt_embeds`` and
+``prompt_attention_mask``); at 1024 px (``use_additional_conditions``) also on resolution and aspect ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..conditioning import Conditioning
+from ..models import EpsModel, from_module
+from .embeds import text_conditioning
+
+
+def build(transformer: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
+    def net(
+        x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+        **added: Any,
+    ) -> torch.Tensor:  # fmt: skip
+        return transformer(
+            x,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=c,
+            added_cond_kwargs=added or {"resolution": None, "aspect_ratio": None},
+        ).sample
+
+    cfg = dict(transformer.config)
+    s = int(cfg["sample_size"])
+    return from_module(transformer, net, scheduler_config, (int(cfg["in_channels"]), s, s), name, device, dtype)
+
+
+def conditioning(
+    model: EpsModel, prompt_embeds: str | None = None, guidance_scale: float | None = None, **other: Any
+) -> Conditioning:
+    use = model.config.get("use_additional_conditions")  # None: the transformer's own rule, sample_size 128 (1024 px)
+    extra = bool(use) if use is not None else model.config.get("sample_size") == 128
+
+    def branch(t: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+        e = t[f"{prefix}prompt_embeds"]
+        kw: dict[str, Any] = {"encoder_hidden_states": e, "encoder_attention_mask": t[f"{prefix}prompt_attention_mask"]}
+        if extra:  # the pipeline's resolution (H, W) and aspect ratio H/W in pixels
+            shape = model.latent.pixel_shape if model.latent is not None else model.sample_shape or (0, 1, 1)
+            kw["resolution"] = torch.tensor([[float(shape[1]), float(shape[2])]]).expand(len(e), 2).clone()
+            kw["aspect_ratio"] = torch.full((len(e), 1), float(shape[1]) / float(shape[2]))
+        return kw
+
+    keys = ("prompt_embeds", "prompt_attention_mask")
+    dim = int(model.config.get("caption_channels") or 0)
+    return text_conditioning(model, prompt_embeds, guidance_scale, other, keys, dim, branch)
