@@ -266,3 +266,25 @@ def test_sd3_jvp_with_cfg(folders2):
     k1, k2, kj = f1.attrs["K_samples"], f2.attrs["K_samples"], jvp.attrs["K_samples"]
     tol = 2 * np.abs(k1 - k2) + (2 * U32 * 10.5 / 0.01 + 1e-9) * np.abs(k2)
     assert np.all(np.abs(kj - k2) <= tol), np.max(np.abs(kj - k2) / k2)
+
+
+def test_dit_from_an_offline_hub_cache_under_its_real_id(folders, tmp_path, monkeypatch):
+    """facebook/DiT-XL-2-256 laid out as a Hugging Face cache entry: the transformer, VAE and scheduler come through
+    huggingface_hub's cache lookup (from_pretrained with subfolders), offline, and probe like the folder does."""
+    import shutil
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    base = tmp_path / "hub" / "models--facebook--DiT-XL-2-256"
+    shutil.copytree(folders["dit"], base / "snapshots" / rev)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = load_model("facebook/DiT-XL-2-256", dtype="float64")
+    local = load_model(str(folders["dit"]), dtype="float64")
+    assert hub.name == "facebook/DiT-XL-2-256" and hub.latent is not None and hub.latent.kind == "AutoencoderKL"
+    cond = resolve_conditioning(hub, [2], None, 1.5)
+    a = probe(hub, "digits", timesteps="0,10", samples=2, conditioning=cond, batch_size=4)
+    b = probe(local, "digits", timesteps="0,10", samples=2, conditioning=cond, batch_size=4)
+    np.testing.assert_array_equal(a["K_mean"], b["K_mean"])
