@@ -75,7 +75,9 @@ def load_model(
     if spec.startswith("py:"):
         return load_py(spec, sched_cfg, dev, dt, kwargs)
     if kwargs:
-        raise InputError(f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec")
+        raise InputError(
+            f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec; drop `model_args`"
+        )
     if spec.startswith("builtin:"):
         return _load_builtin(spec.split(":", 1)[1], dev, dt)
     path = Path(spec).expanduser()

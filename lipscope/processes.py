@@ -248,7 +248,9 @@ def process_from_config(config: dict[str, Any]) -> NoiseProcess:
         return p
     if name in FLOW_CLASSES:
         if config.get("invert_sigmas"):
-            raise InputError(f"scheduler config: {name} with invert_sigmas (Mochi) is not supported")
+            raise InputError(
+                f"scheduler config: {name} with invert_sigmas (Mochi) is not supported; use a config without it"
+            )
         dynamic = bool(config.get("use_dynamic_shifting"))
         return FlowProcess(steps=_steps(config, 1000), shift=None if dynamic else _num(config, "shift", 1.0))
     if name is None or name in VP_CLASSES:

@@ -27,13 +27,19 @@ log = logging.getLogger("lipscope")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver", "dpmsolver++")
 
 
-def betas_of(model: EpsModel) -> np.ndarray:
-    """β_k recovered from the schedule's log ᾱ (exact inverse of the cumulative product); VP schedules only."""
-    if not isinstance(model.schedule, Schedule):
+def check_sampleable(model: EpsModel) -> None:
+    """Sampling runs for VP schedules (DDPM-family samplers) and flow matching (its Euler scheduler)."""
+    if not isinstance(model.schedule, Schedule | FlowProcess):
         raise InputError(
-            f"sampling from a {model.schedule.kind} process is not supported yet (VP schedules only): "
+            f"sampling from a {model.schedule.kind} process is not supported yet (VP and flow only): "
             "give `data` as images or arrays instead of model samples"
         )
+
+
+def betas_of(model: EpsModel) -> np.ndarray:
+    """β_k recovered from the schedule's log ᾱ (exact inverse of the cumulative product); VP schedules only."""
+    check_sampleable(model)
+    assert isinstance(model.schedule, Schedule)
     lab = model.schedule.log_alpha_bar
     prev = torch.cat([torch.zeros(1, dtype=lab.dtype), lab[:-1]])
     return (-torch.expm1(lab - prev)).numpy()
@@ -174,6 +180,7 @@ def model_samples(
             except (OSError, ValueError, KeyError):
                 pass
             log.warning("ignoring the unreadable sample cache %s; drawing the samples again", path)
+    check_sampleable(model)  # refuse before announcing the work
     log.warning(
         "drawing %d x0 samples from the model itself (DDIM, %d steps); "
         "pass real data (digits, a folder or an array file) to probe on it",

@@ -141,6 +141,14 @@ def _npy(rel: str, a: np.ndarray) -> Setup:
     return s
 
 
+def _edm_folder(tmp: Path, pipe: Path) -> None:
+    """The conftest pipeline with an EDM scheduler: a real folder of a non-VP process."""
+    import shutil
+
+    shutil.copytree(pipe, tmp / "edm")
+    (tmp / "edm" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EDMEulerScheduler"}))
+
+
 def _chain(*ss: Setup) -> Setup:
     def s(tmp: Path, pipe: Path) -> None:
         for f in ss:
@@ -503,6 +511,24 @@ CASES: list[Case] = [
     C("compare-run-is-a-file", "compare", "{tmp}/f.csv", "--out", "{tmp}/c.png", mentions="f.csv", setup=_write("f.csv", GOOD_CSV)),
     C("compare-out-under-a-file", "compare", "{tmp}/r", "--out", "{tmp}/f/c.png", mentions="--out", setup=_chain(_run_folder("r", GOOD_CSV, GOOD_META), _write("f", "file"))),
     C("compare-no-runs", "compare", "--out", "{tmp}/c.png", mentions="runs"),
+    # ---- noise processes, targets, data range, families (the "Trustworthy numbers" and families issues) ----
+    C("probe-target-unknown", "probe", "--target", "noise", mentions="--target"),
+    C("probe-plot-x-unknown", "probe", "--plot-x", "tau", mentions="--plot-x"),
+    C("probe-data-range-empty", "probe", "--data-range", "1,1", mentions="--data-range"),
+    C("probe-data-range-nan", "probe", "--data-range", "nan,1", mentions="--data-range"),
+    C("probe-data-range-one-number", "probe", "--data-range", "1", mentions="--data-range"),
+    C("probe-class-label-unconditional", "probe", "--class-label", "3", mentions="--class-label"),
+    C("probe-guidance-unconditional", "probe", "--guidance-scale", "2", mentions="--guidance-scale"),
+    C("probe-prompt-embeds-unconditional", "probe", "--prompt-embeds", "{tmp}/e.safetensors", mentions="--prompt-embeds", setup=_write("e.safetensors", b"x")),
+    C("probe-model-arg-not-py", "probe", "--model-arg", "a=1", mentions="--model-arg"),
+    C("probe-scheduler-unknown-class", "probe", "--scheduler-config", "{tmp}/s.json", mentions="BananaScheduler", setup=_write("s.json", json.dumps({"_class_name": "BananaScheduler"}))),
+    C("probe-scheduler-flow-inverted", "probe", "--scheduler-config", "{tmp}/s.json", mentions="invert_sigmas", setup=_write("s.json", json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}))),
+    C("probe-scheduler-edm-sigmas-swapped", "probe", "--scheduler-config", "{tmp}/s.json", mentions="sigma_min", setup=_write("s.json", json.dumps({"_class_name": "EDMEulerScheduler", "sigma_min": 80.0, "sigma_max": 0.002}))),
+    C("probe-scheduler-ve-negative-sigma", "probe", "--scheduler-config", "{tmp}/s.json", mentions="sigma_min", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_min": -0.01}))),
+    C("probe-ve-data-model", "probe", "--data", "model", "--scheduler-config", "{tmp}/s.json", mentions="--data", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 50.0}))),
+    C("sample-edm", "sample", "--model", "{tmp}/edm", mentions="edm", setup=_edm_folder),
+    C("train-ve-scheduler", "train", "--scheduler-config", "{tmp}/s.json", mentions="VP", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler"}))),
+    C("finetune-flow-folder", "finetune", "--model", "{tmp}/edm", mentions="VP", setup=_edm_folder),
 ]
 # fmt: on
 
