@@ -180,6 +180,85 @@ NOTEBOOKS = {
             "summ[['model', 'scheduler', 'steps', 'fd_digits_mean', 'fd_pixel_mean', 'swd_pixel_mean']]",
         ),
     ],
+    "04_families.ipynb": [
+        (
+            "md",
+            "# One probe, three model families\n\n"
+            "The same measurement on a Stable-Diffusion-like UNet (text cross-attention, VP), a DiT (class labels, "
+            "learned variance, VP) and an SD3-like flow-matching transformer. Their clocks differ (VP steps vs. "
+            "flow σ), so K is compared per unit of log-SNR λ = log(α²/σ²) (`K_per_lambda`).\n\n"
+            "**The networks here are tiny and random** (this notebook runs offline in CI): the numbers show the "
+            "measurement, not a property of real models. With weights, replace each constructor by "
+            "`lipscope.load_model('runwayml/stable-diffusion-v1-5')`, `'facebook/DiT-XL-2-256'`, "
+            "`'stabilityai/stable-diffusion-3-medium-diffusers'` and pass `--prompt-embeds` / `--class-label`.",
+        ),
+        ("code", SETUP),
+        (
+            "code",
+            "import torch\n"
+            "from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel\n"
+            "from lipscope.conditioning import Conditioning\n"
+            "from lipscope.families import dit, resolve_conditioning, sd, sd3\n"
+            "\n"
+            "torch.manual_seed(0)\n"
+            "vp = {'_class_name': 'DDIMScheduler', 'beta_schedule': 'scaled_linear', 'beta_start': 0.00085, "
+            "'beta_end': 0.012}\n"
+            "flow = {'_class_name': 'FlowMatchEulerDiscreteScheduler', 'shift': 3.0}\n"
+            "unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),\n"
+            "    layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),\n"
+            "    up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=16, attention_head_dim=2,\n"
+            "    norm_num_groups=8)\n"
+            "ditm = DiTTransformer2DModel(sample_size=8, in_channels=4, out_channels=8, patch_size=2, num_layers=2,\n"
+            "    attention_head_dim=8, num_attention_heads=2, num_embeds_ada_norm=10)\n"
+            "mmdit = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,\n"
+            "    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,\n"
+            "    pooled_projection_dim=8, pos_embed_max_size=8)\n"
+            "models = {\n"
+            "    'SD-like UNet (VP)': sd.build(unet, vp, 'sd-like', 'cpu', 'float32'),\n"
+            "    'DiT (VP)': dit.build(ditm, vp, 'dit', 'cpu', 'float32'),\n"
+            "    'SD3-like MMDiT (flow)': sd3.build(mmdit, flow, 'sd3-like', 'cpu', 'float32'),\n"
+            "}\n"
+            "text = torch.randn(2, 5, 16)  # stand-ins for encode_prompt's outputs (2 prompts)\n"
+            "conds = {\n"
+            "    'SD-like UNet (VP)': Conditioning({'encoder_hidden_states': text}, {'encoder_hidden_states': 0 * text}, 4.0),\n"
+            "    'DiT (VP)': resolve_conditioning(models['DiT (VP)'], [1, 2], None, 4.0),\n"
+            "    'SD3-like MMDiT (flow)': Conditioning(\n"
+            "        {'encoder_hidden_states': text, 'pooled_projections': torch.randn(2, 8)},\n"
+            "        {'encoder_hidden_states': 0 * text, 'pooled_projections': torch.zeros(2, 8)}, 4.0),\n"
+            "}\n"
+            "{name: (m.schedule.kind, m.sample_shape) for name, m in models.items()}",
+        ),
+        (
+            "md",
+            "Latents x0 ~ N(0, I) (a stand-in for VAE latents), classifier-free guidance w = 4, the exact derivative "
+            "by forward-mode AD (`method='jvp'`) on a log grid of each model's own steps.",
+        ),
+        (
+            "code",
+            "n = 4 if SMALL else 32\n"
+            "x0 = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1))\n"
+            "tables = {name: lipscope.probe(m, x0, timesteps='log:12' if SMALL else 'log:40', method='jvp', samples=n,\n"
+            "                               data_range=None, conditioning=conds[name])\n"
+            "          for name, m in models.items()}\n"
+            "{name: df[['t', 'lambda', 'K_mean', 'K_per_lambda']].head(3) for name, df in tables.items()}['DiT (VP)']",
+        ),
+        (
+            "code",
+            "from matplotlib.figure import Figure\n"
+            "\n"
+            "fig = Figure(figsize=(7, 4.2), dpi=110)\n"
+            "ax = fig.subplots()\n"
+            "for name, df in tables.items():\n"
+            "    d = df[df['lambda'].abs() < 1e6]  # flow's σ = 0 point has λ = +∞\n"
+            "    ax.plot(d['lambda'], d['K_per_lambda'], marker='o', ms=3, label=name)\n"
+            "ax.set_yscale('log')\n"
+            "ax.set_xlabel('log-SNR λ = log(α²/σ²)   (low noise →)')\n"
+            "ax.set_ylabel('‖∂ε/∂λ‖ (guided, w = 4)')\n"
+            "ax.legend(fontsize=8)\n"
+            "fig.tight_layout()\n"
+            "display(Image(figure_png(fig)))",
+        ),
+    ],
 }
 
 
