@@ -26,7 +26,8 @@ from diffusers import UNet2DModel
 import lipscope
 from lipscope.batching import RunStats
 from lipscope.models import from_unet
-from lipscope.probe import fd_norms, fd_points, noisy_inputs
+from lipscope.points import fd_points, noisy_inputs
+from lipscope.probe import fd_norms
 from lipscope.rng import noise as per_sample_noise
 
 # google/ddpm-cifar10-32's unet/config.json (35.7 M parameters)
