@@ -65,6 +65,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from reference_families import _cfg, _check_pair, _check_steps, _f64, _f64_copy, _fd  # shared helpers
 
 F64 = torch.float64
 
@@ -72,42 +73,10 @@ F64 = torch.float64
 # --------------------------------------------------------------------------- helpers
 
 
-def _f64(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(F64)
-
-
-def _f64_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A float64, eval-mode deep copy (the caller's module keeps its dtype and mode)."""
-    return copy.deepcopy(module).double().eval()
-
-
-def _check_steps(k: int, dt: int, k_max: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or isinstance(dt, bool) or not isinstance(dt, int):
-        raise TypeError(f"k and dt must be Python ints, got {type(k).__name__} and {type(dt).__name__}")
-    if dt < 1 or k < 0 or k + dt > k_max:
-        raise ValueError(f"need 0 <= k < k + dt <= {k_max}, got k={k}, dt={dt}")
-
-
-def _check_pair(latents: torch.Tensor, noise: torch.Tensor) -> None:
-    if latents.shape != noise.shape or latents.dim() != 4:
-        raise ValueError(
-            f"latents and noise must share one (n, C, H, W) shape, got {tuple(latents.shape)}, {tuple(noise.shape)}"
-        )
-
-
 def _check_rows(name: str, x: torch.Tensor | None, n: int, dim: int) -> None:
     if x is None or x.dim() != dim or x.shape[0] != n:
         shape = None if x is None else tuple(x.shape)
         raise ValueError(f"{name} must have {dim} dims and one row per sample (n={n}), got {shape}")
-
-
-def _fd(eps_a: torch.Tensor, eps_b: torch.Tensor, dt: int, T: int) -> float:
-    return (torch.linalg.vector_norm(eps_b - eps_a) / (dt / T)).item()
-
-
-def _cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """The pipelines' classifier-free guidance combination, verbatim."""
-    return uncond + guidance_scale * (cond - uncond)
 
 
 def load_transformer_components(folder_or_components):
