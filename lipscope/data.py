@@ -6,8 +6,7 @@ float arrays are fed unchanged and must lie inside [lo, hi]; ``None`` feeds floa
 and refuses pixel codes. :func:`load_data_with_scaling` also says which mapping it applied.
 
 Sources (``load_data(spec, …)``):
-  * ``digits``: scikit-learn's 8×8 digits (values 0..16 → [lo, hi]), resized to the model's size and
-    replicated to its channels;
+  * ``digits``: scikit-learn's 8×8 digits (0..16 → [lo, hi]), resized to the model, replicated to its channels;
   * a folder of images: resized (shorter side) and centre-cropped to the model's size, converted to
     L or RGB to match its channels, pixels 0..255 → [lo, hi];
   * ``.npy`` / ``.npz`` / ``.pt`` arrays, NCHW or NHWC: uint8 0..255 → [lo, hi]; float (and other
@@ -64,6 +63,8 @@ def check_data_range(data_range: object) -> DataRange:
         raise InputError(f"`data_range` {data_range!r}: give two numbers lo,hi (e.g. -1,1 or 0,1) or none") from None
     if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
         raise InputError(f"`data_range` {lo:g},{hi:g}: needs finite lo < hi (e.g. -1,1 or 0,1) or none")
+    if max(abs(lo), abs(hi)) > 1e30:
+        raise InputError(f"`data_range` {lo:g},{hi:g}: beyond what float32 data can hold; give the real range")
     return lo, hi
 
 
@@ -209,6 +210,11 @@ def digits_array(data_range: tuple[float, float] = DEFAULT_DATA_RANGE) -> np.nda
 
 
 def load_array(path: Path) -> np.ndarray:
+    """An array file (.npy, .npz, .pt/.pth tensor), never unpickled; a FIFO or device is refused, not read."""
+    if not path.is_file():
+        raise InputError(f"`data` {path} is not a regular file; pass an array file (numpy.save / torch.save)")
+    with path.open("rb") as f:
+        head = f.read(6)
     try:
         if path.suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -231,7 +237,9 @@ def load_array(path: Path) -> np.ndarray:
         raise
     except Exception as e:
         first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-        if "pickle" in first.lower() or "weights only" in first.lower():
+        npy_or_zip = head.startswith((b"\x93NUMPY", b"PK"))  # .npy magic, zip (.npz, torch.save)
+        pickled = head[:1] == b"\x80" or (npy_or_zip and "pickle" in first.lower())
+        if pickled or "weights only" in first.lower():
             raise InputError(
                 f"`data` {path} holds pickled Python objects, which lipscope never loads; "
                 "save a numeric array instead (numpy.save of a float or uint8 array)"

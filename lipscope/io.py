@@ -25,14 +25,14 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from .errors import InputError, short_error
 
 
 def _umask_mode(mode: int = 0o666) -> int:
@@ -122,19 +122,45 @@ def _describe(folder: Path) -> str:
     return "files (" + ", ".join(names) + ("…" if len(names) == 3 else "") + ")"
 
 
-def check_out_dir(out: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+def check_out_dir(
+    out: str | Path, overwrite: bool = False, resume: bool = False, inputs: Iterable[object] = ()
+) -> Path:
     """Refuse, before any work, an output path lipscope must not or cannot write.
 
     An existing file; a path under a file; a parent folder that cannot be written; a non-empty
-    folder unless ``overwrite`` (replace it) or ``resume`` (continue the run it holds).
+    folder unless ``overwrite`` (replace it) or ``resume`` (continue the run it holds); a folder that
+    holds one of the run's ``inputs`` (paths it reads); with ``overwrite``, the current folder, one
+    above it, home or a file-system root; a path the file system cannot hold.
     """
     p = Path(out)
+    try:
+        return _check_out_dir(p, overwrite, resume, inputs)
+    except OSError as e:  # e.g. ENAMETOOLONG from stat(): Path.exists() does not swallow it
+        raise InputError(f"`out` {str(p)[:80]}…: {short_error(e)[:120]}; choose a shorter path") from e
+
+
+def _check_out_dir(p: Path, overwrite: bool, resume: bool, inputs: Iterable[object]) -> Path:
     if p.exists() and not p.is_dir():
         raise InputError(f"`out` {p} exists and is not a folder; choose another path")
+    rp = p.resolve()
+    for q in inputs:
+        try:
+            rq = Path(q).resolve() if isinstance(q, (str, os.PathLike)) and str(q) and Path(q).exists() else None
+        except OSError:  # an unreadable input path is the loader's to report
+            rq = None
+        if rq is not None and (rq == rp or rp in rq.parents):
+            raise InputError(f"`out` {p} holds {q}, which this run reads; choose another `out`")
     if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
         raise InputError(
             f"`out` {p} already holds {_describe(p)}; pass `overwrite` to replace it or choose another `out`"
         )
+    if overwrite and p.exists():
+        cwd = Path.cwd().resolve()
+        if rp == cwd or rp in cwd.parents or rp == Path.home().resolve() or rp == Path(rp.anchor):
+            raise InputError(
+                f"`out` {p} is the current folder, one above it, home or a root: `overwrite` would delete it; "
+                "choose a new folder for `out`"
+            )
     anc = p if p.exists() else p.parent
     while not anc.exists():
         anc = anc.parent

@@ -129,6 +129,11 @@ def load_codec(root: str | Path, index: dict[str, Any], device: torch.device, dt
         )
     import diffusers
 
+    if not hub and Path(root).is_dir() and not (Path(root) / name / "config.json").is_file():
+        raise InputError(
+            f"`model` {root}: model_index.json names a {name} ({cls_name}) but {Path(root) / name}/config.json is "
+            "missing; restore that folder (or pass precomputed latents as `data`)"
+        )
     cls = getattr(diffusers, cls_name)
     work = torch.float64 if dtype == torch.float64 else torch.float32  # encoding is data preparation: not in bf16
     try:

@@ -119,10 +119,13 @@ class EpsModel:
     def _net(self, x: torch.Tensor, c: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         try:
             out = self.net(x, c, **kwargs)
-        except (IndexError, TypeError, RuntimeError) as e:
-            if not kwargs:
+        except Exception as e:
+            if isinstance(e, (IndexError, TypeError, RuntimeError)) and not kwargs:
                 _refuse_if_float_t_failure(self, e, x, c)
-            raise
+            if not self.fed_steps or isinstance(e, (InputError, torch.OutOfMemoryError)) or "out of memory" in str(e):
+                raise  # a diffusers network's own failure is an internal error; OOM is for the batch back-off
+            fix = "use `method` fd" if "forward AD" in str(e) else "fix the network (or its `model_args`)"
+            raise InputError(f"`model` {self.name}: the network raised {short_error(e)}; {fix}") from e
         check_output(out, x)
         return out
 

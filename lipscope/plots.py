@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
+import warnings
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -14,6 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+log = logging.getLogger("lipscope")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -23,7 +26,8 @@ def _themed(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # matplotlib's glyph/log-scale notes are not the user's
             return fn(*args, **kwargs)
 
     return wrapper
@@ -48,6 +52,9 @@ def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = No
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.subplots()
     palette = sns.color_palette("deep")
+    undrawn = int((~np.isfinite(df[xcol])).sum())
+    if undrawn:  # e.g. flow's σ = 0 at t = 0: λ = +∞
+        log.warning("%d rows at %s = ±∞ have no place on the plot's axis; they are in lipschitz.csv", undrawn, xcol)
     for c, (method, d) in zip(palette, df.groupby("method", sort=False), strict=False):
         d = d[np.isfinite(d[xcol])].sort_values(xcol)
         mean = d[f"{k}_mean" if k == "K" else k]
@@ -74,7 +81,9 @@ def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = No
 def figure_png(fig) -> bytes:
     """Render a figure to PNG bytes (so it can be written atomically) and close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with warnings.catch_warnings():  # missing glyphs (e.g. emoji in a model name) only change how text looks
+        warnings.simplefilter("ignore", UserWarning)
+        fig.savefig(buf, format="png")
     return buf.getvalue()
 
 

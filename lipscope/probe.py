@@ -157,7 +157,9 @@ def per_axis_factors(model: EpsModel, pts: FDPoints) -> dict[str, np.ndarray]:
     for axis, fn, dfn in (("lambda", p.log_snr, p.dlog_snr_dtau), ("native", p.native_time, p.dnative_dtau)):
         with np.errstate(divide="ignore", invalid="ignore"):
             d = torch.where(jvp, dfn(ta), (fn(tb) - fn(ta)) / torch.where(jvp, 1.0, dtau))
-            out[axis] = (1.0 / d.abs()).numpy()
+            # a point at λ = ±∞ (σ = 0 or α = 0) has no place on the λ axis: undefined (NaN), never 0
+            finite = torch.isfinite(fn(ta)) & torch.isfinite(fn(tb)) & torch.isfinite(d)
+            out[axis] = torch.where(finite, 1.0 / d.abs(), torch.nan).numpy()
     return out
 
 
@@ -259,6 +261,7 @@ def probe(
     auto = isinstance(data_range, str) and data_range.strip().lower() == "auto"
     default = model.schedule.default_data_range if isinstance(model.data_range, str) else model.data_range
     data_range = resolve_data_range(data_range, default)
+    _check_target_defined(model, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
     scaling: DataScaling
     if (
         isinstance(data, torch.Tensor)
@@ -325,6 +328,22 @@ def probe(
         }
     )
     return df
+
+
+def _check_target_defined(model: EpsModel, t: np.ndarray) -> None:
+    """x0, v and velocity divide by α, the score by σ: refuse a grid that evaluates them where that is 0."""
+    zero = {"score": ("σ", model.schedule.sigma), "x0": ("α", model.schedule.alpha)}
+    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
+    if model.target not in zero:
+        return
+    name, fn = zero[model.target]
+    tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
+    bad = tt[fn(tt) == 0]
+    if bad.numel():
+        raise InputError(
+            f"`target` {model.target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
+            "`timesteps` (e.g. start the grid at 1)"
+        )
 
 
 def _is_explicit(spec: str) -> bool:

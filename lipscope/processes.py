@@ -222,11 +222,14 @@ def process_from_config(config: dict[str, Any]) -> NoiseProcess:
         raise InputError(f"scheduler config must be a JSON object (a dict), got {type(config).__name__}")
     name = config.get("_class_name")
     if name in VE_CLASSES:
-        return VEProcess(
+        ve = VEProcess(
             steps=_steps(config, 2000),
             sigma_min=_num(config, "sigma_min", 0.01),
             sigma_max=_num(config, "sigma_max", 1348.0),
         )
+        if not ve.sigma_min < ve.sigma_max:
+            raise InputError(f"scheduler config: needs sigma_min < sigma_max, got {ve.sigma_min} and {ve.sigma_max}")
+        return ve
     if name in EDM_CLASSES:
         pred = config.get("prediction_type", "epsilon")
         if pred not in ("epsilon", "v_prediction"):

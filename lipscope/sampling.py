@@ -31,8 +31,8 @@ def check_sampleable(model: EpsModel) -> None:
     """Sampling runs for VP schedules (DDPM-family samplers) and flow matching (its Euler scheduler)."""
     if not isinstance(model.schedule, Schedule | FlowProcess):
         raise InputError(
-            f"sampling from a {model.schedule.kind} process is not supported yet (VP and flow only): "
-            "give `data` as images or arrays instead of model samples"
+            f"sampling {model.schedule.kind} models is not supported yet (VP and flow only); to probe one, give "
+            "`data` as images or arrays instead of model samples"
         )
 
 
@@ -101,7 +101,10 @@ def sample(
     if model.target != ("velocity" if flow else "eps"):
         model = dataclasses.replace(model, target="velocity" if flow else "eps")
     if model.sample_shape is None:
-        raise InputError("sampling needs a model with a known sample_shape")
+        raise InputError(
+            f"sampling {model.name} needs its sample shape: give the factory's network a `sample_shape` attribute "
+            "(e.g. (3, 32, 32)), or give `data` instead of model samples"
+        )
     if n < 1 or batch_size < 1:
         raise InputError(f"`num` and `batch_size` must be ≥ 1 (got {n} and {batch_size})")
     out = []

@@ -53,6 +53,8 @@ def make_distribution(
     for name, v in (("mean", mean), ("var", var)):
         if v is not None and len(v) != D:
             raise InputError(f"`{name}` has {len(v)} values but `dim` is {D}; give exactly D values")
+        if v is not None and not all(math.isfinite(x) and abs(x) < 1e15 for x in v):
+            raise InputError(f"`{name}` must be finite numbers of moderate size (got {list(v)}); fix `{name}`")
     if var is not None and min(var) < 0:
         raise InputError("`var` must be ≥ 0")
     if mixture >= 2 and mixture * D * D * 8 > 2**31:

@@ -211,9 +211,8 @@ def train_loop(
 ) -> dict[str, Any]:
     """Train ``unet`` (a UNet2DModel, ETSDMUNet2DModel when ``cfg.etsdm``) on x0 ``data`` (N, C, H, W).
 
-    ``stop_after``: leave after that many steps of this session, with a checkpoint, so a long run can be
-    split across sessions and continued with ``resume=True``. ``source`` (the model's origin) and
-    ``data_spec`` are recorded: a resume refuses other options (but :data:`SAFE_TO_CHANGE`), model or data.
+    ``stop_after``: leave after that many steps (with a checkpoint); continue with ``resume=True``, which refuses
+    other options (but :data:`SAFE_TO_CHANGE`), model (``source``), schedule or data (``data_spec``).
     """
     out = Path(out_dir)
     cfg.validate()
@@ -230,6 +229,7 @@ def train_loop(
         "config": asdict(cfg),
         "source": source,
         "model_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+        "scheduler": scheduler_config,  # the noise schedule: a resume on another one is refused
         "data": {"spec": data_spec, "shape": list(arr.shape), "sha256": digest},
     }
     run = json.loads(json.dumps(run, default=str))  # as a checkpoint holds it
@@ -245,7 +245,7 @@ def _check_same_run(old: Any, now: dict[str, Any], ck: Path) -> None:
     changed = {k: v for k, v in now["config"].items() if k not in SAFE_TO_CHANGE and was.get(k) != v}
     diffs = [f"`{k}` {was.get(k)!r} → {v!r}" for k, v in changed.items()]
     diffs += [f"model source {old.get('source')!r} → {now['source']!r}"] if old.get("source") != now["source"] else []
-    diffs += ["the model config"] if old.get("model_config") != now["model_config"] else []
+    diffs += [f"the {k.replace('_', ' ')}" for k in ("model_config", "scheduler") if old.get(k, now[k]) != now[k]]
     if (d0.get("shape"), d0.get("sha256")) != (d1["shape"], d1["sha256"]):
         was_data = f"{d0.get('spec')} {d0.get('shape')} sha256 {str(d0.get('sha256'))[:12]}…"
         diffs.append(f"`data` {was_data} → {d1['spec']} {d1['shape']} sha256 {d1['sha256'][:12]}…")

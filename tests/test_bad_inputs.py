@@ -73,7 +73,10 @@ def assert_one_line_refusal(res: Result, mentions: str | tuple[str, ...] = ()) -
 
 def snapshot(p: Path) -> dict[str, str] | str | None:
     """Names + sha256 of everything under ``p`` (None: absent; a str: a file's hash)."""
-    if not p.exists() and not p.is_symlink():
+    try:
+        if not p.exists() and not p.is_symlink():
+            return None
+    except OSError:  # a name the file system cannot hold cannot exist
         return None
     if p.is_file():
         return hashlib.sha256(p.read_bytes()).hexdigest()
@@ -137,6 +140,22 @@ def _mkdir(rel: str) -> Setup:
 def _npy(rel: str, a: np.ndarray) -> Setup:
     def s(tmp: Path, pipe: Path) -> None:
         np.save(tmp / rel, a)
+
+    return s
+
+
+def _copy_pipe(rel: str) -> Setup:
+    def s(tmp: Path, pipe: Path) -> None:
+        import shutil
+
+        shutil.copytree(pipe, tmp / rel)
+
+    return s
+
+
+def _fifo(rel: str) -> Setup:
+    def s(tmp: Path, pipe: Path) -> None:
+        os.mkfifo(tmp / rel)
 
     return s
 
@@ -529,6 +548,14 @@ CASES: list[Case] = [
     C("sample-edm", "sample", "--model", "{tmp}/edm", mentions="edm", setup=_edm_folder),
     C("train-ve-scheduler", "train", "--scheduler-config", "{tmp}/s.json", mentions="VP", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler"}))),
     C("finetune-flow-folder", "finetune", "--model", "{tmp}/edm", mentions="VP", setup=_edm_folder),
+    # ---- paths the file system cannot hold, runs that would destroy what they read, special files ----
+    C("probe-out-name-too-long", "probe", "--out", "{tmp}/" + "a" * 300, mentions="shorter path"),
+    C("probe-model-name-too-long", "probe", "--model", "{tmp}/" + "b" * 300, mentions="shorter path"),
+    C("probe-out-holds-its-model", "probe", "--model", "{tmp}/v/m", "--out", "{tmp}/v", "--overwrite", mentions="--out", setup=_copy_pipe("v/m")),
+    C("sample-out-is-its-model", "sample", "--model", "{tmp}/v/m", "--out", "{tmp}/v/m", "--overwrite", mentions="--out", setup=_copy_pipe("v/m")),
+    C("probe-data-fifo", "probe", "--data", "{tmp}/f.npy", mentions="--data", setup=_fifo("f.npy")),
+    C("probe-data-random-bytes-npz", "probe", "--data", "{tmp}/r.npz", mentions="corrupt", setup=_write("r.npz", bytes(range(256)) * 2)),
+    C("probe-data-range-beyond-float32", "probe", "--data-range=-1e308,1e308", mentions="--data-range"),
 ]
 # fmt: on
 

@@ -328,3 +328,23 @@ def test_outputs_follow_the_umask_and_theory_prints_no_warning(tmp_path, recwarn
     for f in [*(tmp_path / "th").iterdir(), single]:
         assert f.stat().st_mode & 0o777 == 0o644, f
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
+
+
+def test_overwrite_never_deletes_the_current_folder_or_an_input(tmp_path, monkeypatch):
+    """`--overwrite` replaces a run folder; it refuses the current folder, anything above it, and a folder that
+    holds what the run reads (found by a hostile review: such runs used to delete the model and the cwd)."""
+    from lipscope.errors import InputError
+    from lipscope.io import check_out_dir
+
+    (tmp_path / "work" / "model").mkdir(parents=True)
+    (tmp_path / "work" / "thesis.tex").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "work")
+    for out in (".", "..", str(tmp_path / "work")):
+        with pytest.raises(InputError, match="would delete it"):
+            check_out_dir(out, overwrite=True)
+    with pytest.raises(InputError, match="which this run reads"):
+        check_out_dir(".", overwrite=True, inputs=["model"])
+    with pytest.raises(InputError, match="which this run reads"):
+        check_out_dir("model", overwrite=True, inputs=["model"])
+    assert (tmp_path / "work" / "thesis.tex").read_text() == "keep me"
+    assert check_out_dir("new-run", overwrite=True, inputs=["model"]).name == "new-run"

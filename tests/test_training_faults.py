@@ -43,9 +43,9 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _train(out: Path, cfg: TrainConfig | None = None, data: torch.Tensor | None = None, **kw):
+def _train(out: Path, cfg: TrainConfig | None = None, data: torch.Tensor | None = None, sched=None, **kw):
     data = _data() if data is None else data
-    return train_loop(tiny_unet(seed=7), DEFAULT_SCHEDULER_CONFIG, data, cfg or _cfg(), out, **kw)
+    return train_loop(tiny_unet(seed=7), sched or DEFAULT_SCHEDULER_CONFIG, data, cfg or _cfg(), out, **kw)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -168,6 +168,7 @@ def test_resume_refuses_changed_options_and_data(tmp_path, reference):
         (dict(data=_data(32)), ["`data`", "[64, 1, 8, 8]", "[32, 1, 8, 8]"]),
         (dict(data=_data() + 1e-3), ["`data`", "sha256"]),
         (dict(source="finetune of other"), ["model source '' → 'finetune of other'"]),
+        (dict(sched={**DEFAULT_SCHEDULER_CONFIG, "beta_schedule": "squaredcos_cap_v2"}), ["the scheduler"]),
     ]
     for kw, expect in refused:
         with pytest.raises(InputError) as e:

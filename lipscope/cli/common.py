@@ -7,6 +7,7 @@ place parameters are mapped to flags.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import re
@@ -103,7 +104,15 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            err.print(f"[red]error:[/] {escape(render_error(str(e)))}", highlight=False, soft_wrap=True)
+            line = render_error(str(e)).replace("\r", "\\r").replace("\n", "\\n")  # one line, even for odd paths
+            err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            name = str(e.filename or "")
+            msg = f"a path is too long for the file system ({name[:60]}…); use a shorter path"
+            err.print(f"[red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:
             out_dir = kwargs.get("out_dir")

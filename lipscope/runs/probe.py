@@ -80,7 +80,8 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError(f"`plot_x` {opts.plot_x!r}: use t or lambda")
     if opts.target not in TARGETS:
         raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
-    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    reads = (opts.model, opts.data, opts.config, opts.scheduler_config, opts.prompt_embeds)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
     opts = opts.resolved()
     with lio.run_lock(out):
         return _probe(opts, out, progress)
@@ -187,6 +188,7 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
         for method in df["method"].unique():
             rows.append({"run": Path(r).name, **summary(df, T, t_split, method=method)})
     png = figure_png(plot_compare(frames, sorted(bounds)))
-    check_out_dir(Path(out_file).parent, overwrite=True)
+    # a file beside others: only "writable, and not inside a compared run" (resume: a non-empty folder is fine)
+    check_out_dir(Path(out_file).parent, resume=True, inputs=runs)
     lio.atomic_write_bytes(out_file, png)
     return rows

@@ -42,7 +42,7 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
     """Sample the model with its own noise levels and write the run folder (all files or none)."""
     if opts.num < 1:
         raise InputError("`num` must be ≥ 1")
-    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, opts.prompt_embeds))
     with lio.run_lock(out):
         m = load_model(opts.model, device=opts.device)
         cond = resolve_conditioning(m, opts.class_labels, opts.prompt_embeds, opts.guidance_scale)
@@ -111,7 +111,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise InputError(
                 "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
             ) from None
-    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.baseline, opts.data))
     with lio.run_lock(out):
         specs = {"model": opts.model}
         for i, b in enumerate(opts.baseline):

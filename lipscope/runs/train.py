@@ -48,7 +48,8 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
     cfg = opts.training
     # under torchrun/accelerate every process runs this; the main one alone checks and locks the folder
     main = int(os.environ.get("RANK", "0")) == 0
-    out = check_out_dir(opts.out, resume=opts.resume) if main else Path(opts.out)
+    reads = (opts.config, opts.model, opts.data, opts.scheduler_config)
+    out = check_out_dir(opts.out, resume=opts.resume, inputs=reads) if main else Path(opts.out)
     if (opts.config is None) == (opts.model is None):
         raise InputError("pass exactly one of `config` (train from scratch) and `model` (fine-tune)")
     if opts.model is not None and str(opts.model).startswith("py:"):
