@@ -416,9 +416,9 @@ def _pipeline_index(folder: Path, cls: str, **components) -> Path:
     ("cls", "components", "named"),
     [
         (
-            "PixArtAlphaPipeline",
-            {"transformer": ["diffusers", "PixArtTransformer2DModel"]},
-            "transformer: PixArtTransformer2DModel",
+            "HunyuanDiTPipeline",
+            {"transformer": ["diffusers", "HunyuanDiT2DModel"]},
+            "transformer: HunyuanDiT2DModel",
         ),
         (
             "FluxPipeline",
@@ -439,18 +439,16 @@ def test_unsupported_pipeline_is_refused_by_class(tmp_path, cls, components, nam
 
 def test_unsupported_pipeline_on_the_hub_is_refused_by_class(tmp_path, monkeypatch, no_network):
     rev = "0123456789abcdef0123456789abcdef01234567"
-    base = tmp_path / "hub" / "models--PixArt-alpha--PixArt-XL-2-512x512"
-    _pipeline_index(
-        base / "snapshots" / rev, "PixArtAlphaPipeline", transformer=["diffusers", "PixArtTransformer2DModel"]
-    )
+    base = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev"
+    _pipeline_index(base / "snapshots" / rev, "FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
     (base / "refs").mkdir()
     (base / "refs" / "main").write_text(rev)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(
         InputError,
-        match=r"PixArt-alpha/PixArt-XL-2-512x512 is a PixArtAlphaPipeline \(transformer: PixArtTransformer2DModel\)",
+        match=r"black-forest-labs/FLUX.1-dev is a FluxPipeline \(transformer: FluxTransformer2DModel\)",
     ):
-        load_model("PixArt-alpha/PixArt-XL-2-512x512", offline=True)
+        load_model("black-forest-labs/FLUX.1-dev", offline=True)
 
 
 def test_probe_refuses_fractional_dt_on_a_rounding_adapter(tmp_path, monkeypatch):
