@@ -168,7 +168,8 @@ def scale_array(a: np.ndarray, what: str, data_range: DataRange = DEFAULT_DATA_R
     hint = " (8-bit pixels stored as floats: save them as uint8)" if 1 + tol < a_hi <= 255 and a_lo >= 0 else ""
     raise InputError(
         f"{what}: values span {span}, outside the declared data range {range_text(data_range)}; "
-        f"declare the model's range with `data_range` 0,1, or none to feed arrays as they are{hint}"
+        f"declare the model's range with `data_range` ({'0,1' if a_hi <= 1 + tol else 'e.g. 0,255'}), or none to "
+        f"feed arrays as they are{hint}"
     )
 
 

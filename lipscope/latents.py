@@ -163,7 +163,13 @@ def latent_x0(
     if raw is not None and latent_shape is not None and tuple(raw.shape[1:]) == tuple(latent_shape):
         x, how = load_data_with_scaling(raw, n, seed, latent_shape, None)
         return x, DataScaling("latents", f"precomputed latents: {how.mapping}")
-    pix, how = load_data_with_scaling(spec, n, seed, codec.pixel_shape, data_range)
+    try:
+        pix, how = load_data_with_scaling(spec, n, seed, codec.pixel_shape, data_range)
+    except InputError as e:
+        if raw is None:
+            raise
+        shape = ", ".join(map(str, latent_shape or ()))
+        raise InputError(f"{e}; or give precomputed latents of shape (N, {shape})") from e
     z = codec.encode(pix.double() if isinstance(spec, torch.Tensor) and spec.dtype == torch.float64 else pix)
     if latent_shape is not None and tuple(z.shape[1:]) != tuple(latent_shape):
         raise InputError(

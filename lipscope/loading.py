@@ -176,7 +176,7 @@ def check_unet_config(cfg: dict[str, Any], where: str) -> None:
     if cls not in SUPPORTED_CLASSES:
         raise InputError(
             f"{where}: model class {cls} is not supported yet (supported: {', '.join(SUPPORTED_CLASSES)}); "
-            "wrap it as a callable eps(x, t) and pass it with `model` py:module:factory"
+            "pass a UNet2DModel config.json (to probe another network, wrap it as `model` py:module:factory)"
         )
     if cfg.get("in_channels") is None or cfg.get("sample_size") is None:
         raise InputError(f"{where}: config lacks in_channels/sample_size; pass a diffusers UNet2DModel config.json")

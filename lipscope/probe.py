@@ -276,6 +276,8 @@ def probe(
         scaling = DataScaling("model samples", "samples of the model, kept as generated")
     elif model.latent is not None:  # images through the pipeline's autoencoder, or precomputed latents
         x0, scaling = latent_x0(model.latent, data, samples, seed, data_range, model.sample_shape)
+        if scaling.source_kind == "latents" and not auto:
+            log.warning("precomputed latents are fed as they are: the declared data range applies to images only")
     else:
         x0, scaling = load_data_with_scaling(data, samples, seed, model.sample_shape, data_range)
     if auto and scaling.source_kind != "model samples":

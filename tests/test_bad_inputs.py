@@ -556,6 +556,8 @@ CASES: list[Case] = [
     C("probe-data-fifo", "probe", "--data", "{tmp}/f.npy", mentions="--data", setup=_fifo("f.npy")),
     C("probe-data-random-bytes-npz", "probe", "--data", "{tmp}/r.npz", mentions="corrupt", setup=_write("r.npz", bytes(range(256)) * 2)),
     C("probe-data-range-beyond-float32", "probe", "--data-range=-1e308,1e308", mentions="--data-range"),
+    C("compare-different-targets", "compare", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/c.png", mentions="targets", setup=_chain(_run_folder("a", GOOD_CSV, GOOD_META), _run_folder("b", GOOD_CSV.replace("sigma\n", "sigma,target\n").replace("0.01\n", "0.01,score\n").replace("0.8\n", "0.8,score\n"), GOOD_META))),
+    C("compare-out-inside-a-run", "compare", "{tmp}/a", "--out", "{tmp}/a/lipschitz.png", mentions="--out", setup=_run_folder("a", GOOD_CSV, GOOD_META)),
 ]
 # fmt: on
 

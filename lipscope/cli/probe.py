@@ -195,9 +195,14 @@ def _s(p: Path | None) -> str | None:
 def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     tab = Table(title=f"lipscope probe — {name}", show_header=False, title_justify="left")
     tab.add_row("peak K", f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}")
-    tab.add_row(f"median K, t ≥ {s['t_split']:g}", f"{s['median_K_above']:.4g}")
-    tab.add_row(f"mean K, t < {s['t_split']:g}", f"{s['mean_K_below']:.4g}")
-    tab.add_row("singularity ratio", f"{s['singularity_ratio']:.3g}")
+
+    def num(v: float, fmt: str, why: str) -> str:
+        return f"{v:{fmt}}" if v == v else f"n/a ({why})"  # NaN: the grid has no point on that side
+
+    above, below = f"no grid point at t ≥ {s['t_split']:g}", f"no grid point below t = {s['t_split']:g}"
+    tab.add_row(f"median K, t ≥ {s['t_split']:g}", num(s["median_K_above"], ".4g", above))
+    tab.add_row(f"mean K, t < {s['t_split']:g}", num(s["mean_K_below"], ".4g", below))
+    tab.add_row("singularity ratio", num(s["singularity_ratio"], ".3g", "needs points on both sides of t_split"))
     scaling = df.attrs.get("data_scaling")
     if scaling is not None:
         tab.add_row("data", str(scaling))

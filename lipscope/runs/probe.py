@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from ..reduction import check_t_split, summary
 from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
 from .common import ModelOptions, check_out_dir, model_info
+
+log = logging.getLogger("lipscope")
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
 
     if Path(out_file).suffix.lower() != ".png":
         raise InputError(f"`out` {out_file}: compare writes a .png; give `out` a name ending in .png")
-    frames, bounds, rows = {}, set(), []
+    frames, bounds, rows, steps = {}, set(), [], set()
     for r in runs:
         df, meta = read_probe_run(r)
         model_meta = meta.get("model")
@@ -185,10 +188,19 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
             bounds.update(Etsdm(et["t_tilde"], et["n"]).boundaries()[1:])
         frames[Path(r).name] = df
         T = int(info.get("T", 1000))
+        steps.add(T)
         for method in df["method"].unique():
             rows.append({"run": Path(r).name, **summary(df, T, t_split, method=method)})
+    targets = {str(t) for df in frames.values() for t in df.get("target", pd.Series(["eps"])).unique()}
+    if len(targets) > 1:
+        raise InputError(f"the runs measure different targets ({', '.join(sorted(targets))}); compare runs of one")
+    if len(steps) > 1:
+        log.warning("the runs have different T (%s): their t axes differ; compare K per λ instead", sorted(steps))
+    parent = Path(out_file).parent
+    inside = [r for r in runs if (q := Path(r).resolve()) == parent.resolve() or q in parent.resolve().parents]
+    if inside:
+        raise InputError(f"`out` {out_file} lies inside the run {inside[0]}, which this compares; write it elsewhere")
+    check_out_dir(parent, resume=True)  # a file beside others: only "writable" (resume: a non-empty folder is fine)
     png = figure_png(plot_compare(frames, sorted(bounds)))
-    # a file beside others: only "writable, and not inside a compared run" (resume: a non-empty folder is fine)
-    check_out_dir(Path(out_file).parent, resume=True, inputs=runs)
     lio.atomic_write_bytes(out_file, png)
     return rows
