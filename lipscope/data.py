@@ -13,8 +13,7 @@ Sources (``load_data(spec, …)``):
     integer) values kept as they are if inside [lo, hi], else refused;
   * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``).
 
-Data sources are static: none calls a network. (``model``, x0 drawn from the model itself, is
-resolved by the probe through :func:`lipscope.sampling.model_samples`.)
+Data sources are static: none calls a network (``model`` is the probe's: :func:`lipscope.sampling.model_samples`).
 
 Which n samples are used is decided by ``seed`` alone (a seeded permutation from stream DATA of
 :mod:`lipscope.rng`; sampling with replacement, with a notice, if the source has fewer than n).
@@ -168,8 +167,7 @@ def scale_array(a: np.ndarray, what: str, data_range: DataRange = DEFAULT_DATA_R
     hint = " (8-bit pixels stored as floats: save them as uint8)" if 1 + tol < a_hi <= 255 and a_lo >= 0 else ""
     raise InputError(
         f"{what}: values span {span}, outside the declared data range {range_text(data_range)}; "
-        f"declare the model's range with `data_range` ({'0,1' if a_hi <= 1 + tol else 'e.g. 0,255'}), or none to "
-        f"feed arrays as they are{hint}"
+        f"declare the model's range with `data_range` 0,1, or none to feed arrays as they are{hint}"
     )
 
 
