@@ -195,7 +195,7 @@ def fd_noise(
         for t in tensors:
             t.data = t.data.double()
         ref = fd_pair(dataclasses.replace(model, dtype=torch.float64), x0, noise, pts, idx)
-    except (RuntimeError, TypeError) as e:  # e.g. no float64 on the device
+    except (RuntimeError, TypeError, InputError) as e:  # e.g. no float64 on the device, or a net hard-coding float32
         log.info("rounding factor not measured (%s): using c = %g", str(e).splitlines()[0][:120], NOISE_C)
         return const
     finally:

@@ -102,7 +102,7 @@ def sample(
         model = dataclasses.replace(model, target="velocity" if flow else "eps")
     if model.sample_shape is None:
         raise InputError(
-            f"sampling {model.name} needs its sample shape: give the factory's network a `sample_shape` attribute "
+            f"sampling {model.name} needs its sample shape: give the factory's network a sample_shape attribute "
             "(e.g. (3, 32, 32)), or give `data` instead of model samples"
         )
     if n < 1 or batch_size < 1:
