@@ -282,9 +282,6 @@ def from_unet(
             f"model class {cls} is not supported yet (supported: {', '.join(SUPPORTED_CLASSES)}); "
             "wrap it as a callable eps(x, t) and pass it with `model` py:module:factory"
         )
-    cfg = dict(unet.config)
-    s = cfg["sample_size"]
-    hw = (s, s) if isinstance(s, int) else tuple(int(v) for v in s)
     etsdm = etsdm_of(unet)
     # an E-TSDM UNet applies the map in its forward; the EpsModel applies it once, from its etsdm field
     forward = unet.forward_condition if etsdm is not None else unet
@@ -292,16 +289,17 @@ def from_unet(
     def net(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return forward(x, c).sample
 
-    m = from_module(unet, net, scheduler_config, (int(cfg["in_channels"]), *hw), name, device, dtype)
+    m = from_module(unet, net, scheduler_config, None, name, device, dtype)
     return replace(m, etsdm=etsdm) if etsdm is not None else m
 
 
 def from_module(
-    module: nn.Module, net: NetFn, scheduler_config: dict[str, Any] | None, sample_shape: tuple[int, ...], name: str,
-    device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+    module: nn.Module, net: NetFn, scheduler_config: dict[str, Any] | None, sample_shape: tuple[int, ...] | None,
+    name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
 ) -> EpsModel:  # fmt: skip
     """An EpsModel around a diffusers denoiser ``module`` (eval, on device/dtype) called through ``net(x, c, **kw)``,
-    with the process of ``scheduler_config`` (the DDPM default, with a warning, when None)."""
+    with the process of ``scheduler_config`` (the DDPM default, with a warning, when None); ``sample_shape`` None:
+    from the module's config."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if scheduler_config is None:
         log.warning("no scheduler config found for %s: using the DDPM default (linear 1e-4..0.02, T=1000)", name)
@@ -311,6 +309,9 @@ def from_module(
     if next(module.parameters()).dtype != dt:
         module = module.to(dt)
     cfg = {**dict(getattr(module, "config", {})), "_class_name": type(module).__name__}
+    if sample_shape is None:  # a diffusers denoiser's (in_channels, *sample_size): an int or a pair
+        s = cfg["sample_size"]
+        sample_shape = (int(cfg["in_channels"]), *((s, s) if isinstance(s, int) else s))
     return EpsModel(
         net=net,
         schedule=schedule,

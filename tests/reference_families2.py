@@ -64,8 +64,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMScheduler
 from reference_families import _cfg, _check_pair, _check_steps, _f64, _f64_copy, _fd  # shared helpers
+from reference_processes import flow_noising_scheduler
 
 F64 = torch.float64
 
@@ -98,29 +99,7 @@ def load_transformer_components(folder_or_components):
 # --------------------------------------------------------------------------- Stable Diffusion 3 (flow matching)
 
 
-def sd3_noising_scheduler(scheduler, k: int) -> FlowMatchEulerDiscreteScheduler:
-    """A copy of ``scheduler`` holding exactly ``timesteps = [k]``, ``sigmas = [k / T, 0]`` (un-shifted sigma).
-
-    ``FlowMatchEulerDiscreteScheduler.set_timesteps`` shifts custom sigmas too
-    (``sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)``, or ``time_shift(mu, ...)`` when
-    ``use_dynamic_shifting``), so the copy is built with ``shift=1.0`` and every other sigma remapping switched off.
-    ``timesteps=[k]`` is passed explicitly so the timestep is exactly k (``float32(k / T) * T`` need not be).
-    """
-    T = scheduler.config.num_train_timesteps
-    noiser = FlowMatchEulerDiscreteScheduler.from_config(
-        scheduler.config,
-        shift=1.0,
-        use_dynamic_shifting=False,
-        shift_terminal=None,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        invert_sigmas=False,
-    )
-    noiser.set_timesteps(sigmas=[k / T], timesteps=[float(k)])
-    assert noiser.timesteps.tolist() == [float(k)]
-    assert abs(noiser.sigmas[0].item() - k / T) <= 1e-7 and noiser.sigmas[1].item() == 0.0
-    return noiser
+sd3_noising_scheduler = flow_noising_scheduler  # the same noising copy as the flow-process reference
 
 
 def sd3_fd_reference(

@@ -17,9 +17,7 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
     def net(x: torch.Tensor, c: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         return transformer(x, timestep=c, class_labels=class_labels).sample
 
-    cfg = dict(transformer.config)
-    s = int(cfg["sample_size"])
-    return from_module(transformer, net, scheduler_config, (int(cfg["in_channels"]), s, s), name, device, dtype)
+    return from_module(transformer, net, scheduler_config, None, name, device, dtype)
 
 
 def conditioning(

@@ -26,9 +26,7 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
             added_cond_kwargs=added or {"resolution": None, "aspect_ratio": None},
         ).sample
 
-    cfg = dict(transformer.config)
-    s = int(cfg["sample_size"])
-    return from_module(transformer, net, scheduler_config, (int(cfg["in_channels"]), s, s), name, device, dtype)
+    return from_module(transformer, net, scheduler_config, None, name, device, dtype)
 
 
 def conditioning(

@@ -22,10 +22,7 @@ def build(unet: Any, scheduler_config: dict | None, name: str, device, dtype) ->
     def net(x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, **added: Any) -> torch.Tensor:
         return unet(x, c, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None).sample
 
-    cfg = dict(unet.config)
-    s = cfg["sample_size"]
-    hw = (s, s) if isinstance(s, int) else tuple(int(v) for v in s)
-    return from_module(unet, net, scheduler_config, (int(cfg["in_channels"]), *hw), name, device, dtype)
+    return from_module(unet, net, scheduler_config, None, name, device, dtype)
 
 
 def conditioning(
