@@ -10,6 +10,7 @@ from .loading import load_model
 from .models import EpsModel, from_callable, from_unet
 from .probe import probe
 from .processes import EDMProcess, FlowProcess, VEProcess, process_from_config
+from .prompts import conditioning_for, encode_prompts
 from .reduction import summary
 from .schedules import NoiseProcess, Schedule, default_schedule, parse_grid, schedule_from_config
 
@@ -25,7 +26,9 @@ __all__ = [
     "NoiseProcess",
     "Schedule",
     "VEProcess",
+    "conditioning_for",
     "default_schedule",
+    "encode_prompts",
     "from_callable",
     "from_unet",
     "load_data",

@@ -28,8 +28,9 @@ def evaluate_models(
     """Long table: one row per (model, scheduler, steps, seed) with the metrics of ``METRICS`` and
     ``fid`` (NaN with ``fid_available = False`` when Inception weights are not available).
 
-    Every model is sampled with the same seeds, so model and baseline see the same initial noise.
-    ``reference`` is the real data (n, C, H, W) in [−1, 1].
+    Every model is sampled with the same seeds (and its own conditioning), so model and baseline see the same
+    initial noise. ``reference`` is the real data (n, C, H, W) in [−1, 1]; a latent model's samples are decoded
+    by its autoencoder first.
     """
     net = load_digits_classifier()
     ref_flat = reference.reshape(len(reference), -1).double().numpy()
@@ -40,6 +41,8 @@ def evaluate_models(
             for k in steps:
                 for seed in seeds:
                     x = sample(m, num, scheduler=sch, steps=k, seed=seed)
+                    if m.latent is not None:  # metrics on images: latents decoded as the pipeline does
+                        x = m.latent.decode(x)
                     fid = fid_inception(x, reference, inception_weights) if inception_weights else None
                     rows.append(
                         {

@@ -39,6 +39,7 @@ class LatentCodec:
     shift_factor: float | None
     pixel_shape: tuple[int, int, int]  # (C, H, W) the encoder takes
     component: str = "vae"
+    downsample: int = 8  # pixels per latent along H and W: the pipelines' vae_scale_factor
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents of pixel images x (N, C, H, W) in [−1, 1], in batches, float32 (float64 if x is)."""
@@ -105,6 +106,7 @@ def codec_from_module(vae: nn.Module, component: str = "vae") -> LatentCodec:
         shift_factor=float(shift) if shift is not None else None,
         pixel_shape=(int(cfg.get("in_channels", 3)), *hw),
         component=component,
+        downsample=2 ** (len(cfg.get("block_out_channels") or (0,) * 4) - 1),
     )
 
 

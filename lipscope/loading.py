@@ -208,6 +208,9 @@ def _with_codec(model: EpsModel, root, index: dict, dev, dt, **hub) -> EpsModel:
         return model
     codec = load_codec(root, index, dev, dt, **hub)
     log.info("%s: latent pipeline; image data is encoded with its %s (%s)", model.name, codec.kind, codec.component)
+    if model.config.get("sample_size") is None and model.sample_shape is not None:  # Flux: the autoencoder's size
+        hw = (codec.pixel_shape[1] // codec.downsample, codec.pixel_shape[2] // codec.downsample)
+        model = dataclasses.replace(model, sample_shape=(model.sample_shape[0], *hw))
     return dataclasses.replace(model, latent=codec)
 
 
@@ -292,12 +295,7 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    local_only = offline if offline is not None else env_offline
-    no_network = None if local_only else _no_network()
-    if no_network:
-        log.warning("%s: looking for %s in the local Hugging Face cache", no_network, repo)
-        local_only = True
+    local_only, no_network = hub_local_only(repo, offline)
 
     def fetch(filename: str) -> str | None:
         try:
@@ -353,6 +351,17 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
             f"`model` {repo}: could not load the UNet ({_short(e)}); check the repo id and its files"
         ) from e
     return _with_codec(from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt), repo, index, dev, dt, **hub)
+
+
+def hub_local_only(repo: str, offline: bool | None) -> tuple[bool, str | None]:
+    """(whether to read ``repo`` from the local Hugging Face cache only, why the hub is unreachable): ``offline``,
+    else HF_HUB_OFFLINE, else when the hub cannot be reached (said once, as a warning)."""
+    env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local_only = offline if offline is not None else env_offline
+    no_network = None if local_only else _no_network()
+    if no_network:
+        log.warning("%s: looking for %s in the local Hugging Face cache", no_network, repo)
+    return bool(local_only or no_network), no_network
 
 
 def _no_network(timeout: float = HUB_TIMEOUT_S) -> str | None:

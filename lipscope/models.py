@@ -113,8 +113,9 @@ class EpsModel:
             return self._convert(self._net(x_in, c, kw_c), x, t, self.target)
         out = self._net(torch.cat([x_in, x_in]), torch.cat([c, c]), cat_kwargs(kw_c, kw_u))
         b = x.shape[0]
-        eps = guided(self._convert(out[:b], x, t, "eps"), self._convert(out[b:], x, t, "eps"), cond.guidance_scale)
-        return eps if self.target == "eps" else from_epsilon(eps, x, self.target, p.alpha(t), p.sigma(t))
+        # targets are affine in the output at fixed (x, t): no round trip through ε (none at a flow's σ = 1)
+        return guided(self._convert(out[:b], x, t, self.target), self._convert(out[b:], x, t, self.target),
+                      cond.guidance_scale)  # fmt: skip
 
     def _net(self, x: torch.Tensor, c: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         try:

@@ -74,13 +74,26 @@ def flow_scheduler(name: str, model: EpsModel, steps: int):
 
     if name != "ddim":
         raise InputError(f"`scheduler` {name}: a flow model samples with the Euler flow step; use ddim")
-    if model.scheduler_config.get("use_dynamic_shifting"):
-        raise InputError("sampling a flow model with dynamic (resolution-dependent) shift needs its pipeline's mu")
     if steps < 1 or steps > model.T:
         raise InputError(f"`steps` {steps}: use 1..{model.T}")
-    sched = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-    sched.set_timesteps(steps)
+    cfg = model.scheduler_config
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    if cfg.get("use_dynamic_shifting"):  # FluxPipeline: σ from 1 to 1/steps, shifted by mu for the token count
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=dynamic_shift_mu(model))
+    else:
+        sched.set_timesteps(steps)
     return sched
+
+
+def dynamic_shift_mu(model: EpsModel) -> float:
+    """mu of a resolution-dependent shift (FluxPipeline's ``calculate_shift``): linear in the number of 2×2 latent
+    tokens between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    cfg, shape = model.scheduler_config, model.sample_shape or (0, 0, 0)
+    n = (int(shape[1]) // 2) * (int(shape[2]) // 2)
+    lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    b0, b1 = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    m = (b1 - b0) / (hi - lo)
+    return float(n * m + (b0 - m * lo))
 
 
 def sample(

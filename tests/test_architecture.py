@@ -44,6 +44,7 @@ LAYERS = {
     "training": 7,
     "evaluate": 7,
     "theory": 8,
+    "prompts": 8,
     "runs": 9,
     "cli": 10,
     "__init__": 11,
@@ -162,3 +163,13 @@ def test_eps_model_is_immutable_and_holds_etsdm_once():
     assert "etsdm" in fields and "timestep_map" not in fields
     t = torch.tensor([0.0, 19.9, 20.0, 99.0, 100.0], dtype=torch.float64)
     torch.testing.assert_close(m.network_timesteps(t), torch.tensor([0.0, 0.0, 20.0, 80.0, 100.0], dtype=torch.float64))
+
+
+def test_the_layer_table_of_docs_architecture_is_the_checked_one():
+    import re
+
+    doc = (ROOT.parent / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (.+?) \|", doc, flags=re.M)
+    documented = {m.strip("`/ "): int(n) for n, mods in rows for m in mods.split(",")}
+    checked = {k: v for k, v in LAYERS.items() if not k.startswith("__")}
+    assert documented == checked, "docs/architecture.md's layer table and LAYERS disagree"

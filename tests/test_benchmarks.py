@@ -28,3 +28,14 @@ def test_bench_jvp_tiny(tmp_path, monkeypatch):
     runpy.run_path(str(ROOT / "benchmarks" / "bench_jvp.py"), run_name="__main__")
     res = json.loads(out.read_text())
     assert res["per_batch"]["4"]["jvp_over_forward"] > 0
+
+
+def test_bench_families_quick(tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "f.json"
+    monkeypatch.setattr(sys, "argv", ["bench_families.py", "--quick", "--only", "sd3", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_families.py"), run_name="__main__")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["conditioning"] for r in rows] == ["cond", "cfg"]
+    assert all(r["fd_over_raw"] > 0 and r["jvp_over_raw"] > 0 for r in rows)

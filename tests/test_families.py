@@ -122,6 +122,11 @@ def test_jvp_through_conditional_families_with_cfg(request, folders, kind):
     m = load_model(str(fs[kind]), dtype="float64")
     embeds = {"sdxl": folders["embeds-xl"], "sd3": fs.get("embeds-sd3")}.get(kind)
     cond = resolve_conditioning(m, [3, 4] if kind == "dit" else None, str(embeds) if embeds else None, 2.0)
+    assert_jvp_is_central_fd(m, cond)
+
+
+def assert_jvp_is_central_fd(m, cond) -> None:
+    """JVP at t = 10.5 equals central FD within the Richardson bound plus the float32 timestep cast."""
     x0, grid = _latents(2), [10.5]
     jvp = probe(m, x0, timesteps=grid, method="jvp", samples=2, data_range=None, conditioning=cond)
     f1, f2 = (
@@ -164,11 +169,11 @@ def test_conditioning_refusals(folders, tmp_path):
         (lambda: resolve_conditioning(dit, [10], None, None), "`class_labels` 10 is out of range"),
         (lambda: resolve_conditioning(dit, None, None, 3.0), "`guidance_scale` needs `class_labels`"),
         (lambda: resolve_conditioning(dit, None, str(folders["embeds"]), None), "is class-conditional"),
-        (lambda: resolve_conditioning(sd, None, None, None), "give `prompt_embeds`"),
-        (lambda: resolve_conditioning(sd, [1], None, None), "give `prompt_embeds`, not `class_labels`"),
+        (lambda: resolve_conditioning(sd, None, None, None), "give `prompt` or `prompt_embeds`"),
+        (lambda: resolve_conditioning(sd, [1], None, None), "give `prompt` or `prompt_embeds`, not `class_labels`"),
         (lambda: resolve_conditioning(sd, None, str(tmp_path / "no.safetensors"), None), "no such file"),
         (lambda: resolve_conditioning(sd, None, str(folders["embeds"]), float("nan")), "finite"),
-        (lambda: probe(sd, "digits", samples=2, timesteps="0"), "give `prompt_embeds`"),
+        (lambda: probe(sd, "digits", samples=2, timesteps="0"), "give `prompt` or `prompt_embeds`"),
     ]
     from safetensors.torch import save_file
 
@@ -209,7 +214,8 @@ def test_sample_a_conditional_latent_model(folders, tmp_path):
     z = np.load(tmp_path / "s" / "samples.npz")
     assert z["x0"].shape == (2, *LATENT_SHAPE) and z["images"].shape == (2, 3, 16, 16)
     assert meta["conditioning"]["class_labels"] == [4] and meta["conditioning"]["guidance_scale"] == 2.0
-    with pytest.raises(InputError, match="give `prompt_embeds`"):
+    # no prompt: the empty prompt, which this folder (text encoders null) cannot encode
+    with pytest.raises(InputError, match=r"empty prompt \(the unconditional default\) could not be encoded.*no text "):
         run_sample(SampleOptions(model=str(folders["sd"]), steps=2, num=2, device="cpu", out=str(tmp_path / "t")))
 
 

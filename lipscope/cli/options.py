@@ -8,6 +8,8 @@ Python API has no such boundary).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -61,3 +63,50 @@ MIXED_PRECISION = choice("no", "fp16", "bf16")
 SCHEDULE = choice("linear", "scaled_linear", "cosine", "sigmoid", "vp-linear", "vp-cosine")
 DEVICE = device
 BATCH_SIZE = batch_size
+
+
+# conditioning flags shared by probe, sample and evaluate (lipscope.runs.ConditioningOptions)
+CLASS_LABEL = typer.Option(
+    None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."
+)
+PROMPT = typer.Option(
+    None,
+    "--prompt",
+    help="Prompt for a text-conditioned model, encoded by the pipeline's own text encoders (repeatable; cycled "
+    "over the samples; needs transformers). Default: the empty prompt (unconditional).",
+)
+PROMPT_FILE = typer.Option(None, "--prompt-file", help="Text file with one prompt per line (after --prompt).")
+NEGATIVE_PROMPT = typer.Option(
+    None, "--negative-prompt", help="Prompt of the unconditional CFG branch (default: the pipeline's own)."
+)
+PROMPT_EMBEDS = typer.Option(
+    None,
+    "--prompt-embeds",
+    help="safetensors file with encode_prompt's tensors (prompt_embeds, negative_prompt_embeds, pooled…), instead "
+    "of --prompt.",
+)
+GUIDANCE_SCALE = typer.Option(
+    None,
+    "--guidance-scale",
+    help="Classifier-free guidance: probe ε_u + w(ε_c − ε_u), both branches in one batch (guidance-distilled "
+    "Flux: the guidance input, default 3.5).",
+)
+
+
+def conditioning_kwargs(
+    class_label: list[int] | None,
+    prompt: list[str] | None,
+    prompt_file: Path | None,
+    negative_prompt: str | None,
+    prompt_embeds: Path | None,
+    guidance_scale: float | None,
+) -> dict[str, Any]:
+    """The conditioning flags as :class:`lipscope.runs.ConditioningOptions` fields."""
+    return {
+        "class_labels": tuple(class_label or ()),
+        "prompt": tuple(prompt or ()),
+        "prompt_file": None if prompt_file is None else str(prompt_file),
+        "negative_prompt": negative_prompt,
+        "prompt_embeds": None if prompt_embeds is None else str(prompt_embeds),
+        "guidance_scale": guidance_scale,
+    }

@@ -10,7 +10,23 @@ import typer
 from rich.table import Table
 
 from .common import cli_errors, out, setup_logging
-from .options import BATCH_SIZE, DEVICE, DTYPE, METHOD, PLOT_X, SCHEME, SPACE, TARGET
+from .options import (
+    BATCH_SIZE,
+    CLASS_LABEL,
+    DEVICE,
+    DTYPE,
+    GUIDANCE_SCALE,
+    METHOD,
+    NEGATIVE_PROMPT,
+    PLOT_X,
+    PROMPT,
+    PROMPT_EMBEDS,
+    PROMPT_FILE,
+    SCHEME,
+    SPACE,
+    TARGET,
+    conditioning_kwargs,
+)
 
 
 def _data_range(v: str) -> tuple[float, float] | None | str:
@@ -120,18 +136,12 @@ def probe(
         help="Parameterisation measured: eps (the paper's ε), x0, v, score or velocity (ε − x0), converted at the "
         "true t.",
     ),
-    class_label: list[int] | None = typer.Option(
-        None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."
-    ),
-    prompt_embeds: Path | None = typer.Option(
-        None,
-        "--prompt-embeds",
-        help="safetensors file with encode_prompt's tensors (prompt_embeds, negative_prompt_embeds, SDXL pooled) "
-        "for a text-conditioned model.",
-    ),
-    guidance_scale: float | None = typer.Option(
-        None, "--guidance-scale", help="Probe the classifier-free guided field ε_u + w(ε_c − ε_u)."
-    ),
+    class_label: list[int] | None = CLASS_LABEL,
+    prompt: list[str] | None = PROMPT,
+    prompt_file: Path | None = PROMPT_FILE,
+    negative_prompt: str | None = NEGATIVE_PROMPT,
+    prompt_embeds: Path | None = PROMPT_EMBEDS,
+    guidance_scale: float | None = GUIDANCE_SCALE,
     plot_x: str = typer.Option(
         "t",
         "--plot-x",
@@ -178,9 +188,7 @@ def probe(
             data_range=_data_range(data_range),
             target=target,
             plot_x=plot_x,
-            class_labels=tuple(class_label or ()),
-            prompt_embeds=_s(prompt_embeds),
-            guidance_scale=guidance_scale,
+            **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
             allow_noise_limited=allow_noise_limited,
         ),
         progress=progress and sys.stderr.isatty(),

@@ -8,7 +8,17 @@ import typer
 from rich.table import Table
 
 from .common import cli_errors, out, parse_list, setup_logging
-from .options import DEVICE, SAMPLER
+from .options import (
+    CLASS_LABEL,
+    DEVICE,
+    GUIDANCE_SCALE,
+    NEGATIVE_PROMPT,
+    PROMPT,
+    PROMPT_EMBEDS,
+    PROMPT_FILE,
+    SAMPLER,
+    conditioning_kwargs,
+)
 
 
 @cli_errors
@@ -24,9 +34,12 @@ def sample(
     device: str = typer.Option("auto", "--device", parser=DEVICE),
     out_dir: Path = typer.Option(Path("runs/samples"), "--out", "-o"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
-    class_label: list[int] | None = typer.Option(None, "--class-label", help="Class (DiT; repeatable, cycled)."),
-    prompt_embeds: Path | None = typer.Option(None, "--prompt-embeds", help="encode_prompt's tensors (safetensors)."),
-    guidance_scale: float | None = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale."),
+    class_label: list[int] | None = CLASS_LABEL,
+    prompt: list[str] | None = PROMPT,
+    prompt_file: Path | None = PROMPT_FILE,
+    negative_prompt: str | None = NEGATIVE_PROMPT,
+    prompt_embeds: Path | None = PROMPT_EMBEDS,
+    guidance_scale: float | None = GUIDANCE_SCALE,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
@@ -43,9 +56,7 @@ def sample(
         device=device,
         out=str(out_dir),
         overwrite=overwrite,
-        class_labels=tuple(class_label or ()),
-        prompt_embeds=str(prompt_embeds) if prompt_embeds is not None else None,
-        guidance_scale=guidance_scale,
+        **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
     )
     run_sample(opts)
     out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
@@ -68,6 +79,12 @@ def evaluate(
     device: str = typer.Option("auto", "--device", parser=DEVICE),
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
+    class_label: list[int] | None = CLASS_LABEL,
+    prompt: list[str] | None = PROMPT,
+    prompt_file: Path | None = PROMPT_FILE,
+    negative_prompt: str | None = NEGATIVE_PROMPT,
+    prompt_embeds: Path | None = PROMPT_EMBEDS,
+    guidance_scale: float | None = GUIDANCE_SCALE,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, digits-classifier
@@ -89,6 +106,7 @@ def evaluate(
             device=device,
             out=str(out_dir),
             overwrite=overwrite,
+            **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
         )
     )
     tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import InputError
 from ..models import EpsModel
-from . import dit, pixart, sd, sd3, unet2d
+from . import dit, flux, pixart, sd, sd3, unet2d
+from .embeds import EncodedPrompts
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,23 @@ class Family:
     build: Callable[..., EpsModel]  # (denoiser, scheduler_config, name, device, dtype) → EpsModel
     conditioning: Callable[..., Any] | None = None  # (model, **options) → Conditioning | None
     conditioned_on: str | None = None  # "class" or "text"
+    encode: Callable[..., dict] | None = None  # (pipeline, prompts, negative_prompt, device) → encode_prompt's tensors
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("unet2d", ("UNet2DModel", "ETSDMUNet2DModel"), "unet", unet2d.build),
     Family("dit", ("DiTTransformer2DModel",), "transformer", dit.build, dit.conditioning, "class"),
-    Family("sd", ("UNet2DConditionModel",), "unet", sd.build, sd.conditioning, "text"),
-    Family("sd3", ("SD3Transformer2DModel",), "transformer", sd3.build, sd3.conditioning, "text"),
-    Family("pixart", ("PixArtTransformer2DModel",), "transformer", pixart.build, pixart.conditioning, "text"),
+    Family("sd", ("UNet2DConditionModel",), "unet", sd.build, sd.conditioning, "text", sd.encode),
+    Family("sd3", ("SD3Transformer2DModel",), "transformer", sd3.build, sd3.conditioning, "text", sd3.encode),
+    Family(
+        "pixart", ("PixArtTransformer2DModel",), "transformer", pixart.build, pixart.conditioning, "text", pixart.encode
+    ),
+    Family("flux", ("FluxTransformer2DModel",), "transformer", flux.build, flux.conditioning, "text", flux.encode),
 )
+
+
+__all__ = ["FAMILIES", "EncodedPrompts", "Family", "family_of_class", "family_of_model", "load_denoiser",
+           "pipeline_denoiser", "resolve_conditioning", "supported"]  # fmt: skip
 
 
 def family_of_class(cls: str | None) -> Family | None:
@@ -84,7 +93,7 @@ def load_denoiser(
 def resolve_conditioning(
     model: EpsModel,
     class_labels: list[int] | tuple[int, ...] | None = None,
-    prompt_embeds: str | None = None,
+    prompt_embeds: Any = None,
     guidance_scale: float | None = None,
 ):
     """The :class:`~lipscope.conditioning.Conditioning` a model is probed with: the family's default

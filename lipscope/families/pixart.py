@@ -10,7 +10,22 @@ import torch
 
 from ..conditioning import Conditioning
 from ..models import EpsModel, from_module
-from .embeds import text_conditioning
+from .embeds import call_default, text_conditioning
+
+
+def encode(pipe: Any, prompts: list[str], negative: str | None, device) -> dict[str, torch.Tensor]:
+    """PixArt(-Σ)Pipeline.encode_prompt with guidance on, its ``__call__``'s caption cleaning and token length."""
+    pe, mask, npe, nmask = pipe.encode_prompt(
+        prompts,
+        do_classifier_free_guidance=True,
+        negative_prompt="" if negative is None else negative,
+        num_images_per_prompt=1,
+        device=device,
+        clean_caption=call_default(pipe, "clean_caption", True),
+        max_sequence_length=call_default(pipe, "max_sequence_length", 120),
+    )
+    return {"prompt_embeds": pe, "prompt_attention_mask": mask, "negative_prompt_embeds": npe,
+            "negative_prompt_attention_mask": nmask}  # fmt: skip
 
 
 def build(transformer: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
@@ -30,7 +45,7 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
 
 
 def conditioning(
-    model: EpsModel, prompt_embeds: str | None = None, guidance_scale: float | None = None, **other: Any
+    model: EpsModel, prompt_embeds: Any = None, guidance_scale: float | None = None, **other: Any
 ) -> Conditioning:
     use = model.config.get("use_additional_conditions")  # None: the transformer's own rule, sample_size 128 (1024 px)
     extra = bool(use) if use is not None else model.config.get("sample_size") == 128

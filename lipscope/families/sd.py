@@ -18,6 +18,28 @@ from ..models import EpsModel, from_module
 from .embeds import text_conditioning
 
 
+def encode(pipe: Any, prompts: list[str], negative: str | None, device) -> dict[str, torch.Tensor]:
+    """StableDiffusion(XL)Pipeline.encode_prompt with guidance on, as ``__call__`` calls it (SDXL: the pipeline's own
+    zeros for an empty negative prompt when ``force_zeros_for_empty_prompt``)."""
+    neg = None if negative is None else [negative] * len(prompts)
+    if hasattr(pipe, "text_encoder_2"):
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=neg,
+        )
+        return {
+            "prompt_embeds": pe,
+            "negative_prompt_embeds": npe,
+            "pooled_prompt_embeds": ppe,
+            "negative_pooled_prompt_embeds": nppe,
+        }
+    pe, npe = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=neg)
+    return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
+
+
 def build(unet: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
     def net(x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, **added: Any) -> torch.Tensor:
         return unet(x, c, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None).sample
@@ -26,7 +48,7 @@ def build(unet: Any, scheduler_config: dict | None, name: str, device, dtype) ->
 
 
 def conditioning(
-    model: EpsModel, prompt_embeds: str | None = None, guidance_scale: float | None = None, **other: Any
+    model: EpsModel, prompt_embeds: Any = None, guidance_scale: float | None = None, **other: Any
 ) -> Conditioning:
     cfg = model.config
     xl = cfg.get("addition_embed_type") == "text_time"

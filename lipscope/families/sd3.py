@@ -10,7 +10,27 @@ import torch
 
 from ..conditioning import Conditioning
 from ..models import EpsModel, from_module
-from .embeds import text_conditioning
+from .embeds import call_default, negatives, pooled_branch, text_conditioning
+
+
+def encode(pipe: Any, prompts: list[str], negative: str | None, device) -> dict[str, torch.Tensor]:
+    """StableDiffusion3Pipeline.encode_prompt with guidance on (a missing T5 gives the pipeline's zeros)."""
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=None if negative is None else negatives(prompts, negative),
+        max_sequence_length=call_default(pipe, "max_sequence_length", 256),
+    )
+    return {
+        "prompt_embeds": pe,
+        "negative_prompt_embeds": npe,
+        "pooled_prompt_embeds": ppe,
+        "negative_pooled_prompt_embeds": nppe,
+    }
 
 
 def build(transformer: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
@@ -26,14 +46,8 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
 
 
 def conditioning(
-    model: EpsModel, prompt_embeds: str | None = None, guidance_scale: float | None = None, **other: Any
+    model: EpsModel, prompt_embeds: Any = None, guidance_scale: float | None = None, **other: Any
 ) -> Conditioning:
-    def branch(t: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
-        return {
-            "encoder_hidden_states": t[f"{prefix}prompt_embeds"],
-            "pooled_projections": t[f"{prefix}pooled_prompt_embeds"],
-        }
-
     dim = int(model.config.get("joint_attention_dim") or 0)
     keys = ("prompt_embeds", "pooled_prompt_embeds")
-    return text_conditioning(model, prompt_embeds, guidance_scale, other, keys, dim, branch)
+    return text_conditioning(model, prompt_embeds, guidance_scale, other, keys, dim, pooled_branch)

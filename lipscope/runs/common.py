@@ -8,8 +8,9 @@ from typing import Any
 from ..io import check_out_dir
 from ..loading import load_model
 from ..models import EpsModel
+from ..prompts import conditioning_for, read_prompt_file
 
-__all__ = ["ModelOptions", "check_out_dir", "model_info"]
+__all__ = ["ConditioningOptions", "ModelOptions", "check_out_dir", "model_info"]
 
 
 def model_info(m: EpsModel) -> dict[str, Any]:
@@ -56,4 +57,36 @@ class ModelOptions:
             device=self.device,
             dtype=self.dtype,
             model_args=self.model_args,
+        )
+
+
+@dataclass(frozen=True)
+class ConditioningOptions:
+    """What a conditional model is fed (:func:`lipscope.prompts.conditioning_for`): class labels (DiT), prompts
+    encoded by the pipeline's own text encoders or precomputed ``prompt_embeds`` (SD/SDXL, SD3, PixArt, Flux), and
+    the guidance scale. Nothing given: the family's unconditional default (the empty prompt, the null class)."""
+
+    class_labels: tuple[int, ...] = ()
+    prompt: tuple[str, ...] = ()
+    prompt_file: str | None = None  # one prompt per line, after `prompt`
+    negative_prompt: str | None = None  # the unconditional branch of CFG (default: the pipeline's, "" or zeros)
+    prompt_embeds: str | None = None
+    guidance_scale: float | None = None
+
+    def conditioning_reads(self) -> tuple[str | None, ...]:
+        return (self.prompt_embeds, self.prompt_file)
+
+    def conditioning(self, m: EpsModel, spec: str, revision: str | None = None, offline: bool | None = None):
+        """The :class:`~lipscope.conditioning.Conditioning` of ``m`` (None: unconditional model)."""
+        prompts = list(self.prompt) + (read_prompt_file(self.prompt_file) if self.prompt_file else [])
+        return conditioning_for(
+            m,
+            spec,
+            class_labels=self.class_labels,
+            prompts=prompts,
+            negative_prompt=self.negative_prompt,
+            prompt_embeds=self.prompt_embeds,
+            guidance_scale=self.guidance_scale,
+            revision=revision,
+            offline=offline,
         )

@@ -16,20 +16,19 @@ from .. import io as lio
 from ..data import check_data_range
 from ..errors import InputError
 from ..etsdm import Etsdm
-from ..families import resolve_conditioning
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
 from ..reduction import check_t_split, summary
 from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
-from .common import ModelOptions, check_out_dir, model_info
+from .common import ConditioningOptions, ModelOptions, check_out_dir, model_info
 
 log = logging.getLogger("lipscope")
 
 
 @dataclass(frozen=True)
-class ProbeOptions(ModelOptions):
+class ProbeOptions(ConditioningOptions, ModelOptions):
     """``lipscope probe``: K(t) of a model, written to lipschitz.csv, run.json and lipschitz.png."""
 
     data: str | None = None  # None: the built-in's data, else samples of the model
@@ -51,10 +50,6 @@ class ProbeOptions(ModelOptions):
     data_range: tuple[float, float] | None | str = "auto"
     target: str = "eps"  # the parameterisation measured: eps (the paper's), x0, v, score, velocity
     plot_x: str = "t"  # lipschitz.png against t, or K per unit λ against log-SNR λ ("lambda")
-    # conditional families (lipscope.families): class labels (DiT), prompt embeddings (SD/SDXL), CFG scale
-    class_labels: tuple[int, ...] = ()
-    prompt_embeds: str | None = None
-    guidance_scale: float | None = None
 
     def resolved(self) -> ProbeOptions:
         """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
@@ -83,7 +78,7 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError(f"`plot_x` {opts.plot_x!r}: use t or lambda")
     if opts.target not in TARGETS:
         raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
-    reads = (opts.model, opts.data, opts.config, opts.scheduler_config, opts.prompt_embeds)
+    reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
     out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
     opts = opts.resolved()
     with lio.run_lock(out):
@@ -93,7 +88,7 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
 def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     start = time.time()
     m = opts.load()
-    cond = resolve_conditioning(m, opts.class_labels, opts.prompt_embeds, opts.guidance_scale)
+    cond = opts.conditioning(m, opts.model, opts.revision, opts.offline or None)
     check_t_split(opts.t_split, m.T)
     df = probe(
         m,

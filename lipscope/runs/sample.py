@@ -13,15 +13,14 @@ from .. import io as lio
 from ..data import load_data
 from ..errors import InputError
 from ..evaluate import evaluate_models, summarize_eval
-from ..families import resolve_conditioning
 from ..loading import load_model
 from ..plots import figure_png, plot_eval
 from ..sampling import SAMPLERS, image_grid, png_bytes, sample
-from .common import check_out_dir
+from .common import ConditioningOptions, check_out_dir
 
 
 @dataclass(frozen=True)
-class SampleOptions:
+class SampleOptions(ConditioningOptions):
     """``lipscope sample``: samples.png (grid), samples.npz and run.json."""
 
     model: str = "builtin:digits-ddpm"
@@ -33,19 +32,16 @@ class SampleOptions:
     device: str = "auto"
     out: str = "runs/samples"
     overwrite: bool = False
-    class_labels: tuple[int, ...] = ()  # conditional families (lipscope.families)
-    prompt_embeds: str | None = None
-    guidance_scale: float | None = None
 
 
 def run_sample(opts: SampleOptions) -> dict[str, Any]:
     """Sample the model with its own noise levels and write the run folder (all files or none)."""
     if opts.num < 1:
         raise InputError("`num` must be ≥ 1")
-    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, opts.prompt_embeds))
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.conditioning_reads()))
     with lio.run_lock(out):
         m = load_model(opts.model, device=opts.device)
-        cond = resolve_conditioning(m, opts.class_labels, opts.prompt_embeds, opts.guidance_scale)
+        cond = opts.conditioning(m, opts.model)
         m = dataclasses.replace(m, conditioning=cond) if cond is not None else m
         x = sample(m, opts.num, scheduler=opts.scheduler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size)
         meta = {
@@ -72,7 +68,7 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class EvaluateOptions:
+class EvaluateOptions(ConditioningOptions):
     """``lipscope evaluate``: sample quality vs steps for a model and its baselines, same seeds."""
 
     model: str = "builtin:digits-etsdm"
@@ -111,25 +107,25 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise InputError(
                 "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
             ) from None
-    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.baseline, opts.data))
+    out = check_out_dir(
+        opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.baseline, opts.data, *opts.conditioning_reads())
+    )
     with lio.run_lock(out):
         specs = {"model": opts.model}
         for i, b in enumerate(opts.baseline):
             specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
-        models = {k: load_model(v, device=opts.device) for k, v in specs.items()}
-        latent = [k for k, m in models.items() if m.latent is not None]
-        if latent:
+        models = {}
+        for k, spec in specs.items():  # every model with the same conditioning (prompts encoded by its pipeline)
+            m = load_model(spec, device=opts.device)
+            cond = opts.conditioning(m, spec)
+            models[k] = dataclasses.replace(m, conditioning=cond) if cond is not None else m
+        shapes = {k: _image_shape(m) for k, m in models.items()}
+        if len(set(shapes.values())) != 1:
             raise InputError(
-                f"`{latent[0]}` {specs[latent[0]]} is a latent pipeline; evaluate compares pixel-space models only "
-                "for now (sample it with lipscope sample)"
+                f"`model` and `baseline` give images of different shapes {sorted(set(shapes.values()), key=str)}; "
+                "compare models of one image size"
             )
-        shapes = {tuple(m.sample_shape or ()) for m in models.values()}
-        if len(shapes) != 1:
-            raise InputError(
-                f"`model` and `baseline` take different sample shapes {sorted(shapes)}; "
-                "compare models of one sample size"
-            )
-        ref = load_data(opts.data, None, 0, models["model"].sample_shape)
+        ref = load_data(opts.data, None, 0, shapes["model"])
         df = evaluate_models(
             models,
             ref,
@@ -147,6 +143,10 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             "options": asdict(opts),
             "fid": "computed" if fid_ok else "unavailable (no local Inception weights)",
             "reference_size": int(len(ref)),
+            "conditioning": {k: _cond_info(m) for k, m in models.items()},
+            "space": {
+                k: m.latent.describe() if m.latent is not None else {"space": "pixel"} for k, m in models.items()
+            },
             "versions": lio.package_versions(),
         }
         files = {
@@ -157,3 +157,15 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         }
         lio.write_run_folder(out, files, overwrite=opts.overwrite)
         return EvaluateResult(df, summ, meta, fid_ok)
+
+
+def _image_shape(m) -> tuple[int, ...] | None:
+    """The (C, H, W) of a model's images: its samples, or for a latent model what its autoencoder decodes to."""
+    if m.latent is not None:
+        return tuple(m.latent.pixel_shape)
+    return tuple(m.sample_shape) if m.sample_shape is not None else None
+
+
+def _cond_info(m) -> dict[str, Any] | None:
+    c = m.conditioning
+    return {**c.info, "guidance_scale": c.guidance_scale} if c is not None else None
