@@ -421,9 +421,9 @@ def _pipeline_index(folder: Path, cls: str, **components) -> Path:
             "transformer: HunyuanDiT2DModel",
         ),
         (
-            "FluxPipeline",
-            {"transformer": ["diffusers", "FluxTransformer2DModel"]},
-            "transformer: FluxTransformer2DModel",
+            "AuraFlowPipeline",
+            {"transformer": ["diffusers", "AuraFlowTransformer2DModel"]},
+            "transformer: AuraFlowTransformer2DModel",
         ),
         ("AudioPipeline", {"vqvae": ["diffusers", "AutoencoderKL"]}, "no unet or transformer component"),
     ],
@@ -439,16 +439,16 @@ def test_unsupported_pipeline_is_refused_by_class(tmp_path, cls, components, nam
 
 def test_unsupported_pipeline_on_the_hub_is_refused_by_class(tmp_path, monkeypatch, no_network):
     rev = "0123456789abcdef0123456789abcdef01234567"
-    base = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev"
-    _pipeline_index(base / "snapshots" / rev, "FluxPipeline", transformer=["diffusers", "FluxTransformer2DModel"])
+    base = tmp_path / "hub" / "models--fal--AuraFlow"
+    _pipeline_index(base / "snapshots" / rev, "AuraFlowPipeline", transformer=["diffusers", "AuraFlowTransformer2DModel"])
     (base / "refs").mkdir()
     (base / "refs" / "main").write_text(rev)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(
         InputError,
-        match=r"black-forest-labs/FLUX.1-dev is a FluxPipeline \(transformer: FluxTransformer2DModel\)",
+        match=r"fal/AuraFlow is a AuraFlowPipeline \(transformer: AuraFlowTransformer2DModel\)",
     ):
-        load_model("black-forest-labs/FLUX.1-dev", offline=True)
+        load_model("fal/AuraFlow", offline=True)
 
 
 def test_probe_refuses_fractional_dt_on_a_rounding_adapter(tmp_path, monkeypatch):
