@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from . import shard
 from .errors import InputError, ModelOutputError
+from .journal import Journal
 from .models import EpsModel
 
 log = logging.getLogger("lipscope")
@@ -126,45 +128,74 @@ def run_batched(
     progress: bool = False,
     stats: RunStats | None = None,
     label: str = "probe",
+    journal: Journal | None = None,
 ) -> torch.Tensor:
-    """Run ``compute(idx) -> float64 (m,)`` over items 0..total−1, packed into batches of network inputs.
+    """Run ``compute(idx) -> float64 (m,) or (m, k)`` over items 0..total−1, packed into batches of network inputs.
 
     ``inputs_per_item`` network inputs per item (2 for an FD pair, 1 for a JVP). Backs off on
-    out-of-memory (retrying the same items) and, for ``auto`` on CPU, searches the fastest batch.
+    out-of-memory (retrying the same items) and, for ``auto`` on CPU, searches the fastest batch. Launched
+    with several processes (:mod:`lipscope.shard`), each computes whole blocks of the items and all gather
+    the result; with a ``journal`` (:mod:`lipscope.journal`) finished items are kept as they go and items a
+    previous, interrupted run finished are not computed again.
     """
-    out = torch.empty(total, dtype=torch.float64)
     bs = resolve_batch_size(batch_size, model, total)
     auto = AutoBatch(CPU_AUTO_CANDIDATES, total) if batch_size == "auto" and model.device.type == "cpu" else None
     stats = stats if stats is not None else RunStats()
-    start = 0
+    done_idx, done_vals = journal.done(label) if journal is not None else (torch.empty(0, dtype=torch.long), None)
+    shard.barrier()  # every process read the same finished items before any writes new ones
+    todo = torch.ones(total, dtype=torch.bool)
+    todo[done_idx] = False
+    mine = shard.split(todo.nonzero().flatten(), max(1, bs // inputs_per_item))
+    got: list[tuple[torch.Tensor, torch.Tensor]] = []
+    start, forwards = 0, 0
     t0 = time.perf_counter()
-    with progress_bar(progress, total, f"{label} {model.name}") as advance:
-        while start < total:
-            if auto is not None:
-                bs = auto.size()
-            per = max(1, bs // inputs_per_item)
-            tb = time.perf_counter()
-            idx = torch.arange(start, min(start + per, total))
-            try:
-                vals = compute(idx)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if is_oom(e) and bs > 2:
-                    bs = max(2, (bs // 2) - (bs // 2) % 2)
-                    log.warning("out of memory: backing off to batch size %d", bs)
-                    if model.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                raise
-            m = idx.numel()
-            out[start : start + m] = vals.cpu()
-            start += m
-            if auto is not None:
-                auto.record(bs, inputs_per_item * m, time.perf_counter() - tb)
-            stats.forwards += inputs_per_item * m
-            advance(m)
+    try:
+        with progress_bar(progress, mine.numel(), f"probe {label} {model.name}") as advance:
+            while start < mine.numel():
+                if auto is not None:
+                    bs = auto.size()
+                per = max(1, bs // inputs_per_item)
+                tb = time.perf_counter()
+                idx = mine[start : start + per]
+                try:
+                    vals = compute(idx)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    if is_oom(e) and bs > 2:
+                        bs = max(2, (bs // 2) - (bs // 2) % 2)
+                        log.warning("out of memory: backing off to batch size %d", bs)
+                        if model.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    raise
+                m = idx.numel()
+                got.append((idx, vals.cpu()))
+                if journal is not None:
+                    journal.add(label, idx, vals)
+                start += m
+                if auto is not None:
+                    auto.record(bs, inputs_per_item * m, time.perf_counter() - tb)
+                forwards += inputs_per_item * m
+                advance(m)
+    finally:
+        if journal is not None:
+            journal.flush()  # what is finished survives an interrupt or an error
     if model.device.type == "cuda":
         torch.cuda.synchronize()
-    stats.seconds += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    parts = shard.gather((got, forwards, seconds))
+    pieces = [p for part in parts for p in part[0]]
+    if done_vals is not None and done_idx.numel():
+        pieces.append((done_idx, done_vals))
+    width = next((tuple(v.shape[1:]) for _, v in pieces), ())
+    out = torch.full((total, *width), float("nan"), dtype=torch.float64)
+    seen = torch.zeros(total, dtype=torch.bool)
+    for idx, vals in pieces:
+        out[idx] = vals.to(torch.float64)
+        seen[idx] = True
+    if not bool(seen.all()):  # an internal error: never average a hole in
+        raise RuntimeError(f"{label}: {int((~seen).sum())} of {total} items were computed by no process")
+    stats.forwards += sum(p[1] for p in parts)
+    stats.seconds += max(p[2] for p in parts)
     stats.batch_size = bs
     return out
 

@@ -8,6 +8,7 @@ import torch
 from .batching import RunStats, check_finite, is_oom, run_batched
 from .errors import InputError
 from .fwad import forward_ad_patches
+from .journal import Journal
 from .models import EpsModel
 from .points import noisy_inputs
 
@@ -20,6 +21,7 @@ def jvp_norms(
     batch_size: int | str = "auto",
     progress: bool = False,
     stats: RunStats | None = None,
+    journal: Journal | None = None,
 ) -> torch.Tensor:
     """‖∂εθ(x_t, t)/∂τ‖₂ by forward-mode AD (``torch.func.jvp``) w.r.t. the timestep input: (n, G).
 
@@ -47,7 +49,7 @@ def jvp_norms(
 
     try:
         with forward_ad_patches(model.module):
-            out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "probe jvp")
+            out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "jvp", journal)
     except (NotImplementedError, RuntimeError) as e:
         if is_oom(e):
             raise

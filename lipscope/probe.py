@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import rng
+from . import rng, shard
 from .batching import RunStats, check_finite, check_memory, run_batched
 from .conditioning import Conditioning
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
 from .families import resolve_conditioning
+from .journal import Journal
 from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower level
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
@@ -66,6 +67,7 @@ def fd_norms(
     batch_size: int | str = "auto",
     progress: bool = False,
     stats: RunStats | None = None,
+    journal: Journal | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ and ‖ε(x_t, t_a)‖₂ + ‖ε(x_t, t_b)‖₂ (the scale of its rounding noise,
     :func:`fd_noise`) for every (sample i, grid point j): two float64 (n, G).
@@ -74,18 +76,17 @@ def fd_norms(
     the P inputs at t_a, then the same P inputs at t_b, in one call.
     """
     n, G = x0.shape[0], len(pts.t)
-    scale = torch.empty(n * G, dtype=torch.float64)
     t_a, t_b = torch.as_tensor(pts.t_a), torch.as_tensor(pts.t_b)
 
     def compute(idx: torch.Tensor) -> torch.Tensor:
         m = idx.numel()
         eps = fd_pair(model, x0, noise, pts, idx)
         check_finite([eps[:m], eps[m:]], t_a[idx // n], t_b[idx // n], "output")
-        scale[idx] = torch.linalg.vector_norm(eps.reshape(2, m, -1).double(), dim=2).sum(0).cpu()
-        return torch.linalg.vector_norm((eps[m:] - eps[:m]).reshape(m, -1).double(), dim=1)
+        scale = torch.linalg.vector_norm(eps.reshape(2, m, -1).double(), dim=2).sum(0)
+        return torch.stack([torch.linalg.vector_norm((eps[m:] - eps[:m]).reshape(m, -1).double(), dim=1), scale], 1)
 
-    out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "probe fd")
-    return out.reshape(G, n).T.contiguous(), scale.reshape(G, n).T.contiguous()
+    out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "fd", journal)
+    return out[:, 0].reshape(G, n).T.contiguous(), out[:, 1].reshape(G, n).T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ def probe(
     allow_noise_limited: bool = False,
     target: str = "eps",
     conditioning: Conditioning | None = None,
+    journal: Journal | None = None,
 ) -> pd.DataFrame:
     """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
     ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
@@ -217,6 +219,10 @@ def probe(
     ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size), the
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``) and the
     ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`).
+
+    ``journal`` (:class:`lipscope.journal.Journal`): keep finished items in a run folder as they go, and skip
+    those an interrupted run finished. Launched with several processes (``torchrun``, ``accelerate launch``),
+    each computes its share of the items (:mod:`lipscope.shard`) and every one returns the whole table.
 
     FD rows carry ``fd_noise_rel``/``fd_noise_limited`` (rounding noise vs ‖Δε‖; ``attrs["fd_noise"]``:
     how it was estimated); a float16/bfloat16 FD run with a noise-limited row is refused unless
@@ -272,7 +278,8 @@ def probe(
         x0 = data  # used as given (dtype, device); its range is still checked and reported
         scaling = scale_array(data.detach().float().cpu().numpy(), "`data` tensor", data_range)[1]
     elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
-        x0 = model_samples(model, samples, seed, cache_dir=cache_dir)
+        with shard.main_first():  # several processes: the main one samples and caches, the others read the cache
+            x0 = model_samples(model, samples, seed, cache_dir=cache_dir)
         scaling = DataScaling("model samples", "samples of the model, kept as generated")
     elif model.latent is not None:  # images through the pipeline's autoencoder, or precomputed latents
         x0, scaling = latent_x0(model.latent, data, samples, seed, data_range, model.sample_shape)
@@ -298,7 +305,7 @@ def probe(
     tables, Ks = [], []
     if use_fd:
         assert pts is not None  # set above whenever use_fd
-        norms, scale = fd_norms(model, x0, noise, pts, batch_size=batch_size, progress=progress, stats=stats)
+        norms, scale = fd_norms(model, x0, noise, pts, batch_size, progress, stats, journal)
         Ks.append(norms.numpy() / (pts.dt / T)[None, :])
         stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
         noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
@@ -306,7 +313,7 @@ def probe(
         tables.append(k_table(model, pts, Ks[-1], method_name, D, noise_K))
     if "jvp" in methods:
         jst = RunStats()
-        Ks.append(jvp_norms(model, x0, noise, grid, batch_size=batch_size, progress=progress, stats=jst).numpy())
+        Ks.append(jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy())
         tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
         stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
         if not use_fd:

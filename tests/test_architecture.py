@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lipscope"
 LAYERS = {
     "errors": 0,
     "rng": 0,
+    "shard": 0,
     "io": 1,
     "targets": 1,
     "fwad": 1,
@@ -29,6 +30,7 @@ LAYERS = {
     "etsdm": 2,
     "data": 2,
     "zoo": 2,
+    "journal": 2,
     "processes": 3,
     "latents": 3,
     "models": 4,

@@ -440,7 +440,9 @@ def test_unsupported_pipeline_is_refused_by_class(tmp_path, cls, components, nam
 def test_unsupported_pipeline_on_the_hub_is_refused_by_class(tmp_path, monkeypatch, no_network):
     rev = "0123456789abcdef0123456789abcdef01234567"
     base = tmp_path / "hub" / "models--fal--AuraFlow"
-    _pipeline_index(base / "snapshots" / rev, "AuraFlowPipeline", transformer=["diffusers", "AuraFlowTransformer2DModel"])
+    _pipeline_index(
+        base / "snapshots" / rev, "AuraFlowPipeline", transformer=["diffusers", "AuraFlowTransformer2DModel"]
+    )
     (base / "refs").mkdir()
     (base / "refs" / "main").write_text(rev)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))

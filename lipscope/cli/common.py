@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .. import shard
 from ..errors import InputError
 
 app = typer.Typer(
@@ -69,6 +70,8 @@ def setup_logging(verbose: bool) -> None:
     lg = logging.getLogger("lipscope")
     lg.handlers[:] = [_OneLine()]
     lg.setLevel(logging.INFO if verbose else logging.WARNING)
+    if shard.world_size() > 1 and not shard.is_main():
+        lg.setLevel(logging.ERROR)  # several processes: warnings once, from the main one
     lg.propagate = False
     from diffusers.utils import logging as dlogging
 
@@ -92,6 +95,8 @@ def what_is_left(out: Path | None) -> str:
     )
     if steps:
         return f"{out} holds checkpoints up to step {steps[-1]}; continue with --resume (same options)"
+    if (out / ".partial" / "options.json").is_file():
+        return f"{out} holds the finished part of the probe; continue with --resume (same options)"
     return f"nothing new was written; {out} is as it was before this run"
 
 

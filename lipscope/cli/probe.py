@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .. import shard
 from .common import cli_errors, out, setup_logging
 from .options import (
     BATCH_SIZE,
@@ -150,6 +151,12 @@ def probe(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the interrupted probe in --out (same options; any process count): finished items are kept "
+        "in --out/.partial as the probe goes.",
+    ),
     allow_noise_limited: bool = typer.Option(
         False,
         "--allow-noise-limited",
@@ -176,6 +183,7 @@ def probe(
             data=data,
             out=str(out_dir),
             overwrite=overwrite,
+            resume=resume,
             timesteps=timesteps,
             dt=dt,
             scheme=scheme,
@@ -193,7 +201,8 @@ def probe(
         ),
         progress=progress and sys.stderr.isatty(),
     )
-    _print_summary(res.model.name, res.summary, res.table, res.out, res.meta["wall_time_s"])
+    if shard.is_main():  # launched with several processes: one summary
+        _print_summary(res.model.name, res.summary, res.table, res.out, res.meta["wall_time_s"])
 
 
 def _s(p: Path | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,9 +14,11 @@ from typing import Any
 import pandas as pd
 
 from .. import io as lio
+from .. import shard
 from ..data import check_data_range
 from ..errors import InputError
 from ..etsdm import Etsdm
+from ..journal import Journal
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
@@ -43,6 +46,7 @@ class ProbeOptions(ConditioningOptions, ModelOptions):
     batch_size: str = "auto"
     t_split: float | None = None
     overwrite: bool = False  # replace a non-empty `out`
+    resume: bool = False  # continue the interrupted probe `out` holds (lipscope.journal)
     allow_noise_limited: bool = False  # keep float16/bfloat16 FD rows limited by rounding noise
     # the range the model was trained on: pixel data is mapped into it, float data must lie inside
     # it and is fed unchanged; None feeds float data as it is (lipscope.data)
@@ -78,11 +82,18 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError(f"`plot_x` {opts.plot_x!r}: use t or lambda")
     if opts.target not in TARGETS:
         raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
+    if opts.resume and opts.overwrite:
+        raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
-    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume, inputs=reads)
+    shard.barrier()  # every process checked `out` before the main one starts its journal there
     opts = opts.resolved()
-    with lio.run_lock(out):
+    with lio.run_lock(out) if shard.is_main() else contextlib.nullcontext():
         return _probe(opts, out, progress)
+
+
+# options that do not change the numbers: a resumed run may change them
+RESUMABLE = ("out", "overwrite", "resume", "batch_size", "t_split", "plot_x", "allow_noise_limited")
 
 
 def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
@@ -90,24 +101,17 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     m = opts.load()
     cond = opts.conditioning(m, opts.model, opts.revision, opts.offline or None)
     check_t_split(opts.t_split, m.T)
-    df = probe(
-        m,
-        str(opts.data),
-        timesteps=opts.timesteps,
-        dt=opts.dt,
-        scheme=opts.scheme,
-        method=opts.method,
-        space=opts.space,
-        samples=opts.samples,
-        seed=opts.seed,
-        batch_size=opts.batch_size,
-        progress=progress,
-        cache_dir=str(lio.user_cache_dir() / "samples"),
-        data_range=opts.data_range,
-        allow_noise_limited=opts.allow_noise_limited,
-        target=opts.target,
-        conditioning=cond,
-    )
+    key = {k: v for k, v in asdict(opts).items() if k not in RESUMABLE}
+    key |= {"config_hash": m.config_hash, "conditioning": cond.digest() if cond is not None else None}
+    journal = Journal(out, key, opts.resume)
+    try:
+        df = _run(opts, m, cond, progress, journal)
+    except KeyboardInterrupt:
+        raise  # the finished blocks stay: `resume` continues from them
+    except BaseException:
+        if not opts.resume and shard.is_main():
+            journal.discard()  # bad input or a failing model: no half-written output
+        raise
     summ = summary(df, m.T, opts.t_split)
     wall = time.time() - start
     meta = {
@@ -138,8 +142,32 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
     png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x))
     files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
-    lio.write_run_folder(out, files, overwrite=opts.overwrite)
+    if shard.is_main():  # replaces `out`, the journal in it with it
+        lio.write_run_folder(out, files, overwrite=True)
+    shard.barrier()
     return ProbeResult(df, summ, meta, m, out)
+
+
+def _run(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal) -> pd.DataFrame:
+    return probe(
+        m,
+        str(opts.data),
+        timesteps=opts.timesteps,
+        dt=opts.dt,
+        scheme=opts.scheme,
+        method=opts.method,
+        space=opts.space,
+        samples=opts.samples,
+        seed=opts.seed,
+        batch_size=opts.batch_size,
+        progress=progress,
+        cache_dir=str(lio.user_cache_dir() / "samples"),
+        data_range=opts.data_range,
+        allow_noise_limited=opts.allow_noise_limited,
+        target=opts.target,
+        conditioning=cond,
+        journal=journal,
+    )
 
 
 def read_probe_run(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:

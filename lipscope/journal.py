@@ -1,0 +1,92 @@
+"""Completed work of a long run, kept in the run folder as it goes, so an interrupted or pre-empted run
+continues where it stopped (``resume``) and ends with the table an uninterrupted run gives.
+
+``<out>/.partial/`` holds ``options.json`` (everything that changes the numbers) and blocks of finished
+items, ``<label>-r<rank>-<first>-<count>.npz`` (item indices and their values), each written atomically at
+most every ``every_s`` seconds and when the run stops (an interrupt included). Any number of processes may
+write blocks; a resumed run, with the same or another process count, computes only the items no block
+holds. The finished run folder replaces ``<out>`` as a whole, ``.partial`` with it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import shard
+from .errors import InputError
+from .io import atomic_write_bytes, json_bytes, npz_bytes
+
+PARTIAL = ".partial"
+
+
+class Journal:
+    """The blocks of finished items of one run folder (see the module docstring)."""
+
+    def __init__(self, out: str | Path, key: dict[str, Any], resume: bool, every_s: float = 30.0) -> None:
+        self.root = Path(out) / PARTIAL
+        self.every_s = every_s
+        self._buf: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._last = time.monotonic()
+        want = json.loads(json_bytes(key))
+        meta = self.root / "options.json"
+        if resume:
+            if not meta.is_file():
+                raise InputError(f"`resume`: {out} holds no interrupted run to continue; leave out `resume`")
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"`resume`: {meta} is unreadable ({e}); start a new `out`") from e
+            diffs = [k for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k)]
+            if diffs:
+                raise InputError(
+                    f"`resume`: {out} was started with other {', '.join(diffs)}; use the same options or start a new "
+                    "`out`"
+                )
+        elif shard.is_main():
+            shutil.rmtree(self.root, ignore_errors=True)  # written with the first finished block
+        self._meta = json_bytes(want)
+        shard.barrier()
+
+    def done(self, label: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) of every finished item of ``label``, from all processes' blocks."""
+        idx, vals = [], []
+        for f in sorted(self.root.glob(f"{label}-r*.npz")):
+            with np.load(f, allow_pickle=False) as z:
+                idx.append(torch.from_numpy(z["idx"]))
+                vals.append(torch.from_numpy(z["vals"]))
+        if not idx:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64)
+        return torch.cat(idx), torch.cat(vals)
+
+    def add(self, label: str, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Keep finished items; written out every ``every_s`` seconds (and by :meth:`flush`)."""
+        self._buf.setdefault(label, []).append((idx.cpu(), vals.cpu()))
+        if time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if any(self._buf.values()) and not (self.root / "options.json").is_file():
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.root / "options.json", self._meta)  # any process: the same bytes
+        for label, parts in self._buf.items():
+            if parts:
+                idx, vals = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                name = f"{label}-r{shard.rank()}-{int(idx[0])}-{idx.numel()}.npz"
+                atomic_write_bytes(self.root / name, npz_bytes(idx=idx.numpy(), vals=vals.numpy()))
+        self._buf.clear()
+        self._last = time.monotonic()
+
+    def discard(self) -> None:
+        """Remove the journal (and ``out`` if nothing else is in it): a run that failed leaves nothing behind."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self.root.parent.rmdir()
+        except OSError:
+            pass  # not empty, or not there

@@ -1,0 +1,110 @@
+"""Sharded probes (torchrun / accelerate, 2 CPU processes over gloo) and resumable probes give the table of one
+uninterrupted single-process run: the same items in the same network calls (fixed batch size, one thread each,
+so float32 kernels round the same way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from lipscope.errors import InputError
+from lipscope.runs import ProbeOptions, run_probe
+
+GRID = "0,1,2,5,10,50,100,500"
+
+
+def _opts(tmp_path, name: str, **kw) -> ProbeOptions:
+    base = dict(model="builtin:digits-ddpm", data="digits", timesteps=GRID, samples=6, batch_size="8",
+                method="fd,jvp", device="cpu", out=str(tmp_path / name))  # fmt: skip
+    return ProbeOptions(**{**base, **kw})
+
+
+def _torchrun(tmp_path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "COLUMNS": "200"}
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500)]
+    probe = ["--data", "digits", "--timesteps", GRID, "--samples", "6", "--batch-size", "8", "--method", "fd,jvp"]
+    cmd = [sys.executable, *args, "-m", "lipscope", "probe", *probe, "--device", "cpu", "--no-progress", "--out", out]
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _same_numbers(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    cols = [c for c in a.columns if c.startswith(("K", "t", "fd_noise", "method", "lambda", "sigma", "alpha"))]
+    assert cols and a.shape == b.shape
+    pd.testing.assert_frame_equal(a[cols].reset_index(drop=True), b[cols].reset_index(drop=True), check_exact=True)
+
+
+@pytest.fixture
+def interrupted(tmp_path, monkeypatch, one_thread):
+    """An uninterrupted probe, and the same probe stopped by Ctrl-C after two FD batches."""
+    full = run_probe(_opts(tmp_path, "full"))
+    mod = sys.modules["lipscope.probe"]  # the module (`lipscope.probe` is the function)
+    real, calls = mod.fd_pair, [0]
+
+    def stopping(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "fd_pair", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(_opts(tmp_path, "cut"))
+    monkeypatch.undo()
+    return full
+
+
+def test_resume_gives_the_uninterrupted_table(tmp_path, interrupted):
+    cut = tmp_path / "cut"
+    blocks = sorted(p.name for p in (cut / ".partial").glob("*.npz"))
+    assert blocks == ["fd-r0-0-8.npz"], blocks  # two batches of 4 pairs were finished
+    with pytest.raises(InputError, match=r"holds an interrupted lipscope run \(continue it with `resume`\)"):
+        run_probe(_opts(tmp_path, "cut"))
+    with pytest.raises(InputError, match="was started with other seed"):
+        run_probe(_opts(tmp_path, "cut", seed=1, resume=True))
+    with pytest.raises(InputError, match="not both"):
+        run_probe(_opts(tmp_path, "cut", resume=True, overwrite=True))
+    res = run_probe(_opts(tmp_path, "cut", resume=True, t_split=50.0))  # t_split does not change the numbers
+    _same_numbers(res.table, interrupted.table)
+    assert res.meta["forwards"] == interrupted.meta["forwards"] - 16  # the 8 finished pairs were not recomputed
+    assert sorted(p.name for p in cut.iterdir()) == ["lipschitz.csv", "lipschitz.png", "run.json"]
+    with pytest.raises(InputError, match="holds no interrupted run"):
+        run_probe(_opts(tmp_path, "full", resume=True))
+
+
+def test_a_failing_run_leaves_nothing(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise InputError("`model` broken")
+
+    monkeypatch.setattr(sys.modules["lipscope.probe"], "fd_pair", broken)
+    with pytest.raises(InputError, match="broken"):
+        run_probe(_opts(tmp_path, "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_two_processes_give_the_one_process_table_and_resume_a_one_process_run(tmp_path, interrupted):
+    """torchrun with 2 CPU processes (gloo): the table of one process, written once by the main process; then the
+    1-process run interrupted above, continued by 2 processes."""
+    r = _torchrun(tmp_path, "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("lipscope probe") == 1  # one summary, from the main process
+    two = pd.read_csv(tmp_path / "two" / "lipschitz.csv")
+    _same_numbers(two, pd.read_csv(tmp_path / "full" / "lipschitz.csv"))
+    meta = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert meta["forwards"] == interrupted.meta["forwards"]  # the work of both processes
+    r = _torchrun(tmp_path, "cut", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_numbers(pd.read_csv(tmp_path / "cut" / "lipschitz.csv"), pd.read_csv(tmp_path / "full" / "lipschitz.csv"))
