@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, cat_kwargs, guided
+from .devices import DTYPES as DTYPES  # re-exported
+from .devices import resolve_device, resolve_dtype
 from .errors import InputError, ModelOutputError, short_error
 from .etsdm import Etsdm, etsdm_of
 from .latents import LatentCodec
@@ -33,8 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lipscope")
 
 SUPPORTED_CLASSES = ("UNet2DModel", "ETSDMUNet2DModel")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 NetFn = Callable[..., torch.Tensor]  # net(x, c, **conditioning) → raw output
 
 
@@ -220,48 +220,6 @@ def check_fractional_dt(model: EpsModel, dt: float, *, scheme="forward", method=
 # ---------------------------------------------------------------------------------------------
 # devices and dtypes
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device must exist on this machine."""
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = device if isinstance(device, torch.device) else torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise InputError(f"`device` {device!r} not understood; use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise InputError(f"`device` {device} asked for but CUDA is not available; use `device` cpu or auto")
-        if dev.index is not None and dev.index >= n:
-            raise InputError(
-                f"`device` {device} asked for but this machine has {n} CUDA device(s) (cuda:0…cuda:{n - 1}); "
-                "use `device` cuda, cpu or auto"
-            )
-    elif dev.type == "mps":
-        if not _mps_available():
-            raise InputError(f"`device` {device} asked for but MPS is not available; use `device` cpu or auto")
-    elif dev.type != "cpu":
-        raise InputError(f"`device` {device} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return mps is not None and bool(mps.is_available())
-
-
-def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise InputError(f"`dtype` {dtype!r} not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 # ---------------------------------------------------------------------------------------------

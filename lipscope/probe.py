@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import rng, shard
+from . import rng
 from .batching import RunStats, check_finite, check_memory, run_batched
 from .conditioning import Conditioning
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
@@ -278,8 +278,7 @@ def probe(
         x0 = data  # used as given (dtype, device); its range is still checked and reported
         scaling = scale_array(data.detach().float().cpu().numpy(), "`data` tensor", data_range)[1]
     elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
-        with shard.main_first():  # several processes: the main one samples and caches, the others read the cache
-            x0 = model_samples(model, samples, seed, cache_dir=cache_dir)
+        x0 = model_samples(model, samples, seed, cache_dir=cache_dir)  # several processes: sampled together
         scaling = DataScaling("model samples", "samples of the model, kept as generated")
     elif model.latent is not None:  # images through the pipeline's autoencoder, or precomputed latents
         x0, scaling = latent_x0(model.latent, data, samples, seed, data_range, model.sample_shape)

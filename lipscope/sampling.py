@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rng
+from . import rng, shard
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
 from .processes import FlowProcess
@@ -123,7 +123,7 @@ def sample(
     out = []
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
     with torch.inference_mode():
-        for s in range(0, n, batch_size):
+        for s in shard.split(torch.arange(0, n, batch_size), 1).tolist():  # several processes: whole batches each
             # multistep solvers keep per-run state
             sched = flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
@@ -141,8 +141,8 @@ def sample(
                     f"sampling {model.name} ({scheduler}, {steps} steps) gave NaN/inf in {int(bad.sum())} of "
                     f"{xb.shape[0]} samples (batch at {s}); check the weights, or sample in float32"
                 )
-            out.append((xb.float().clamp(-1, 1) if clip else xb.float()).cpu())
-    return torch.cat(out)
+            out.append((s, (xb.float().clamp(-1, 1) if clip else xb.float()).cpu()))
+    return torch.cat([x for _, x in sorted(p for part in shard.gather(out) for p in part)])
 
 
 def ddim_sample(model: EpsModel, n: int, seed: int, steps: int = 50, batch_size: int = 64) -> torch.Tensor:
@@ -187,6 +187,7 @@ def model_samples(
             ).encode()
         ).hexdigest()[:20]
         path = Path(cache_dir) / f"x0_model_{key}_n{n}_s{seed}_ddim{steps}.npz"
+        shard.barrier()  # several processes: all see the cache as it was, then sample together (or none does)
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as z:
@@ -204,7 +205,7 @@ def model_samples(
         steps,
     )
     x0 = ddim_sample(model, n, seed, steps)
-    if path is not None:
+    if path is not None and shard.is_main():
         try:
             atomic_write_bytes(path, npz_bytes(x0=x0.numpy()))
         except InputError as e:  # a cache that cannot be written is not worth failing the probe

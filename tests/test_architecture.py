@@ -19,6 +19,7 @@ LAYERS = {
     "rng": 0,
     "shard": 0,
     "io": 1,
+    "devices": 1,
     "targets": 1,
     "fwad": 1,
     "conditioning": 1,

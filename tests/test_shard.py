@@ -108,3 +108,31 @@ def test_two_processes_give_the_one_process_table_and_resume_a_one_process_run(t
     r = _torchrun(tmp_path, "cut", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     _same_numbers(pd.read_csv(tmp_path / "cut" / "lipschitz.csv"), pd.read_csv(tmp_path / "full" / "lipschitz.csv"))
+
+
+def test_sample_and_evaluate_with_two_processes(tmp_path):
+    """Each process draws whole batches (per-sample noise streams), all gather: the samples of one process."""
+    import numpy as np
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    sample = ["sample", "--model", "builtin:digits-ddpm", "-n", "5", "--steps", "3", "--batch-size", "2",
+              "--device", "cpu"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "lipscope", *sample, "--out", "one"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29900 + os.getpid() % 90), "-m", "lipscope"]  # fmt: skip
+    two = subprocess.run([*run, *sample, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (np.load(tmp_path / d / "samples.npz")["x0"] for d in ("one", "two"))
+    assert a.shape == (5, 1, 8, 8) and np.array_equal(a, b)
+    ev = ["evaluate", "--model", "builtin:digits-ddpm", "-n", "4", "--seeds", "1", "--steps", "2",
+          "--scheduler", "ddim", "--device", "cpu"]  # fmt: skip
+    r1 = subprocess.run([sys.executable, "-m", "lipscope", *ev, "--out", "e1"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    r2 = subprocess.run([*run, *ev, "--out", "e2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-1500:], r2.stderr[-1500:])
+    e1, e2 = (pd.read_csv(tmp_path / d / "eval.csv") for d in ("e1", "e2"))
+    pd.testing.assert_frame_equal(e1, e2)
+    assert r2.stdout.count("lipscope evaluate") == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .. import shard
 from .common import cli_errors, out, parse_list, setup_logging
 from .options import (
     CLASS_LABEL,
@@ -59,7 +60,8 @@ def sample(
         **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
     )
     run_sample(opts)
-    out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
+    if shard.is_main():
+        out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
 
 
 @cli_errors
@@ -123,4 +125,5 @@ def evaluate(
             f"{r['swd_pixel_mean']:.3g} ± {r['swd_pixel_std']:.2g}",
             fid,
         )
-    out.print(tab)
+    if shard.is_main():
+        out.print(tab)

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from .. import io as lio
+from .. import shard
 from ..io import check_out_dir
 from ..loading import load_model
 from ..models import EpsModel
 from ..prompts import conditioning_for, read_prompt_file
 
-__all__ = ["ConditioningOptions", "ModelOptions", "check_out_dir", "model_info"]
+__all__ = ["ConditioningOptions", "ModelOptions", "check_out_dir", "main_lock", "model_info", "write_on_main"]
+
+
+def main_lock(out: Path):
+    """The run-folder lock, held by the main process (launched with several processes, the others compute and
+    gather but never write)."""
+    shard.barrier()  # every process checked `out` before the main one writes there
+    return lio.run_lock(out) if shard.is_main() else contextlib.nullcontext()
+
+
+def write_on_main(out: Path, files: dict[str, bytes], overwrite: bool) -> None:
+    """The main process writes the run folder (atomically); the others wait for it."""
+    if shard.is_main():
+        lio.write_run_folder(out, files, overwrite=overwrite)
+    shard.barrier()
 
 
 def model_info(m: EpsModel) -> dict[str, Any]:

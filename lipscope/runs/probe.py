@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -25,7 +24,7 @@ from ..probe import probe
 from ..reduction import check_t_split, summary
 from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
-from .common import ConditioningOptions, ModelOptions, check_out_dir, model_info
+from .common import ConditioningOptions, ModelOptions, check_out_dir, main_lock, model_info, write_on_main
 
 log = logging.getLogger("lipscope")
 
@@ -86,9 +85,8 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
     out = check_out_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume, inputs=reads)
-    shard.barrier()  # every process checked `out` before the main one starts its journal there
     opts = opts.resolved()
-    with lio.run_lock(out) if shard.is_main() else contextlib.nullcontext():
+    with main_lock(out):
         return _probe(opts, out, progress)
 
 
@@ -142,9 +140,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
     png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x))
     files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
-    if shard.is_main():  # replaces `out`, the journal in it with it
-        lio.write_run_folder(out, files, overwrite=True)
-    shard.barrier()
+    write_on_main(out, files, overwrite=True)  # replaces `out`, the journal in it with it
     return ProbeResult(df, summ, meta, m, out)
 
 

@@ -16,7 +16,7 @@ from ..evaluate import evaluate_models, summarize_eval
 from ..loading import load_model
 from ..plots import figure_png, plot_eval
 from ..sampling import SAMPLERS, image_grid, png_bytes, sample
-from .common import ConditioningOptions, check_out_dir
+from .common import ConditioningOptions, check_out_dir, main_lock, write_on_main
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
     if opts.num < 1:
         raise InputError("`num` must be ≥ 1")
     out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.conditioning_reads()))
-    with lio.run_lock(out):
+    with main_lock(out):
         m = load_model(opts.model, device=opts.device)
         cond = opts.conditioning(m, opts.model)
         m = dataclasses.replace(m, conditioning=cond) if cond is not None else m
@@ -63,7 +63,7 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
             "samples.npz": lio.npz_bytes(**arrays),
             "run.json": lio.json_bytes(meta),
         }
-        lio.write_run_folder(out, files, overwrite=opts.overwrite)
+        write_on_main(out, files, opts.overwrite)
         return meta
 
 
@@ -110,7 +110,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     out = check_out_dir(
         opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.baseline, opts.data, *opts.conditioning_reads())
     )
-    with lio.run_lock(out):
+    with main_lock(out):
         specs = {"model": opts.model}
         for i, b in enumerate(opts.baseline):
             specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
@@ -155,7 +155,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             "eval.png": figure_png(plot_eval(summ)),
             "run.json": lio.json_bytes(meta),
         }
-        lio.write_run_folder(out, files, overwrite=opts.overwrite)
+        write_on_main(out, files, opts.overwrite)
         return EvaluateResult(df, summ, meta, fid_ok)
 
 
