@@ -16,6 +16,7 @@ timesteps (common random numbers), so results do not depend on the batch size or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -46,6 +47,17 @@ from .points import (
     fd_points,
     noise_columns,
     valid_range,
+)
+from .precision import (
+    DEFAULT_TOLERANCE,
+    PRECISIONS,
+    REFERENCE,
+    cast,
+    check_precision,
+    guard_samples,
+    rel_err,
+    report,
+    sample_rel_err,
 )
 from .reduction import summarize_samples
 from .sampling import model_samples
@@ -199,6 +211,8 @@ def probe(
     target: str = "eps",
     conditioning: Conditioning | None = None,
     journal: Journal | None = None,
+    precision: str | None = None,
+    precision_tolerance: float = DEFAULT_TOLERANCE,
 ) -> pd.DataFrame:
     """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
     ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
@@ -219,6 +233,10 @@ def probe(
     ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size), the
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``) and the
     ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`).
+
+    ``precision`` (bf16, fp16, fp32, fp64; :mod:`lipscope.precision`): the network's arithmetic for this run
+    (weights cast, restored afterwards); every row gets ``K_rel_err_est`` against a reference precision on a
+    few samples, and ``attrs["precision"]`` the guard's report (a warning above ``precision_tolerance``).
 
     ``journal`` (:class:`lipscope.journal.Journal`): keep finished items in a run folder as they go, and skip
     those an interrupted run finished. Launched with several processes (``torchrun``, ``accelerate launch``),
@@ -299,26 +317,25 @@ def probe(
         )
     x0 = x0.contiguous()  # memory layout changes kernels and so float32 rounding: one layout for every source
     noise = rng.noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
-    D = math.prod(x0.shape[1:])
     stats = RunStats()
-    tables, Ks = [], []
-    if use_fd:
-        assert pts is not None  # set above whenever use_fd
-        norms, scale = fd_norms(model, x0, noise, pts, batch_size, progress, stats, journal)
-        Ks.append(norms.numpy() / (pts.dt / T)[None, :])
-        stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
-        noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
-        method_name = "fd-condition" if space == "condition" else f"fd-{scheme}"
-        tables.append(k_table(model, pts, Ks[-1], method_name, D, noise_K))
-    if "jvp" in methods:
-        jst = RunStats()
-        Ks.append(jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy())
-        tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
-        stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
-        if not use_fd:
-            stats = RunStats(jst.forwards, jst.seconds, jst.batch_size, stats.extra)
+    check_precision(precision, model)
+    low = PRECISIONS[precision] if precision is not None else model.dtype
+    ref = REFERENCE[precision] if precision is not None else None
+    how = (pts, grid, methods, f"fd-{scheme}" if space != "condition" else "fd-condition", batch_size)
+    guard = guard_samples(x0.shape[0]) if ref is not None else None
+    K_ref: list[np.ndarray] = []
+    if guard is not None and ref is not None:  # the guard samples at the reference precision, first
+        with cast(model, ref) as mref:
+            K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None)[1]
+    with cast(model, low) if low != model.dtype else contextlib.nullcontext(model) as m:
+        tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
+    for i, tab in enumerate(tables):
+        tab["K_rel_err_est"] = rel_err(Ks[i][guard], K_ref[i]) if guard is not None else np.nan
+    if guard is not None:
+        worst = max(sample_rel_err(Ks[i][guard], K_ref[i]) for i in range(len(tables)))
+        stats.extra["precision"] = report(model.name, precision, ref, guard, tables, precision_tolerance, worst)
     df = pd.concat(tables, ignore_index=True)
-    check_noise(df, model.dtype, allow_noise_limited)
+    check_noise(df, low, allow_noise_limited)
     df.attrs.update(
         {
             "forwards": stats.forwards,
@@ -336,6 +353,27 @@ def probe(
         }
     )
     return df
+
+
+def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, journal: Journal | None):
+    """(tables, per-sample K matrices) of the requested methods: FD rows, then JVP rows."""
+    pts, grid, methods, fd_name, batch_size = how
+    T, D = model.T, math.prod(x0.shape[1:])
+    tables, Ks = [], []
+    if "fd" in methods:
+        norms, scale = fd_norms(model, x0, noise, pts, batch_size, progress, stats, journal)
+        Ks.append(norms.numpy() / (pts.dt / T)[None, :])
+        stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
+        noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
+        tables.append(k_table(model, pts, Ks[-1], fd_name, D, noise_K))
+    if "jvp" in methods:
+        jst = RunStats()
+        Ks.append(jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy())
+        tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
+        stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
+        if "fd" not in methods:
+            stats.forwards, stats.seconds, stats.batch_size = jst.forwards, jst.seconds, jst.batch_size
+    return tables, Ks
 
 
 def _check_target_defined(model: EpsModel, t: np.ndarray) -> None:

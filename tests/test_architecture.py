@@ -37,6 +37,7 @@ LAYERS = {
     "models": 4,
     "batching": 5,
     "points": 5,
+    "precision": 5,
     "gaussian": 5,
     "sampling": 5,
     "pyspec": 5,

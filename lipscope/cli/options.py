@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from ..models import DTYPES
+from ..precision import PRECISIONS
 from ..probe import SCHEMES
 from ..sampling import SAMPLERS
 from ..targets import TARGETS
@@ -58,6 +59,7 @@ SPACE = choice("time", "condition")
 TARGET = choice(*TARGETS)
 PLOT_X = choice("t", "lambda")
 DTYPE = choice(*DTYPES)
+PRECISION = choice(*PRECISIONS)
 SAMPLER = choice(*SAMPLERS)
 MIXED_PRECISION = choice("no", "fp16", "bf16")
 SCHEDULE = choice("linear", "scaled_linear", "cosine", "sigmoid", "vp-linear", "vp-cosine")

@@ -20,6 +20,7 @@ from .options import (
     METHOD,
     NEGATIVE_PROMPT,
     PLOT_X,
+    PRECISION,
     PROMPT,
     PROMPT_EMBEDS,
     PROMPT_FILE,
@@ -109,6 +110,14 @@ def probe(
         "auto", "--device", parser=DEVICE, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."
     ),
     dtype: str = typer.Option("float32", "--dtype", parser=DTYPE, help="float32, float64, float16 or bfloat16."),
+    precision: str | None = typer.Option(
+        None,
+        "--precision",
+        parser=PRECISION,
+        help="Network arithmetic for the probe: bf16, fp16, fp32 or fp64 (weights cast, restored after); each row "
+        "gets K_rel_err_est against float32 (float64 for fp32) on a few samples, with a warning above 2%. "
+        "--method jvp --precision bf16 is the fast exact probe.",
+    ),
     config: Path | None = typer.Option(None, "--config", help="UNet config.json for a single weights file."),
     scheduler_config: Path | None = typer.Option(
         None, "--scheduler-config", help="scheduler_config.json (default: from the model, else DDPM linear)."
@@ -184,6 +193,7 @@ def probe(
             out=str(out_dir),
             overwrite=overwrite,
             resume=resume,
+            precision=precision,
             timesteps=timesteps,
             dt=dt,
             scheme=scheme,

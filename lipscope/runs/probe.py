@@ -46,6 +46,7 @@ class ProbeOptions(ConditioningOptions, ModelOptions):
     t_split: float | None = None
     overwrite: bool = False  # replace a non-empty `out`
     resume: bool = False  # continue the interrupted probe `out` holds (lipscope.journal)
+    precision: str | None = None  # bf16/fp16/fp32/fp64 network arithmetic, with the K_rel_err_est guard
     allow_noise_limited: bool = False  # keep float16/bfloat16 FD rows limited by rounding noise
     # the range the model was trained on: pixel data is mapped into it, float data must lie inside
     # it and is fed unchanged; None feeds float data as it is (lipscope.data)
@@ -135,6 +136,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         # how fd_noise_rel was estimated: c·u·(‖ε_a‖ + ‖ε_b‖), c measured or the constant (docs/probe.md)
         "fd_noise": df.attrs.get("fd_noise"),
         "fd_noise_limited_rows": int(df["fd_noise_limited"].sum()),
+        "precision": df.attrs.get("precision"),  # the accuracy guard of `precision` (None without it)
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
@@ -163,6 +165,7 @@ def _run(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal
         target=opts.target,
         conditioning=cond,
         journal=journal,
+        precision=opts.precision,
     )
 
 
