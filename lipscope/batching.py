@@ -25,8 +25,9 @@ from .models import EpsModel
 
 log = logging.getLogger("lipscope")
 
-CUDA_AUTO_BATCH = 1024
 CPU_AUTO_CANDIDATES = (8, 16, 32, 64, 128)
+CUDA_AUTO_CANDIDATES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # grown until throughput falls or memory ends
+SEARCH_SHARE = 0.25  # the search never takes more than this share of a run's forwards
 
 
 @dataclass
@@ -46,18 +47,24 @@ def is_oom(e: BaseException) -> bool:
 
 
 class AutoBatch:
-    """Batch size search for ``auto`` on CPU, where throughput peaks at small batches.
+    """Batch size search for ``auto``, on real work (nothing is computed twice).
 
-    Tries the candidates in increasing order on real work (nothing is computed twice), one timed
-    batch each after one warm-up batch, stops once throughput falls 5% under the best seen, then
-    keeps the best. (Measured on 2 cores: the CIFAR-10 DDPM UNet peaks at 16, a tiny UNet at ≥ 128.)
+    Tries the candidates in increasing order, one timed batch each after one warm-up batch, stops once
+    throughput falls 5 % under the best seen, then keeps the best. On CPU throughput peaks at small batches
+    (measured on 2 cores: the CIFAR-10 DDPM UNet at 16, a tiny UNet at ≥ 128); on CUDA the candidates grow to
+    8192 and an out-of-memory error ends the search at the largest batch that fit. The search stops early
+    once it has used ``SEARCH_SHARE`` of the run's forwards (short runs do not pay for it), and the chosen size
+    is remembered per model, device, dtype and threads in the user cache (:func:`remember`), so later runs
+    start with it.
     """
 
-    def __init__(self, candidates: tuple[int, ...], total: int):
-        self.cands = [c for c in candidates if c <= 2 * total] or [max(2, 2 * total)]
+    def __init__(self, candidates: tuple[int, ...], total: int, per_item: int = 2, known: int | None = None):
+        self.cands = [c for c in candidates if c <= per_item * total] or [max(2, per_item * total)]
         self.i, self.warm = 0, False
         self.rates: dict[int, float] = {}
-        self.best: int | None = None
+        self.best: int | None = known
+        self.budget, self.spent = SEARCH_SHARE * per_item * total, 0
+        self.searched = False
 
     def size(self) -> int:
         return self.best if self.best is not None else self.cands[self.i]
@@ -65,6 +72,7 @@ class AutoBatch:
     def record(self, size: int, forwards: int, seconds: float) -> None:
         if self.best is not None:
             return
+        self.spent += forwards
         if not self.warm:
             self.warm = True
             return
@@ -72,14 +80,58 @@ class AutoBatch:
         top = max(self.rates, key=self.rates.__getitem__)
         self.i += 1
         if self.rates[size] < 0.95 * self.rates[top] or self.i >= len(self.cands):
-            self.best = top
+            self.best, self.searched = top, True
+        elif self.spent >= self.budget:
+            self.best = top  # out of budget: the best so far, not remembered
+
+    def out_of_memory(self, size: int) -> bool:
+        """An OOM during the search: keep the largest size that ran (True), else back off as usual (False)."""
+        fitted = [s for s in self.rates if s < size]
+        if self.best is not None or not fitted:
+            return False
+        self.best, self.searched = max(fitted, key=self.rates.__getitem__), True
+        return True
+
+
+def _batch_key(model: EpsModel, per_item: int) -> str:
+    dev = model.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    cfg = model.conditioning is not None and model.conditioning.guidance_scale is not None
+    return f"{model.config_hash}|{name}|{model.dtype}|{per_item}|{'cfg' if cfg else ''}"
+
+
+def remembered(model: EpsModel, per_item: int) -> int | None:
+    """The batch size an earlier search chose for this model, device, dtype and threads (user cache)."""
+    import json
+
+    from .io import user_cache_dir
+
+    try:
+        v = json.loads((user_cache_dir() / "batch_sizes.json").read_text()).get(_batch_key(model, per_item))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, int) and v >= 2 else None
+
+
+def remember(model: EpsModel, per_item: int, size: int) -> None:
+    import json
+
+    from .io import atomic_write_bytes, user_cache_dir
+
+    path = user_cache_dir() / "batch_sizes.json"
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        known = known if isinstance(known, dict) else {}
+        known[_batch_key(model, per_item)] = int(size)
+        atomic_write_bytes(path, json.dumps(known, indent=1).encode())
+    except (OSError, ValueError, InputError) as e:  # a cache that cannot be written is not worth failing for
+        log.info("could not remember the batch size (%s)", e)
 
 
 def resolve_batch_size(batch_size: int | str, model: EpsModel, total: int) -> int:
-    """Forwards per batch (even, so pairs stay together). ``auto``: 1024 on CUDA, backing off on OOM;
-    on CPU the first candidate of :class:`AutoBatch`."""
+    """Forwards per batch (even, so pairs stay together). ``auto``: the first candidate of :class:`AutoBatch`."""
     if batch_size == "auto":
-        bs = CUDA_AUTO_BATCH if model.device.type == "cuda" else CPU_AUTO_CANDIDATES[0]
+        bs = (CUDA_AUTO_CANDIDATES if model.device.type == "cuda" else CPU_AUTO_CANDIDATES)[0]
     else:
         try:
             bs = int(batch_size)
@@ -139,7 +191,10 @@ def run_batched(
     previous, interrupted run finished are not computed again.
     """
     bs = resolve_batch_size(batch_size, model, total)
-    auto = AutoBatch(CPU_AUTO_CANDIDATES, total) if batch_size == "auto" and model.device.type == "cpu" else None
+    auto = None
+    if batch_size == "auto":
+        cands = CUDA_AUTO_CANDIDATES if model.device.type == "cuda" else CPU_AUTO_CANDIDATES
+        auto = AutoBatch(cands, total, inputs_per_item, remembered(model, inputs_per_item))
     stats = stats if stats is not None else RunStats()
     done_idx, done_vals = journal.done(label) if journal is not None else (torch.empty(0, dtype=torch.long), None)
     shard.barrier()  # every process read the same finished items before any writes new ones
@@ -160,6 +215,11 @@ def run_batched(
                 try:
                     vals = compute(idx)
                 except (RuntimeError, torch.OutOfMemoryError) as e:
+                    if is_oom(e) and auto is not None and auto.out_of_memory(bs):
+                        log.info("out of memory at batch size %d: keeping %d", bs, auto.size())
+                        if model.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
                     if is_oom(e) and bs > 2:
                         bs = max(2, (bs // 2) - (bs // 2) % 2)
                         log.warning("out of memory: backing off to batch size %d", bs)
@@ -182,6 +242,8 @@ def run_batched(
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if auto is not None and auto.searched and shard.is_main():
+        remember(model, inputs_per_item, auto.size())
     parts = shard.gather((got, forwards, seconds))
     pieces = [p for part in parts for p in part[0]]
     if done_vals is not None and done_idx.numel():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+
+# the tests' own lipscope cache (sample caches, remembered batch sizes): nothing from earlier runs leaks in
+os.environ.setdefault("LIPSCOPE_CACHE", tempfile.mkdtemp(prefix="lipscope-test-cache-"))
 
 TINY = dict(
     sample_size=8,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -178,3 +179,33 @@ def test_autobatch_search_keeps_the_fastest():
         a.record(s, s, s / rates[s])
     assert a.best == 16 and 64 not in a.rates
     assert AutoBatch((8, 16), total=3).cands == [6]  # never more forwards than the work holds
+
+
+def test_autobatch_pays_for_itself_survives_oom_and_is_remembered(tmp_path, monkeypatch):
+    from lipscope.batching import SEARCH_SHARE, AutoBatch, remembered, run_batched
+
+    a = AutoBatch((8, 16, 32, 64, 128), total=40)  # 80 forwards: the search may take 20 of them
+    rates = {8: 10.0, 16: 14.0, 32: 18.0, 64: 22.0, 128: 26.0}  # still rising: only the budget stops it
+    a.record(a.size(), 8, 1.0)
+    while a.best is None:
+        s = a.size()
+        a.record(s, s, s / rates[s])
+    assert a.spent >= SEARCH_SHARE * 80 and a.spent - a.best <= SEARCH_SHARE * 80 and not a.searched
+    b = AutoBatch((64, 128, 256, 512), total=10_000)  # CUDA: 512 does not fit, 256 did
+    b.record(64, 64, 1.0)
+    b.record(64, 64, 0.5)
+    b.record(128, 128, 0.6)
+    b.record(256, 256, 0.9)
+    assert b.out_of_memory(512) and b.best == 256 and b.searched
+    assert not AutoBatch((64,), total=100).out_of_memory(64)  # nothing ran yet: the usual back-off
+    # a finished search is remembered per model, device, dtype and threads, and the next run starts with it
+    monkeypatch.setenv("LIPSCOPE_CACHE", str(tmp_path))
+    m = from_callable(lambda x, t: x * t[:, None, None, None], sample_shape=(1, 8, 8))
+    m = dataclasses.replace(m, config={"name": "remembered"})
+    assert remembered(m, 2) is None
+    run_batched(m, 4000, 2, lambda idx: torch.zeros(idx.numel(), dtype=torch.float64), "auto")
+    size = remembered(m, 2)
+    assert size in (8, 16, 32, 64, 128)
+    sizes = []
+    run_batched(m, 100, 2, lambda idx: sizes.append(idx.numel()) or torch.zeros(idx.numel()), "auto")
+    assert set(sizes[:-1]) == {size // 2}  # no search: the remembered size from the first batch
