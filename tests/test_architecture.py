@@ -38,6 +38,7 @@ LAYERS = {
     "batching": 5,
     "points": 5,
     "precision": 5,
+    "speed": 5,
     "gaussian": 5,
     "sampling": 5,
     "pyspec": 5,

@@ -17,6 +17,7 @@ from ..models import DTYPES
 from ..precision import PRECISIONS
 from ..probe import SCHEMES
 from ..sampling import SAMPLERS
+from ..speed import COMPILE_MODES
 from ..targets import TARGETS
 
 
@@ -60,6 +61,7 @@ TARGET = choice(*TARGETS)
 PLOT_X = choice("t", "lambda")
 DTYPE = choice(*DTYPES)
 PRECISION = choice(*PRECISIONS)
+COMPILE = choice(*COMPILE_MODES)
 SAMPLER = choice(*SAMPLERS)
 MIXED_PRECISION = choice("no", "fp16", "bf16")
 SCHEDULE = choice("linear", "scaled_linear", "cosine", "sigmoid", "vp-linear", "vp-cosine")

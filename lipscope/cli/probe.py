@@ -14,6 +14,7 @@ from .common import cli_errors, out, setup_logging
 from .options import (
     BATCH_SIZE,
     CLASS_LABEL,
+    COMPILE,
     DEVICE,
     DTYPE,
     GUIDANCE_SCALE,
@@ -110,6 +111,14 @@ def probe(
         "auto", "--device", parser=DEVICE, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."
     ),
     dtype: str = typer.Option("float32", "--dtype", parser=DTYPE, help="float32, float64, float16 or bfloat16."),
+    tf32: bool = typer.Option(False, "--tf32", help="TF32 matmuls and convolutions on CUDA (10-bit mantissa inputs)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Channels-last weights (often faster on GPUs)."),
+    compile: str | None = typer.Option(
+        None,
+        "--compile",
+        parser=COMPILE,
+        help="torch.compile the network call: default, reduce-overhead (CUDA graphs) or max-autotune; FD only.",
+    ),
     precision: str | None = typer.Option(
         None,
         "--precision",
@@ -194,6 +203,9 @@ def probe(
             overwrite=overwrite,
             resume=resume,
             precision=precision,
+            tf32=tf32,
+            channels_last=channels_last,
+            compile=compile,
             timesteps=timesteps,
             dt=dt,
             scheme=scheme,

@@ -22,6 +22,7 @@ from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
 from ..reduction import check_t_split, summary
+from ..speed import Speed, accelerated
 from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
 from .common import ConditioningOptions, ModelOptions, check_out_dir, main_lock, model_info, write_on_main
@@ -47,6 +48,9 @@ class ProbeOptions(ConditioningOptions, ModelOptions):
     overwrite: bool = False  # replace a non-empty `out`
     resume: bool = False  # continue the interrupted probe `out` holds (lipscope.journal)
     precision: str | None = None  # bf16/fp16/fp32/fp64 network arithmetic, with the K_rel_err_est guard
+    tf32: bool = False  # speed paths (lipscope.speed): TF32 on CUDA, channels-last weights, torch.compile mode
+    channels_last: bool = False
+    compile: str | None = None
     allow_noise_limited: bool = False  # keep float16/bfloat16 FD rows limited by rounding noise
     # the range the model was trained on: pixel data is mapped into it, float data must lie inside
     # it and is fed unchanged; None feeds float data as it is (lipscope.data)
@@ -147,6 +151,13 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
 
 
 def _run(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal) -> pd.DataFrame:
+    speed = Speed(opts.tf32, opts.channels_last, opts.compile)
+    speed.check(opts.method.split(","))
+    with accelerated(m, speed) as fast:
+        return _call(opts, fast, cond, progress, journal)
+
+
+def _call(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal) -> pd.DataFrame:
     return probe(
         m,
         str(opts.data),
