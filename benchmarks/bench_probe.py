@@ -8,7 +8,11 @@ Measures, for the same network:
   raw      unet(x, t) at each batch size in --batches (best one reported), no probe overhead;
   probe    lipscope's batched FD runner (--batch-size auto and at the raw best), forwards/s;
   naive    a per-timestep Python loop, one (sample, t) pair per call (batch 2): what a first script does;
-  per-t    a per-timestep loop batching the samples of that timestep (one call per grid point).
+  per-t    a per-timestep loop batching the samples of that timestep (one call per grid point);
+  jvp      the exact probe (--method jvp) at float32 and at bfloat16 (weights cast), with the error of its K
+           against float64 JVP, and the wall time of each probe mode on the same (samples × grid) workload;
+  memory   peak CUDA memory of each mode (torch.cuda.max_memory_allocated; not measured on CPU, where the
+           process-wide RSS cannot be split by mode).
 Prints the ratios and, with --json, writes them to a file.
 """
 
@@ -27,7 +31,7 @@ import lipscope
 from lipscope.batching import RunStats
 from lipscope.models import from_unet
 from lipscope.points import fd_points, noisy_inputs
-from lipscope.probe import fd_norms
+from lipscope.probe import fd_norms, jvp_norms
 from lipscope.rng import noise as per_sample_noise
 
 # google/ddpm-cifar10-32's unet/config.json (35.7 M parameters)
@@ -78,10 +82,19 @@ def timed(fn, dev: torch.device, min_seconds: float) -> float:
             return el / n
 
 
-def raw_throughput(unet, shape, dev, batches, min_seconds) -> dict[int, float]:
+def _peak_reset(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak(dev: torch.device) -> float:
+    return float(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else float("nan")
+
+
+def raw_throughput(unet, shape, dev, batches, min_seconds, dtype=torch.float32) -> dict[int, float]:
     out = {}
     for b in batches:
-        x = torch.randn(b, *shape, device=dev)
+        x = torch.randn(b, *shape, device=dev, dtype=dtype)
         t = torch.linspace(0, 999, b, device=dev)
         with torch.inference_mode():
             out[b] = b / timed(lambda x=x, t=t: unet(x, t).sample, dev, min_seconds)
@@ -148,6 +161,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     per_t_rate = 2 * a.samples * len(pts.t) / timed(per_t, dev, a.min_seconds)
 
+    # the exact probe at float32 and bfloat16, and float64 for the error of K; each on the same workload
+    import copy
+
+    grid = np.asarray(pts.t)
+
+    def jvp_run(m, bs) -> tuple[float, float, np.ndarray]:
+        st = RunStats()
+        _peak_reset(dev)
+        t0 = time.perf_counter()
+        K = jvp_norms(m, x0, noise, grid, batch_size=bs, stats=st).numpy()
+        return time.perf_counter() - t0, _peak(dev), K
+
+    m16 = from_unet(copy.deepcopy(unet), {"num_train_timesteps": 1000}, name="bf16", device=dev, dtype="bfloat16")
+    m64 = from_unet(copy.deepcopy(unet), {"num_train_timesteps": 1000}, name="f64", device=dev, dtype="float64")
+    raw16 = raw_throughput(m16.module, shape, dev, [best_b], a.min_seconds, torch.bfloat16)[best_b]
+    jvp32_s, jvp32_mem, K32 = jvp_run(model, best_b)
+    jvp16_s, jvp16_mem, K16 = jvp_run(m16, best_b)
+    _, _, K64 = jvp_run(m64, best_b)
+    st = RunStats()
+    _peak_reset(dev)
+    t0 = time.perf_counter()
+    fd_norms(model, x0, noise, pts, batch_size=best_b, stats=st)
+    fd32_s, fd32_mem = time.perf_counter() - t0, _peak(dev)
+    per_t_s = 2 * a.samples * len(pts.t) / per_t_rate
+
+    def err(K: np.ndarray) -> float:  # of the table's K_mean, worst grid point
+        return float(np.max(np.abs(K.mean(0) - K64.mean(0)) / K64.mean(0)))
+
     res = {
         "network": "tiny" if a.tiny else "CIFAR-10 DDPM UNet2DModel (35.7M params, random weights)",
         "device": str(dev),
@@ -157,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "raw_forwards_per_s": {str(k): v for k, v in raw.items()},
         "raw_best_batch": best_b,
         "raw_best": raw[best_b],
+        "raw_bf16_at_best_batch": raw16,
         "probe_auto": probe_auto,
         "probe_at_best_batch": probe_best,
         "naive_loop": naive_rate,
@@ -165,9 +207,21 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_probe_best_vs_raw_best": probe_best / raw[best_b],
         "ratio_probe_auto_vs_naive": probe_auto / naive_rate,
         "ratio_probe_auto_vs_per_timestep": probe_auto / per_t_rate,
+        "ratio_raw_bf16_vs_raw_fp32": raw16 / raw[best_b],
+        "wall_s_fd_fp32_probe": fd32_s,
+        "wall_s_jvp_fp32_probe": jvp32_s,
+        "wall_s_jvp_bf16_probe": jvp16_s,
+        "wall_s_per_timestep_fd_loop": per_t_s,
+        "ratio_wall_jvp_bf16_vs_fd_fp32": jvp16_s / fd32_s,
+        "ratio_speed_jvp_bf16_vs_per_timestep_fd": per_t_s / jvp16_s,
+        "jvp_fp32_rel_err_vs_f64": err(K32),
+        "jvp_bf16_rel_err_vs_f64": err(K16),
+        "peak_mem_bytes": {"fd_fp32": fd32_mem, "jvp_fp32": jvp32_mem, "jvp_bf16": jvp16_mem}
+        if dev.type == "cuda"
+        else "not measured on CPU",
     }
     for k, v in res.items():
-        print(f"{k:34s} {v:.3f}" if isinstance(v, float) else f"{k:34s} {v}")
+        print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
     if a.json:
         from lipscope.io import atomic_write_text
 
