@@ -118,8 +118,6 @@ def _describe(folder: Path) -> str:
         cmd = None
     if cmd:
         return f"a lipscope {cmd} run"
-    if (folder / ".partial").is_dir():
-        return "an interrupted lipscope run (continue it with `resume`)"
     names = sorted(p.name for p in folder.iterdir())[:3]
     return "files (" + ", ".join(names) + ("…" if len(names) == 3 else "") + ")"
 

@@ -1,11 +1,12 @@
 """Completed work of a long run, kept in the run folder as it goes, so an interrupted or pre-empted run
 continues where it stopped (``resume``) and ends with the table an uninterrupted run gives.
 
-``<out>/.partial/`` holds ``options.json`` (everything that changes the numbers) and blocks of finished
-items, ``<label>-r<rank>-<first>-<count>.npz`` (item indices and their values), each written atomically at
-most every ``every_s`` seconds and when the run stops (an interrupt included). Any number of processes may
-write blocks; a resumed run, with the same or another process count, computes only the items no block
-holds. The finished run folder replaces ``<out>`` as a whole, ``.partial`` with it.
+``.<out>.partial/`` beside the run folder (which stays untouched until the finished run is written, all at
+once) holds ``options.json`` (everything that changes the numbers) and blocks of finished items,
+``<label>-r<rank>-<first>-<count>.npz`` (item indices and their values), each written atomically at most
+every ``every_s`` seconds and when the run stops (an interrupt included). Any number of processes may write
+blocks; a resumed run, with the same or another process count, computes only the items no block holds. The
+journal is removed once the run folder is written (so a failed final write can still be resumed).
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ from . import shard
 from .errors import InputError
 from .io import atomic_write_bytes, json_bytes, npz_bytes
 
-PARTIAL = ".partial"
+
+def journal_dir(out: str | Path) -> Path:
+    """Where the journal of run folder ``out`` lives: ``.<name>.partial`` beside it."""
+    p = Path(out)
+    return p.parent / f".{p.name}.partial"
 
 
 class Journal:
     """The blocks of finished items of one run folder (see the module docstring)."""
 
-    def __init__(self, out: str | Path, key: dict[str, Any], resume: bool, every_s: float = 30.0) -> None:
-        self.root = Path(out) / PARTIAL
+    def __init__(
+        self, out: str | Path, key: dict[str, Any], resume: bool, overwrite: bool = False, every_s: float = 30.0
+    ) -> None:
+        self.root = journal_dir(out)
         self.every_s = every_s
         self._buf: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._last = time.monotonic()
@@ -38,7 +45,7 @@ class Journal:
         meta = self.root / "options.json"
         if resume:
             if not meta.is_file():
-                raise InputError(f"`resume`: {out} holds no interrupted run to continue; leave out `resume`")
+                raise InputError(f"`resume`: there is no interrupted run of {out} to continue; leave out `resume`")
             try:
                 old = json.loads(meta.read_text())
             except (OSError, ValueError) as e:
@@ -49,6 +56,11 @@ class Journal:
                     f"`resume`: {out} was started with other {', '.join(diffs)}; use the same options or start a new "
                     "`out`"
                 )
+        elif meta.is_file() and not overwrite:
+            raise InputError(
+                f"`out` {out} has an interrupted run ({self.root}); continue it with `resume`, or pass `overwrite` "
+                "to start again"
+            )
         elif shard.is_main():
             shutil.rmtree(self.root, ignore_errors=True)  # written with the first finished block
         self._meta = json_bytes(want)
@@ -84,9 +96,5 @@ class Journal:
         self._last = time.monotonic()
 
     def discard(self) -> None:
-        """Remove the journal (and ``out`` if nothing else is in it): a run that failed leaves nothing behind."""
+        """Remove the journal: the run folder is written, or the run failed on something a rerun would meet."""
         shutil.rmtree(self.root, ignore_errors=True)
-        try:
-            self.root.parent.rmdir()
-        except OSError:
-            pass  # not empty, or not there

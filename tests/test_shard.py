@@ -69,9 +69,10 @@ def interrupted(tmp_path, monkeypatch, one_thread):
 
 def test_resume_gives_the_uninterrupted_table(tmp_path, interrupted):
     cut = tmp_path / "cut"
-    blocks = sorted(p.name for p in (cut / ".partial").glob("*.npz"))
+    assert not cut.exists()  # the run folder is written whole, or not at all
+    blocks = sorted(p.name for p in (tmp_path / ".cut.partial").glob("*.npz"))
     assert blocks == ["fd-r0-0-8.npz"], blocks  # two batches of 4 pairs were finished
-    with pytest.raises(InputError, match=r"holds an interrupted lipscope run \(continue it with `resume`\)"):
+    with pytest.raises(InputError, match=r"has an interrupted run .*; continue it with `resume`, or pass `overwrite`"):
         run_probe(_opts(tmp_path, "cut"))
     with pytest.raises(InputError, match="was started with other seed"):
         run_probe(_opts(tmp_path, "cut", seed=1, resume=True))
@@ -81,8 +82,9 @@ def test_resume_gives_the_uninterrupted_table(tmp_path, interrupted):
     _same_numbers(res.table, interrupted.table)
     assert res.meta["forwards"] == interrupted.meta["forwards"] - 16  # the 8 finished pairs were not recomputed
     assert sorted(p.name for p in cut.iterdir()) == ["lipschitz.csv", "lipschitz.png", "run.json"]
-    with pytest.raises(InputError, match="holds no interrupted run"):
-        run_probe(_opts(tmp_path, "full", resume=True))
+    assert not (tmp_path / ".cut.partial").exists()
+    with pytest.raises(InputError, match="there is no interrupted run of"):
+        run_probe(_opts(tmp_path, "never", resume=True))
 
 
 def test_a_failing_run_leaves_nothing(tmp_path, monkeypatch):
@@ -92,7 +94,7 @@ def test_a_failing_run_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["lipscope.probe"], "fd_pair", broken)
     with pytest.raises(InputError, match="broken"):
         run_probe(_opts(tmp_path, "bad"))
-    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
 
 
 def test_two_processes_give_the_one_process_table_and_resume_a_one_process_run(tmp_path, interrupted):

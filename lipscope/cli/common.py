@@ -88,6 +88,8 @@ class Terminated(KeyboardInterrupt):
 
 def what_is_left(out: Path | None) -> str:
     """After an interrupt: what the run folder holds and whether ``--resume`` applies."""
+    if out is not None and (out.parent / f".{out.name}.partial" / "options.json").is_file():
+        return f"the finished part of the probe is kept beside {out}; continue with --resume (same options)"
     if out is None or not out.is_dir() or not any(out.iterdir()):
         return "no output was written"
     steps = sorted(
@@ -95,8 +97,6 @@ def what_is_left(out: Path | None) -> str:
     )
     if steps:
         return f"{out} holds checkpoints up to step {steps[-1]}; continue with --resume (same options)"
-    if (out / ".partial" / "options.json").is_file():
-        return f"{out} holds the finished part of the probe; continue with --resume (same options)"
     return f"nothing new was written; {out} is as it was before this run"
 
 

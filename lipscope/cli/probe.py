@@ -172,8 +172,8 @@ def probe(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue the interrupted probe in --out (same options; any process count): finished items are kept "
-        "in --out/.partial as the probe goes.",
+        help="Continue the interrupted probe of --out (same options; any process count): finished items are kept "
+        "beside --out, in .<out>.partial, as the probe goes.",
     ),
     allow_noise_limited: bool = typer.Option(
         False,

@@ -17,7 +17,7 @@ from .. import shard
 from ..data import check_data_range
 from ..errors import InputError
 from ..etsdm import Etsdm
-from ..journal import Journal
+from ..journal import Journal, journal_dir
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
@@ -89,7 +89,14 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
-    out = check_out_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume, inputs=reads)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
+    kept = (journal_dir(out) / "options.json").is_file()  # checked again by the Journal; here before any loading
+    if kept != opts.resume and not opts.overwrite:
+        raise InputError(
+            f"`out` {out} has an interrupted run ({journal_dir(out)}); continue it with `resume`, or pass `overwrite`"
+            if kept
+            else f"`resume`: there is no interrupted run of {out} to continue; leave out `resume`"
+        )
     opts = opts.resolved()
     with main_lock(out):
         return _probe(opts, out, progress)
@@ -106,7 +113,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     check_t_split(opts.t_split, m.T)
     key = {k: v for k, v in asdict(opts).items() if k not in RESUMABLE}
     key |= {"config_hash": m.config_hash, "conditioning": cond.digest() if cond is not None else None}
-    journal = Journal(out, key, opts.resume)
+    journal = Journal(out, key, opts.resume, opts.overwrite)
     try:
         df = _run(opts, m, cond, progress, journal)
     except KeyboardInterrupt:
@@ -146,7 +153,9 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
     png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x))
     files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
-    write_on_main(out, files, overwrite=True)  # replaces `out`, the journal in it with it
+    write_on_main(out, files, opts.overwrite)
+    if shard.is_main():
+        journal.discard()  # after the folder is in place: a failed write can still be resumed
     return ProbeResult(df, summ, meta, m, out)
 
 
