@@ -58,13 +58,17 @@ class AutoBatch:
     start with it.
     """
 
-    def __init__(self, candidates: tuple[int, ...], total: int, per_item: int = 2, known: int | None = None):
+    def __init__(
+        self, candidates: tuple[int, ...], total: int, per_item: int = 2, known: int | None = None,
+        warm_each: bool = False,
+    ) -> None:  # fmt: skip
         self.cands = [c for c in candidates if c <= per_item * total] or [max(2, per_item * total)]
-        self.i, self.warm = 0, False
+        self.complete = len(self.cands) == len(candidates)  # a short run's search is not worth remembering
+        self.i, self.warm, self.warm_each = 0, False, warm_each  # warm_each: a compiled network, new size = compile
         self.rates: dict[int, float] = {}
         self.best: int | None = known
         self.budget, self.spent = SEARCH_SHARE * per_item * total, 0
-        self.searched = False
+        self.searched = False  # a search that ran to its end: remembered
 
     def size(self) -> int:
         return self.best if self.best is not None else self.cands[self.i]
@@ -79,25 +83,38 @@ class AutoBatch:
         self.rates[size] = forwards / max(seconds, 1e-9)
         top = max(self.rates, key=self.rates.__getitem__)
         self.i += 1
+        self.warm = not self.warm_each
         if self.rates[size] < 0.95 * self.rates[top] or self.i >= len(self.cands):
-            self.best, self.searched = top, True
+            self.best, self.searched = top, self.complete and len(self.rates) >= 2
         elif self.spent >= self.budget:
             self.best = top  # out of budget: the best so far, not remembered
 
-    def out_of_memory(self, size: int) -> bool:
-        """An OOM during the search: keep the largest size that ran (True), else back off as usual (False)."""
+    def out_of_memory(self, size: int) -> int:
+        """The size to go on with after an out-of-memory error at ``size``: the fastest that ran if any (the
+        search ends there), else half of it; the search ends either way and nothing is remembered."""
         fitted = [s for s in self.rates if s < size]
-        if self.best is not None or not fitted:
-            return False
-        self.best, self.searched = max(fitted, key=self.rates.__getitem__), True
-        return True
+        self.best = max(fitted, key=self.rates.__getitem__) if fitted else max(2, (size // 2) - (size // 2) % 2)
+        self.searched = False
+        return self.best
+
+
+def _compiled(model: EpsModel) -> bool:
+    return hasattr(model.net, "_torchdynamo_orig_callable")  # torch.compile's wrapper (lipscope.speed)
 
 
 def _batch_key(model: EpsModel, per_item: int) -> str:
+    """What the fastest batch depends on: network (configs, name, sample shape, conditioning and its token
+    count, CFG), device, dtype, threads, FD or JVP, compiled or not, memory format."""
     dev = model.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    cfg = model.conditioning is not None and model.conditioning.guidance_scale is not None
-    return f"{model.config_hash}|{name}|{model.dtype}|{per_item}|{'cfg' if cfg else ''}"
+    c = model.conditioning
+    cond = "" if c is None else f"{c.digest()}|{'cfg' if c.guidance_scale is not None else ''}"
+    convs = [p for p in model.module.parameters() if p.dim() == 4] if model.module is not None else []
+    layout = "cl" if convs and convs[0].is_contiguous(memory_format=torch.channels_last) else ""
+    shape = tuple(model.sample_shape or ())
+    return (
+        f"{model.config_hash}|{model.name}|{shape}|{cond}|{name}|{model.dtype}|{per_item}|{_compiled(model)}|{layout}"
+    )
 
 
 def remembered(model: EpsModel, per_item: int) -> int | None:
@@ -191,16 +208,17 @@ def run_batched(
     previous, interrupted run finished are not computed again.
     """
     bs = resolve_batch_size(batch_size, model, total)
-    auto = None
-    if batch_size == "auto":
-        cands = CUDA_AUTO_CANDIDATES if model.device.type == "cuda" else CPU_AUTO_CANDIDATES
-        auto = AutoBatch(cands, total, inputs_per_item, remembered(model, inputs_per_item))
     stats = stats if stats is not None else RunStats()
     done_idx, done_vals = journal.done(label) if journal is not None else (torch.empty(0, dtype=torch.long), None)
     shard.barrier()  # every process read the same finished items before any writes new ones
     todo = torch.ones(total, dtype=torch.bool)
     todo[done_idx] = False
     mine = shard.split(todo.nonzero().flatten(), max(1, bs // inputs_per_item))
+    auto = None
+    if batch_size == "auto":  # searched on this process's share
+        cands = CUDA_AUTO_CANDIDATES if model.device.type == "cuda" else CPU_AUTO_CANDIDATES
+        known = remembered(model, inputs_per_item)
+        auto = AutoBatch(cands, max(1, mine.numel()), inputs_per_item, known, warm_each=_compiled(model))
     got: list[tuple[torch.Tensor, torch.Tensor]] = []
     start, forwards = 0, 0
     t0 = time.perf_counter()
@@ -215,18 +233,13 @@ def run_batched(
                 try:
                     vals = compute(idx)
                 except (RuntimeError, torch.OutOfMemoryError) as e:
-                    if is_oom(e) and auto is not None and auto.out_of_memory(bs):
-                        log.info("out of memory at batch size %d: keeping %d", bs, auto.size())
-                        if model.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    if is_oom(e) and bs > 2:
-                        bs = max(2, (bs // 2) - (bs // 2) % 2)
-                        log.warning("out of memory: backing off to batch size %d", bs)
-                        if model.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        continue
-                    raise
+                    if not is_oom(e) or bs <= 2:
+                        raise
+                    bs = auto.out_of_memory(bs) if auto is not None else max(2, (bs // 2) - (bs // 2) % 2)
+                    log.warning("out of memory: going on with batch size %d", bs)
+                    if model.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 m = idx.numel()
                 got.append((idx, vals.cpu()))
                 if journal is not None:

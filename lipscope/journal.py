@@ -50,7 +50,7 @@ class Journal:
                 old = json.loads(meta.read_text())
             except (OSError, ValueError) as e:
                 raise InputError(f"`resume`: {meta} is unreadable ({e}); start a new `out`") from e
-            diffs = [k for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k)]
+            diffs = [k for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k) and not k.startswith("_")]
             if diffs:
                 raise InputError(
                     f"`resume`: {out} was started with other {', '.join(diffs)}; use the same options or start a new "
@@ -64,6 +64,7 @@ class Journal:
         elif shard.is_main():
             shutil.rmtree(self.root, ignore_errors=True)  # written with the first finished block
         self._meta = json_bytes(want)
+        self._old = old if resume else want
         shard.barrier()
 
     def done(self, label: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +95,14 @@ class Journal:
                 atomic_write_bytes(self.root / name, npz_bytes(idx=idx.numpy(), vals=vals.numpy()))
         self._buf.clear()
         self._last = time.monotonic()
+
+    def started_with(self, key: str) -> Any:
+        """An option of the run this journal continues (or of this run)."""
+        return self._old.get(key)
+
+    def has_blocks(self) -> bool:
+        """Whether any process kept finished items (then a failed run leaves them for `resume`)."""
+        return any(self.root.glob("*.npz"))
 
     def discard(self) -> None:
         """Remove the journal: the run folder is written, or the run failed on something a rerun would meet."""

@@ -38,25 +38,25 @@ def jvp_norms(
         j, i = idx // n, idx % n
         x = noisy_inputs(model, x0[i], noise[i], t_x[j])
         tt = t_x[j].to(model.device, torch.float64 if model.dtype == torch.float64 else torch.float32)
-        with torch.no_grad():
-            # torch types jvp's result as a 2- or 3-tuple (no overload on has_aux); without has_aux it is 2
-            out, tangent = torch.func.jvp(lambda s: model(x, s, i), (tt,), (torch.ones_like(tt),))  # type: ignore[misc]
+        try:
+            with torch.no_grad():
+                # torch types jvp's result as a 2- or 3-tuple (no overload on has_aux); without has_aux it is 2
+                out, tangent = torch.func.jvp(lambda s: model(x, s, i), (tt,), (torch.ones_like(tt),))  # type: ignore[misc]
+        except (NotImplementedError, RuntimeError) as e:  # only the JVP itself: not the runner, not the gather
+            if is_oom(e):
+                raise
+            raise InputError(
+                f"{model.name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
+                "use `method` fd"
+            ) from e
         check_finite([out, tangent], t_x[j], t_x[j], "output or its t-derivative")
         if not checked[0]:
             checked[0] = True
             _check_tangent_reaches(model, x, tt, tangent, i)
         return torch.linalg.vector_norm(tangent.reshape(idx.numel(), -1).double(), dim=1) * T
 
-    try:
-        with forward_ad_patches(model.module):
-            out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "jvp", journal)
-    except (NotImplementedError, RuntimeError) as e:
-        if is_oom(e):
-            raise
-        raise InputError(
-            f"{model.name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
-            "use `method` fd"
-        ) from e
+    with forward_ad_patches(model.module):
+        out = run_batched(model, n * G, 1, compute, batch_size, progress, stats, "jvp", journal)
     return out.reshape(G, n).T.contiguous()
 
 

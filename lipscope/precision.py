@@ -56,13 +56,15 @@ def cast(model: EpsModel, dtype: torch.dtype) -> Iterator[EpsModel]:
     if dtype == model.dtype:
         yield model
         return
-    saved = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    tensors = [*module.parameters(), *module.buffers()]  # non-persistent buffers too (state_dict skips them)
+    saved = [t.detach().to("cpu", copy=True) for t in tensors]
     module.to(dtype)
     try:
         yield dataclasses.replace(model, dtype=dtype)
     finally:
-        module.to(model.dtype)
-        module.load_state_dict(saved)
+        with torch.no_grad():  # each tensor back to its own dtype and values (mixed-dtype modules stay mixed)
+            for t, v in zip([*module.parameters(), *module.buffers()], saved, strict=True):
+                t.data = v.to(t.device)
 
 
 def rel_err(K: np.ndarray, K_ref: np.ndarray) -> np.ndarray:

@@ -260,6 +260,7 @@ def probe(
     if "fd" in methods:
         check_dt(dt, model.T)
     check_memory(samples, model.sample_shape)
+    check_precision(precision, model)
     if space not in ("time", "condition"):
         raise InputError(f"`space` {space!r}: use time or condition")
     if space == "condition" and (methods != ["fd"] or scheme != "forward"):
@@ -318,7 +319,6 @@ def probe(
     x0 = x0.contiguous()  # memory layout changes kernels and so float32 rounding: one layout for every source
     noise = rng.noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
     stats = RunStats()
-    check_precision(precision, model)
     low = PRECISIONS[precision] if precision is not None else model.dtype
     ref = REFERENCE[precision] if precision is not None else None
     how = (pts, grid, methods, f"fd-{scheme}" if space != "condition" else "fd-condition", batch_size)

@@ -150,7 +150,7 @@ def conditioning_for(
     offline: bool | None = None,
 ) -> Conditioning | None:
     """The conditioning a model is probed / sampled with; a text model given neither prompts nor embeddings gets
-    the empty prompt (unconditional), encoded by its pipeline."""
+    the empty prompt, encoded by its pipeline (SD's unconditional branch; SDXL's is zeros)."""
     fam = family_of_model(model)
     text = fam is not None and fam.conditioned_on == "text"
     if prompts and prompt_embeds:
@@ -179,5 +179,5 @@ def conditioning_for(
                 f"not be encoded: {str(e).removeprefix('`prompt`: ')}"
             ) from e
         if default:
-            source.info["conditioning"] = "the empty prompt (unconditional)"
+            source.info["conditioning"] = "the empty prompt (no text; the pipelines' unconditional branch may differ)"
     return resolve_conditioning(model, class_labels, source, guidance_scale)

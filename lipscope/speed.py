@@ -3,10 +3,11 @@ on CUDA, channels-last weights, and ``torch.compile`` of the network call (``mod
 CUDA graphs where shapes are static).
 
 None changes what is measured, only how fast and with which rounding: TF32 rounds matmul inputs to 10
-mantissa bits, which the FD noise estimate measures in the run (its constant c is measured with the same
-settings). ``torch.compile`` has no forward-mode AD through compiled graphs here, so it is for FD only.
-On CPU, TF32 is a no-op and channels-last / compile run their CPU kernels; on CUDA all three are unmeasured
-until a GPU is lent to this project (docs/performance.md).
+mantissa bits. It is off unless asked for, cuDNN's TF32 convolutions included (torch enables those by
+default); the FD noise estimate measures its constant c with the same settings. ``torch.compile`` has no
+forward-mode AD through compiled graphs here, so it is for FD only. On CPU, TF32 is a no-op and
+channels-last / compile run their CPU kernels; on CUDA all three are unmeasured until a GPU is lent to this
+project (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def accelerated(model: EpsModel, speed: Speed) -> Iterator[EpsModel]:
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     module = model.module
     try:
-        if speed.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # both ways explicitly: cuDNN convolutions default to TF32 in torch, which a float32 probe must not get
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = speed.tf32
         if speed.channels_last:
             if module is None:
                 raise InputError(f"`channels_last` converts the network's weights; {model.name} has no nn.Module")

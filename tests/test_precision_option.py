@@ -86,3 +86,27 @@ def test_cli_precision_is_recorded(tmp_path):
     import pandas as pd
 
     assert pd.read_csv(tmp_path / "r" / "lipschitz.csv")["K_rel_err_est"].notna().all()
+
+
+def test_cast_restores_every_tensor_exactly_with_its_own_dtype():
+    """Parameters, persistent and non-persistent buffers (DiT/PixArt's pos_embed is one), mixed dtypes."""
+    from lipscope.precision import cast
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.register_buffer("pos", torch.linspace(0, 1, 7) + 1e-3, persistent=False)
+            self.register_buffer("steps", torch.arange(5))  # integer: untouched by a float cast
+
+        def forward(self, x, t):
+            return x
+
+    net = Net()
+    net.lin.bias.data = net.lin.bias.data.double()  # a deliberately mixed-dtype module
+    m = from_callable(net, sample_shape=(4,))
+    before = [t.clone() for t in (*net.parameters(), *net.buffers())]
+    with cast(m, torch.bfloat16) as low:
+        assert low.dtype == torch.bfloat16 and net.pos.dtype == torch.bfloat16
+    after = list((*net.parameters(), *net.buffers()))
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(after, before, strict=True))

@@ -196,8 +196,15 @@ def test_autobatch_pays_for_itself_survives_oom_and_is_remembered(tmp_path, monk
     b.record(64, 64, 0.5)
     b.record(128, 128, 0.6)
     b.record(256, 256, 0.9)
-    assert b.out_of_memory(512) and b.best == 256 and b.searched
-    assert not AutoBatch((64,), total=100).out_of_memory(64)  # nothing ran yet: the usual back-off
+    assert b.out_of_memory(512) == 256 and b.best == 256 and not b.searched  # the fastest that fit; not remembered
+    c = AutoBatch((64, 128), total=100, known=64)  # a remembered size that no longer fits: half, for good
+    assert c.out_of_memory(64) == 32 and c.size() == 32
+    short = AutoBatch((8, 16, 32, 64, 128), total=20)  # 40 forwards cut the candidates: never remembered
+    short.record(8, 8, 1.0)
+    short.record(8, 8, 1.0)
+    short.record(16, 16, 1.0)
+    short.record(32, 32, 1.0)
+    assert short.best is not None and not short.searched
     # a finished search is remembered per model, device, dtype and threads, and the next run starts with it
     monkeypatch.setenv("LIPSCOPE_CACHE", str(tmp_path))
     m = from_callable(lambda x, t: x * t[:, None, None, None], sample_shape=(1, 8, 8))
@@ -209,3 +216,22 @@ def test_autobatch_pays_for_itself_survives_oom_and_is_remembered(tmp_path, monk
     sizes = []
     run_batched(m, 100, 2, lambda idx: sizes.append(idx.numel()) or torch.zeros(idx.numel()), "auto")
     assert set(sizes[:-1]) == {size // 2}  # no search: the remembered size from the first batch
+
+
+def test_out_of_memory_under_auto_backs_off_once_and_goes_on(tmp_path, monkeypatch):
+    """A compute that runs out of memory above 4 forwards: auto halves to a size that fits and finishes (it used to
+    go back to the failing size forever)."""
+    from lipscope.batching import run_batched
+
+    monkeypatch.setenv("LIPSCOPE_CACHE", str(tmp_path))
+    m = from_callable(lambda x, t: x, sample_shape=(1, 8, 8))
+    calls = []
+
+    def compute(idx):
+        calls.append(idx.numel())
+        if 2 * idx.numel() > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.zeros(idx.numel(), dtype=torch.float64)
+
+    out = run_batched(m, 50, 2, compute, "auto")
+    assert out.shape == (50,) and len(calls) < 40 and max(calls[-5:]) <= 2

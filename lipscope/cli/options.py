@@ -77,7 +77,7 @@ PROMPT = typer.Option(
     None,
     "--prompt",
     help="Prompt for a text-conditioned model, encoded by the pipeline's own text encoders (repeatable; cycled "
-    "over the samples; needs transformers). Default: the empty prompt (unconditional).",
+    "over the samples; needs transformers). Default: the empty prompt.",
 )
 PROMPT_FILE = typer.Option(None, "--prompt-file", help="Text file with one prompt per line (after --prompt).")
 NEGATIVE_PROMPT = typer.Option(

@@ -13,13 +13,17 @@ is classifier-free guidance against the ``negative_`` embeddings (FluxPipeline's
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
 
 from ..conditioning import Conditioning
+from ..errors import InputError
 from ..models import EpsModel, from_module
-from .embeds import call_default, negatives, pooled_branch, text_conditioning
+from .embeds import EncodedPrompts, call_default, negatives, pooled_branch, text_conditioning
+
+log = logging.getLogger("lipscope")
 
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline.__call__'s guidance_scale default
 DEFAULT_LATENT_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px through the 8× autoencoder
@@ -76,6 +80,11 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
         )[0]
         return unpack(out, h, w)
 
+    if dtype in ("bfloat16", "float16", torch.bfloat16, torch.float16):
+        log.warning(
+            "%s: FluxTransformer2DModel casts the timestep to the model's dtype (%s): FD differences of nearby t "
+            "are quantised; use `method` jvp or float32 for FD", name, dtype,
+        )  # fmt: skip
     channels = int(transformer.config.in_channels) // 4
     shape = (channels, DEFAULT_LATENT_SIZE, DEFAULT_LATENT_SIZE)  # the autoencoder's size replaces it (loading)
     return from_module(transformer, net, scheduler_config, shape, name, device, dtype)
@@ -88,6 +97,11 @@ def conditioning(
     keys = ("prompt_embeds", "pooled_prompt_embeds")
     if not model.config.get("guidance_embeds"):  # schnell: guidance_scale is true CFG on the negative prompt
         return text_conditioning(model, prompt_embeds, guidance_scale, other, keys, dim, pooled_branch)
+    if isinstance(prompt_embeds, EncodedPrompts) and prompt_embeds.info.get("negative_prompt") is not None:
+        raise InputError(
+            f"`model` {model.name} is guidance-distilled (guidance_embeds): it has no negative branch; leave out "
+            "`negative_prompt` (`guidance_scale` is its guidance input)"
+        )
     g = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
     c = text_conditioning(model, prompt_embeds, None, other, keys, dim, pooled_branch)
     return dataclasses.replace(

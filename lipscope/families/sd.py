@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..conditioning import Conditioning
+from ..errors import InputError
 from ..models import EpsModel, from_module
 from .embeds import text_conditioning
 
@@ -41,6 +42,13 @@ def encode(pipe: Any, prompts: list[str], negative: str | None, device) -> dict[
 
 
 def build(unet: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
+    cin, cout = unet.config.get("in_channels"), unet.config.get("out_channels")
+    if cin != cout:  # inpainting (9 → 4), depth or instruct UNets take extra image channels
+        raise InputError(
+            f"`model` {name}: its UNet takes {cin} input channels for {cout} output channels (an inpainting, depth "
+            "or image-conditioned UNet); lipscope probes text-to-image UNets"
+        )
+
     def net(x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, **added: Any) -> torch.Tensor:
         return unet(x, c, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None).sample
 

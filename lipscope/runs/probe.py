@@ -89,8 +89,10 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
-    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
-    kept = (journal_dir(out) / "options.json").is_file()  # checked again by the Journal; here before any loading
+    kept = (journal_dir(opts.out) / "options.json").is_file()  # checked again by the Journal; here before loading
+    # a resumed run may replace `out` if the run it continues was allowed to (its `overwrite`)
+    consent = kept and opts.resume and bool(_json_or_empty(journal_dir(opts.out) / "options.json").get("_overwrite"))
+    out = check_out_dir(opts.out, overwrite=opts.overwrite or consent, inputs=reads)
     if kept != opts.resume and not opts.overwrite:
         raise InputError(
             f"`out` {out} has an interrupted run ({journal_dir(out)}); continue it with `resume`, or pass `overwrite`"
@@ -113,14 +115,18 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     check_t_split(opts.t_split, m.T)
     key = {k: v for k, v in asdict(opts).items() if k not in RESUMABLE}
     key |= {"config_hash": m.config_hash, "conditioning": cond.digest() if cond is not None else None}
+    key["_overwrite"] = opts.overwrite  # not compared on resume: the consent to replace `out`
     journal = Journal(out, key, opts.resume, opts.overwrite)
     try:
         df = _run(opts, m, cond, progress, journal)
     except KeyboardInterrupt:
         raise  # the finished blocks stay: `resume` continues from them
-    except BaseException:
-        if not opts.resume and shard.is_main():
-            journal.discard()  # bad input or a failing model: no half-written output
+    except BaseException as e:
+        if not journal.has_blocks():  # nothing finished (bad input, a failing model): nothing left behind
+            if shard.is_main():
+                journal.discard()
+        elif isinstance(e, InputError):
+            raise InputError(f"{e}; the finished items are kept: fix that and rerun with `resume`") from e
         raise
     summ = summary(df, m.T, opts.t_split)
     wall = time.time() - start
@@ -153,7 +159,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
     png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x))
     files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
-    write_on_main(out, files, opts.overwrite)
+    write_on_main(out, files, opts.overwrite or bool(journal.started_with("_overwrite")))
     if shard.is_main():
         journal.discard()  # after the folder is in place: a failed write can still be resumed
     return ProbeResult(df, summ, meta, m, out)
@@ -187,6 +193,14 @@ def _call(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journa
         journal=journal,
         precision=opts.precision,
     )
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}
 
 
 def read_probe_run(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
