@@ -277,3 +277,16 @@ def test_dit_from_an_offline_hub_cache_under_its_real_id(folders, tmp_path, monk
     a = probe(hub, "digits", timesteps="0,10", samples=2, conditioning=cond, batch_size=4)
     b = probe(local, "digits", timesteps="0,10", samples=2, conditioning=cond, batch_size=4)
     np.testing.assert_array_equal(a["K_mean"], b["K_mean"])
+
+
+def test_pipelines_that_reuse_a_wrapped_denoiser_class_are_refused_by_name():
+    """DeepFloyd IF and Kandinsky use UNet2DConditionModel with other inputs: refused, never wrapped as SD."""
+    from lipscope.families import pipeline_denoiser
+
+    for cls in ("IFPipeline", "KandinskyV22Pipeline", "StableDiffusionUpscalePipeline"):
+        with pytest.raises(InputError, match=f"is a {cls}, whose UNet2DConditionModel is fed other inputs"):
+            pipeline_denoiser({"_class_name": cls, "unet": ["diffusers", "UNet2DConditionModel"]}, "x")
+    for cls in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        assert (
+            pipeline_denoiser({"_class_name": cls, "unet": ["diffusers", "UNet2DConditionModel"]}, "x")[0].name == "sd"
+        )

@@ -187,15 +187,11 @@ def test_flux_samples_on_the_pipelines_shifted_sigmas(text):
 
 
 def test_the_empty_prompt_is_the_default_and_a_hub_cache_entry_encodes_offline(text, tmp_path, monkeypatch):
-    """No prompt: the empty prompt, encoded by the pipeline (recorded as unconditional); the folder laid out as a
+    """No prompt: the empty prompt, encoded by the pipeline (recorded as such); the folder laid out as a
     Hugging Face cache entry under its real id loads and encodes offline, through the hub code path."""
-    import shutil
+    from test_models import _hf_cache
 
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    base = tmp_path / "hub" / "models--runwayml--stable-diffusion-v1-5"
-    shutil.copytree(text["sd"], base / "snapshots" / rev)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text(rev)
+    _hf_cache(tmp_path / "hub", "runwayml/stable-diffusion-v1-5", text["sd"], flat=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

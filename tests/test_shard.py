@@ -53,20 +53,25 @@ def _same_numbers(a: pd.DataFrame, b: pd.DataFrame) -> None:
 def interrupted(tmp_path, monkeypatch, one_thread):
     """An uninterrupted probe, and the same probe stopped by Ctrl-C after two FD batches."""
     full = run_probe(_opts(tmp_path, "full"))
-    mod = sys.modules["lipscope.probe"]  # the module (`lipscope.probe` is the function)
-    real, calls = mod.fd_pair, [0]
-
-    def stopping(*a, **k):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(mod, "fd_pair", stopping)
+    _fail_at_call(monkeypatch, 3, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         run_probe(_opts(tmp_path, "cut"))
     monkeypatch.undo()
     return full
+
+
+def _fail_at_call(monkeypatch, n: int, exc) -> None:
+    """The probe's FD pair evaluation raises ``exc`` from its n-th call on (after n − 1 finished batches)."""
+    mod = sys.modules["lipscope.probe"]  # the module (`lipscope.probe` is the function)
+    real, calls = mod.fd_pair, [0]
+
+    def failing(*a, **k):
+        calls[0] += 1
+        if calls[0] >= n:
+            raise exc
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "fd_pair", failing)
 
 
 def test_resume_gives_the_uninterrupted_table(tmp_path, interrupted):
@@ -147,33 +152,16 @@ def test_an_interrupted_overwrite_resumes_and_a_late_failure_keeps_the_work(tmp_
     the journal). A failure after items were finished keeps them and says so."""
     run_probe(_opts(tmp_path, "o"))
     first = (tmp_path / "o" / "lipschitz.csv").read_text()
-    mod = sys.modules["lipscope.probe"]
-    real, calls = mod.fd_pair, [0]
-
-    def stopping(*a, **k):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(mod, "fd_pair", stopping)
+    _fail_at_call(monkeypatch, 3, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         run_probe(_opts(tmp_path, "o", overwrite=True, seed=1))
     assert (tmp_path / "o" / "lipschitz.csv").read_text() == first  # untouched until written whole
-    monkeypatch.setattr(mod, "fd_pair", real)
+    monkeypatch.undo()
     run_probe(_opts(tmp_path, "o", resume=True, seed=1))
     run_probe(_opts(tmp_path, "fresh", seed=1))
     _same_numbers(pd.read_csv(tmp_path / "o" / "lipschitz.csv"), pd.read_csv(tmp_path / "fresh" / "lipschitz.csv"))
     assert json.loads((tmp_path / "o" / "run.json").read_text())["seed"] == 1
-
-    def failing(*a, **k):
-        calls[0] += 1
-        if calls[0] >= 3:
-            raise InputError("`model` went wrong")
-        return real(*a, **k)
-
-    calls[0] = 0
-    monkeypatch.setattr(mod, "fd_pair", failing)
+    _fail_at_call(monkeypatch, 3, InputError("`model` went wrong"))
     with pytest.raises(InputError, match="went wrong; the finished items are kept: fix that and rerun with `resume`"):
         run_probe(_opts(tmp_path, "late"))
     assert (tmp_path / ".late.partial").is_dir() and not (tmp_path / "late").exists()

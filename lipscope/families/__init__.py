@@ -45,6 +45,11 @@ __all__ = ["FAMILIES", "EncodedPrompts", "Family", "family_of_class", "family_of
            "pipeline_denoiser", "resolve_conditioning", "supported"]  # fmt: skip
 
 
+# pipelines whose denoiser class a family wraps but whose conditioning or inputs differ (DeepFloyd IF's cascaded
+# pixel UNets and T5 call, Kandinsky's image embeddings, SD's upscaler): refused by name, not mis-wrapped
+FOREIGN_PIPELINES = ("IF", "Kandinsky", "StableDiffusionUpscale", "StableDiffusionLatentUpscale", "StableUnCLIP")
+
+
 def family_of_class(cls: str | None) -> Family | None:
     return next((f for f in FAMILIES if cls in f.classes), None)
 
@@ -62,10 +67,17 @@ def pipeline_denoiser(index: dict[str, Any], where: str) -> tuple[Family, str]:
     comps = {
         k: v[1] for k in ("unet", "transformer", "prior") if isinstance(v := index.get(k), list | tuple) and len(v) == 2
     }
+    pipe = str(index.get("_class_name") or "")
+    other = pipe.startswith(FOREIGN_PIPELINES)  # a denoiser class a family wraps, in a pipeline it does not
     for comp, cls in comps.items():
         fam = family_of_class(cls)
-        if fam is not None:
+        if fam is not None and not other:
             return fam, comp
+    if other:
+        raise InputError(
+            f"`model` {where} is a {pipe}, whose {', '.join(comps.values())} is fed other inputs than the families "
+            f"lipscope wraps ({supported()}); wrap it as `model` py:module:factory"
+        )
     raise InputError(
         f"`model` {where} is a {index.get('_class_name', 'pipeline')} "
         f"({', '.join(f'{k}: {v}' for k, v in comps.items()) or 'no unet or transformer component'}), which "
