@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .metrics import fid_inception, frechet_distance, sliced_wasserstein
+from .metrics import fid_inception, frechet_distance, kid, sliced_wasserstein
 from .models import EpsModel
 from .sampling import sample
 from .zoo import digits_features, load_digits_classifier
 
-METRICS = ("fd_pixel", "fd_digits", "swd_pixel")
+METRICS = ("fd_pixel", "fd_digits", "kid_digits", "swd_pixel")
 
 
 def evaluate_models(
@@ -44,6 +44,8 @@ def evaluate_models(
                     if m.latent is not None:  # metrics on images: latents decoded as the pipeline does
                         x = m.latent.decode(x)
                     fid = fid_inception(x, reference, inception_weights) if inception_weights else None
+                    feat = digits_features(x, net)
+                    kid_mean, kid_std = kid(feat, ref_feat, subsets=100, subset_size=1000, seed=seed)
                     rows.append(
                         {
                             "model": name,
@@ -52,7 +54,9 @@ def evaluate_models(
                             "seed": seed,
                             "num": num,
                             "fd_pixel": frechet_distance(x.reshape(num, -1).double().numpy(), ref_flat),
-                            "fd_digits": frechet_distance(digits_features(x, net), ref_feat),
+                            "fd_digits": frechet_distance(feat, ref_feat),
+                            "kid_digits": kid_mean,  # unbiased: comparable at small num, unlike FD
+                            "kid_digits_subset_std": kid_std,
                             "swd_pixel": sliced_wasserstein(x.reshape(num, -1).numpy(), ref_flat, seed=seed),
                             "fid": np.nan if fid is None else fid,
                             "fid_available": fid is not None,

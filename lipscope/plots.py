@@ -123,7 +123,7 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
 
 
 @_themed
-def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "fd_pixel", "swd_pixel")):
+def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "kid_digits", "fd_pixel", "swd_pixel")):
     """Metric vs number of sampling steps, one panel per metric, a line per (model, scheduler)."""
     fig = Figure(figsize=(4.2 * len(metrics), 3.8), dpi=110)
     axes = fig.subplots(1, len(metrics))

@@ -90,8 +90,8 @@ def evaluate(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, digits-classifier
-    features), sliced Wasserstein, FID when Inception weights are available. Writes eval.csv,
-    eval_summary.csv, eval.png."""
+    features), KID (digits features; unbiased at small --num), sliced Wasserstein, FID when Inception
+    weights are available. Writes eval.csv, eval_summary.csv, eval.png."""
     setup_logging(verbose)
     from ..runs import EvaluateOptions, run_evaluate
 
@@ -112,7 +112,7 @@ def evaluate(
         )
     )
     tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")
-    for c in ("model", "scheduler", "steps", "FD digits", "FD pixel", "SWD", "FID"):
+    for c in ("model", "scheduler", "steps", "FD digits", "KID digits", "FD pixel", "SWD", "FID"):
         tab.add_column(c)
     for _, r in res.summary.iterrows():
         fid = f"{r['fid_mean']:.3g}" if res.fid_ok else "unavailable"
@@ -121,6 +121,7 @@ def evaluate(
             r["scheduler"],
             str(r["steps"]),
             f"{r['fd_digits_mean']:.3g} ± {r['fd_digits_std']:.2g}",
+            f"{r['kid_digits_mean']:.3g} ± {r['kid_digits_std']:.2g}",
             f"{r['fd_pixel_mean']:.3g} ± {r['fd_pixel_std']:.2g}",
             f"{r['swd_pixel_mean']:.3g} ± {r['swd_pixel_std']:.2g}",
             fid,
