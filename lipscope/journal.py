@@ -31,6 +31,28 @@ def journal_dir(out: str | Path) -> Path:
     return p.parent / f".{p.name}.partial"
 
 
+def interrupted(out: str | Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The options of the interrupted run of ``out`` that a ``resume`` continues (None for a fresh run); refuses
+    a fresh run over a journal (unless ``overwrite``) and a ``resume`` without one."""
+    meta = journal_dir(out) / "options.json"
+    if not resume:
+        if meta.is_file() and not overwrite:
+            raise InputError(
+                f"`out` {out} has an interrupted run ({meta.parent}); continue it with `resume`, or pass `overwrite` "
+                "to start again"
+            )
+        return None
+    if not meta.is_file():
+        raise InputError(f"`resume`: there is no interrupted run of {out} to continue; leave out `resume`")
+    try:
+        old = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"`resume`: {meta} is unreadable ({e}); start a new `out`") from e
+    if not isinstance(old, dict):
+        raise InputError(f"`resume`: {meta} is not a lipscope journal; start a new `out`")
+    return old
+
+
 class Journal:
     """The blocks of finished items of one run folder (see the module docstring)."""
 
@@ -42,29 +64,18 @@ class Journal:
         self._buf: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._last = time.monotonic()
         want = json.loads(json_bytes(key))
-        meta = self.root / "options.json"
-        if resume:
-            if not meta.is_file():
-                raise InputError(f"`resume`: there is no interrupted run of {out} to continue; leave out `resume`")
-            try:
-                old = json.loads(meta.read_text())
-            except (OSError, ValueError) as e:
-                raise InputError(f"`resume`: {meta} is unreadable ({e}); start a new `out`") from e
+        old = interrupted(out, resume, overwrite)
+        if old is not None:
             diffs = [k for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k) and not k.startswith("_")]
             if diffs:
                 raise InputError(
                     f"`resume`: {out} was started with other {', '.join(diffs)}; use the same options or start a new "
                     "`out`"
                 )
-        elif meta.is_file() and not overwrite:
-            raise InputError(
-                f"`out` {out} has an interrupted run ({self.root}); continue it with `resume`, or pass `overwrite` "
-                "to start again"
-            )
         elif shard.is_main():
             shutil.rmtree(self.root, ignore_errors=True)  # written with the first finished block
         self._meta = json_bytes(want)
-        self._old = old if resume else want
+        self._old = old if old is not None else want
         shard.barrier()
 
     def done(self, label: str) -> tuple[torch.Tensor, torch.Tensor]:

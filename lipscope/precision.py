@@ -51,11 +51,11 @@ def guard_samples(n: int) -> np.ndarray:
 @contextlib.contextmanager
 def cast(model: EpsModel, dtype: torch.dtype) -> Iterator[EpsModel]:
     """``model`` with its weights in ``dtype`` for the block; the original weights are put back exactly."""
-    module = model.module
-    assert module is not None
     if dtype == model.dtype:
         yield model
         return
+    module = model.module
+    assert module is not None
     tensors = [*module.parameters(), *module.buffers()]  # non-persistent buffers too (state_dict skips them)
     saved = [t.detach().to("cpu", copy=True) for t in tensors]
     module.to(dtype)

@@ -16,7 +16,6 @@ timesteps (common random numbers), so results do not depend on the batch size or
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -326,8 +325,8 @@ def probe(
     K_ref: list[np.ndarray] = []
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
         with cast(model, ref) as mref:
-            K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None)[1]
-    with cast(model, low) if low != model.dtype else contextlib.nullcontext(model) as m:
+            K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None, tabulate=False)[1]
+    with cast(model, low) as m:  # as it is without `precision`
         tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
     for i, tab in enumerate(tables):
         tab["K_rel_err_est"] = rel_err(Ks[i][guard], K_ref[i]) if guard is not None else np.nan
@@ -355,21 +354,23 @@ def probe(
     return df
 
 
-def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, journal: Journal | None):
-    """(tables, per-sample K matrices) of the requested methods: FD rows, then JVP rows."""
+def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, journal, tabulate: bool = True):
+    """(tables, per-sample K) of the methods, FD then JVP; ``tabulate`` False: K alone (the guard's reference)."""
     pts, grid, methods, fd_name, batch_size = how
     T, D = model.T, math.prod(x0.shape[1:])
     tables, Ks = [], []
     if "fd" in methods:
         norms, scale = fd_norms(model, x0, noise, pts, batch_size, progress, stats, journal)
         Ks.append(norms.numpy() / (pts.dt / T)[None, :])
+    if "fd" in methods and tabulate:
         stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
         noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
         tables.append(k_table(model, pts, Ks[-1], fd_name, D, noise_K))
     if "jvp" in methods:
         jst = RunStats()
         Ks.append(jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy())
-        tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
+        if tabulate:
+            tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
         stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
         if "fd" not in methods:
             stats.forwards, stats.seconds, stats.batch_size = jst.forwards, jst.seconds, jst.batch_size

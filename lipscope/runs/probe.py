@@ -17,7 +17,7 @@ from .. import shard
 from ..data import check_data_range
 from ..errors import InputError
 from ..etsdm import Etsdm
-from ..journal import Journal, journal_dir
+from ..journal import Journal, interrupted
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
@@ -89,16 +89,10 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
-    kept = (journal_dir(opts.out) / "options.json").is_file()  # checked again by the Journal; here before loading
+    prior = interrupted(opts.out, opts.resume, opts.overwrite)  # checked before loading (and by the Journal)
     # a resumed run may replace `out` if the run it continues was allowed to (its `overwrite`)
-    consent = kept and opts.resume and bool(_json_or_empty(journal_dir(opts.out) / "options.json").get("_overwrite"))
+    consent = bool(prior and prior.get("_overwrite"))
     out = check_out_dir(opts.out, overwrite=opts.overwrite or consent, inputs=reads)
-    if kept != opts.resume and not opts.overwrite:
-        raise InputError(
-            f"`out` {out} has an interrupted run ({journal_dir(out)}); continue it with `resume`, or pass `overwrite`"
-            if kept
-            else f"`resume`: there is no interrupted run of {out} to continue; leave out `resume`"
-        )
     opts = opts.resolved()
     with main_lock(out):
         return _probe(opts, out, progress)
@@ -169,38 +163,26 @@ def _run(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal
     speed = Speed(opts.tf32, opts.channels_last, opts.compile)
     speed.check(opts.method.split(","))
     with accelerated(m, speed) as fast:
-        return _call(opts, fast, cond, progress, journal)
-
-
-def _call(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal) -> pd.DataFrame:
-    return probe(
-        m,
-        str(opts.data),
-        timesteps=opts.timesteps,
-        dt=opts.dt,
-        scheme=opts.scheme,
-        method=opts.method,
-        space=opts.space,
-        samples=opts.samples,
-        seed=opts.seed,
-        batch_size=opts.batch_size,
-        progress=progress,
-        cache_dir=str(lio.user_cache_dir() / "samples"),
-        data_range=opts.data_range,
-        allow_noise_limited=opts.allow_noise_limited,
-        target=opts.target,
-        conditioning=cond,
-        journal=journal,
-        precision=opts.precision,
-    )
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    try:
-        v = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return v if isinstance(v, dict) else {}
+        return probe(
+            fast,
+            str(opts.data),
+            timesteps=opts.timesteps,
+            dt=opts.dt,
+            scheme=opts.scheme,
+            method=opts.method,
+            space=opts.space,
+            samples=opts.samples,
+            seed=opts.seed,
+            batch_size=opts.batch_size,
+            progress=progress,
+            cache_dir=str(lio.user_cache_dir() / "samples"),
+            data_range=opts.data_range,
+            allow_noise_limited=opts.allow_noise_limited,
+            target=opts.target,
+            conditioning=cond,
+            journal=journal,
+            precision=opts.precision,
+        )
 
 
 def read_probe_run(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
