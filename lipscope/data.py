@@ -11,7 +11,8 @@ Sources (``load_data(spec, …)``):
     L or RGB to match its channels, pixels 0..255 → [lo, hi];
   * ``.npy`` / ``.npz`` / ``.pt`` arrays, NCHW or NHWC: uint8 0..255 → [lo, hi]; float (and other
     integer) values kept as they are if inside [lo, hi], else refused;
-  * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``).
+  * ``hf:NAME[:split]``: a hub or local Hugging Face dataset (``pip install lipscope[hf]``);
+  * ``patches[:SIZE[:SCALE]]``: RGB (or L) tiles of the photos bundled with scikit-learn (:mod:`lipscope.patches`).
 
 Data sources are static: none calls a network (``model`` is the probe's: :func:`lipscope.sampling.model_samples`).
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import rng
+from . import patches, rng
 from .errors import InputError
 
 log = logging.getLogger("lipscope")
@@ -99,13 +100,6 @@ def choose_indices(available: int, n: int | None, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # conversion helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _resize(x: torch.Tensor, hw: tuple[int, int], clamp: DataRange) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(hw):
-        return x
-    y = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
-    return y if clamp is None else y.clamp(*clamp)
 
 
 def _match_channels(x: torch.Tensor, c: int, what: str) -> torch.Tensor:
@@ -332,8 +326,7 @@ def load_data_with_scaling(
     if n is not None and n < 1:
         raise InputError(f"the number of samples must be ≥ 1 (got {n})")
     data_range = check_data_range(data_range)
-    c = sample_shape[0] if sample_shape else None
-    hw = tuple(sample_shape[1:]) if sample_shape else None
+    c, hw = (sample_shape[0], tuple(sample_shape[1:])) if sample_shape else (None, None)
     if isinstance(spec, (np.ndarray, torch.Tensor)):
         a = spec.detach().cpu().numpy() if isinstance(spec, torch.Tensor) else spec
         a = to_nchw(np.asarray(a), c, "data array")
@@ -350,6 +343,10 @@ def load_data_with_scaling(
         a = digits_codes()
         y, how = map_codes(a[choose_indices(a.shape[0], n, seed)], 16, data_range, "`data` digits", "digits")
         return _finish(torch.from_numpy(y), c, hw, "digits", resize=True, clamp=data_range), how
+    if spec == "patches" or spec.startswith("patches:"):
+        a = patches.patches_from_spec(spec, grey=c == 1)  # greyed like image folders (PIL's L) for 1-channel models
+        y, how = map_codes(a[choose_indices(a.shape[0], n, seed)], 255, data_range, f"`data` {spec}", "images")
+        return _finish(torch.from_numpy(y), c, hw, f"`data` {spec}", resize=True, clamp=data_range), how
     if spec.startswith("hf:"):
         if c is None or hw is None:  # both come from sample_shape
             raise InputError("`data` hf:… needs a model with a known sample size")
@@ -361,7 +358,8 @@ def load_data_with_scaling(
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(
-            f"`data` {spec}: no such file or folder; use digits, model, hf:NAME, an image folder or an array file"
+            f"`data` {spec}: no such file or folder; "
+            "use digits, patches, model, hf:NAME, an image folder or an array file"
         )
     if path.is_dir():
         if c is None or hw is None:  # both come from sample_shape
@@ -395,5 +393,6 @@ def _finish(x: torch.Tensor, c: int | None, hw, what: str, resize: bool, clamp: 
             raise InputError(
                 f"{what}: samples are {tuple(x.shape[-2:])} but the model takes {tuple(hw)}; resize the data"
             )
-        x = _resize(x, hw, clamp)
+        x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+        x = x if clamp is None else x.clamp(*clamp)
     return x

@@ -69,7 +69,7 @@ def probe(
         None,
         "--data",
         "-d",
-        help="digits, model, hf:NAME[:split], an image folder or a .npy/.npz/.pt file. "
+        help="digits, patches[:SIZE[:SCALE]], model, hf:NAME[:split], an image folder or a .npy/.npz/.pt file. "
         "Default: the built-in's data, else samples of the model.",
     ),
     out_dir: Path = typer.Option(
