@@ -78,6 +78,15 @@ def evaluate(
     inception_weights: str | None = typer.Option(
         None, "--inception-weights", help="Local Inception weights for FID (torchmetrics, extra 'fid')."
     ),
+    features: str = typer.Option(
+        "digits",
+        "--features",
+        help="Feature space of FD/KID: digits (the built-in digits classifier), a local transformers vision-model "
+        "folder such as DINOv2 or CLIP, or py:module:factory (factory() returns images → features).",
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow full unpickling of .pt/.bin checkpoints (runs code from the file)."
+    ),
     device: str = typer.Option("auto", "--device", parser=DEVICE),
     out_dir: Path = typer.Option(Path("runs/eval"), "--out", "-o"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
@@ -89,9 +98,10 @@ def evaluate(
     guidance_scale: float | None = GUIDANCE_SCALE,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, digits-classifier
-    features), KID (digits features; unbiased at small --num), sliced Wasserstein, FID when Inception
-    weights are available. Writes eval.csv, eval_summary.csv, eval.png."""
+    """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, --features: the
+    digits classifier by default), KID (same features; unbiased at small --num), sliced Wasserstein, FID
+    when Inception weights are available, and the per-seed differences model − baseline with t intervals.
+    Writes eval.csv, eval_summary.csv, eval_paired.csv (with a baseline), eval.png."""
     setup_logging(verbose)
     from ..runs import EvaluateOptions, run_evaluate
 
@@ -105,14 +115,17 @@ def evaluate(
             num=num,
             seeds=seeds,
             inception_weights=inception_weights,
+            features=features,
+            trust_pickle=trust_pickle,
             device=device,
             out=str(out_dir),
             overwrite=overwrite,
             **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
         )
     )
+    name = res.features.name if res.features is not None else "digits"
     tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")
-    for c in ("model", "scheduler", "steps", "FD digits", "KID digits", "FD pixel", "SWD", "FID"):
+    for c in ("model", "scheduler", "steps", f"FD {name}", f"KID {name}", "FD pixel", "SWD", "FID"):
         tab.add_column(c)
     for _, r in res.summary.iterrows():
         fid = f"{r['fid_mean']:.3g}" if res.fid_ok else "unavailable"
@@ -120,11 +133,30 @@ def evaluate(
             r["model"],
             r["scheduler"],
             str(r["steps"]),
-            f"{r['fd_digits_mean']:.3g} ± {r['fd_digits_std']:.2g}",
-            f"{r['kid_digits_mean']:.3g} ± {r['kid_digits_std']:.2g}",
+            f"{r[f'fd_{name}_mean']:.3g} ± {r[f'fd_{name}_std']:.2g}",
+            f"{r[f'kid_{name}_mean']:.3g} ± {r[f'kid_{name}_std']:.2g}",
             f"{r['fd_pixel_mean']:.3g} ± {r['fd_pixel_std']:.2g}",
             f"{r['swd_pixel_mean']:.3g} ± {r['swd_pixel_std']:.2g}",
             fid,
         )
     if shard.is_main():
         out.print(tab)
+        if res.paired is not None and len(res.paired):
+            out.print(_paired_table(res.paired))
+        out.print(f"note: {res.meta['comparability']}", highlight=False, soft_wrap=True)
+
+
+def _paired_table(paired) -> Table:
+    """model − baseline per seed: mean, t interval (none from one seed), seeds where the model is lower."""
+    conf = f"{100 * float(paired['confidence'].iloc[0]):g}%"
+    tab = Table(
+        title=f"model − baseline, paired by seed (mean, {conf} t interval; lower is better)", title_justify="left"
+    )
+    for c in ("model", "scheduler", "steps", "metric", "Δ mean", f"{conf} CI", "model lower"):
+        tab.add_column(c)
+    for _, r in paired.iterrows():
+        n = int(r["n"])
+        ci = f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]" if n > 1 else "none (1 seed)"
+        better = f"{round(r['frac_better'] * n)}/{n} seeds"
+        tab.add_row(r["model"], r["scheduler"], str(r["steps"]), r["metric"], f"{r['diff_mean']:+.3g}", ci, better)
+    return tab

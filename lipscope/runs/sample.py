@@ -12,7 +12,8 @@ import pandas as pd
 from .. import io as lio
 from ..data import load_data
 from ..errors import InputError
-from ..evaluate import evaluate_models, summarize_eval
+from ..evaluate import evaluate_models, metric_names, paired_differences, summarize_eval
+from ..features import FeatureSpace, load_features
 from ..loading import load_model
 from ..plots import figure_png, plot_eval
 from ..sampling import SAMPLERS, image_grid, png_bytes, sample
@@ -79,6 +80,8 @@ class EvaluateOptions(ConditioningOptions):
     num: int = 500
     seeds: int = 3
     inception_weights: str | None = None
+    features: str = "digits"  # digits, a transformers vision-model folder (DINOv2, CLIP, …) or py:module:factory
+    trust_pickle: bool = False  # full unpickling of .pt/.bin weights (models and feature extractor)
     device: str = "auto"
     out: str = "runs/eval"
     overwrite: bool = False
@@ -90,6 +93,8 @@ class EvaluateResult:
     summary: pd.DataFrame
     meta: dict[str, Any]
     fid_ok: bool
+    paired: pd.DataFrame | None = None  # model − baseline per seed (eval_paired.csv); None without a baseline
+    features: FeatureSpace | None = None
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
@@ -107,16 +112,20 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise InputError(
                 "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
             ) from None
+    feature_reads = () if opts.features == "digits" or opts.features.startswith("py:") else (opts.features,)
     out = check_out_dir(
-        opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.baseline, opts.data, *opts.conditioning_reads())
+        opts.out,
+        overwrite=opts.overwrite,
+        inputs=(opts.model, *opts.baseline, opts.data, *feature_reads, *opts.conditioning_reads()),
     )
+    space = load_features(opts.features, trust_pickle=opts.trust_pickle, device=opts.device)
     with main_lock(out):
         specs = {"model": opts.model}
         for i, b in enumerate(opts.baseline):
             specs["baseline" if i == 0 else f"baseline{i + 1}"] = b
         models = {}
         for k, spec in specs.items():  # every model with the same conditioning (prompts encoded by its pipeline)
-            m = load_model(spec, device=opts.device)
+            m = load_model(spec, device=opts.device, trust_pickle=opts.trust_pickle)
             cond = opts.conditioning(m, spec)
             models[k] = dataclasses.replace(m, conditioning=cond) if cond is not None else m
         shapes = {k: _image_shape(m) for k, m in models.items()}
@@ -126,6 +135,9 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
                 "compare models of one image size"
             )
         ref = load_data(opts.data, None, 0, shapes["model"])
+        probe = space(ref[:2])  # the extractor runs on these images (one line if not) before any sampling
+        if space.dimension is None:
+            space = dataclasses.replace(space, dimension=int(probe.shape[1]))
         df = evaluate_models(
             models,
             ref,
@@ -134,15 +146,26 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             num=opts.num,
             seeds=list(range(opts.seeds)),
             inception_weights=opts.inception_weights,
+            features=space,
         )
         df.insert(1, "spec", df["model"].map(specs))
         summ = summarize_eval(df)
+        paired = paired_differences(df, "baseline") if opts.baseline else None
         fid_ok = bool(df["fid_available"].any())
         meta = {
             "command": "evaluate",
             "options": asdict(opts),
             "fid": "computed" if fid_ok else "unavailable (no local Inception weights)",
             "reference_size": int(len(ref)),
+            "features": {
+                "spec": opts.features,
+                "name": space.name,
+                "kind": space.kind,
+                "dim": space.dimension,
+                "sha256": space.sha256,
+                "preprocessing": space.preprocessing,
+            },
+            "comparability": comparability_note(space, opts.num, opts.data),
             "conditioning": {k: _cond_info(m) for k, m in models.items()},
             "space": {
                 k: m.latent.describe() if m.latent is not None else {"space": "pixel"} for k, m in models.items()
@@ -152,11 +175,22 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         files = {
             "eval.csv": lio.csv_bytes(df),
             "eval_summary.csv": lio.csv_bytes(summ),
-            "eval.png": figure_png(plot_eval(summ)),
+            "eval.png": figure_png(plot_eval(summ, metric_names(space.name))),
             "run.json": lio.json_bytes(meta),
         }
+        if paired is not None:
+            files["eval_paired.csv"] = lio.csv_bytes(paired)
         write_on_main(out, files, opts.overwrite)
-        return EvaluateResult(df, summ, meta, fid_ok)
+        return EvaluateResult(df, summ, meta, fid_ok, paired, space)
+
+
+def comparability_note(space: FeatureSpace, num: int, data: str) -> str:
+    """What the FD/KID numbers of a run can be compared with (only runs in the same space and setting)."""
+    return (
+        f"FD/KID here use {space.name} features ({space.kind}) on {num} samples per seed against the {data} "
+        "reference; they are not comparable to published FID/KID values (Inception-v3 pool features, 50k samples, "
+        "dataset statistics), nor to runs in another feature space (sha256), sample count or reference"
+    )
 
 
 def _image_shape(m) -> tuple[int, ...] | None:
