@@ -9,7 +9,10 @@ is the same formula, applied to float timesteps.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,68 +69,198 @@ class Etsdm:
         return np.asarray(((np.asarray(t_a)[:, None] < b[None]) & (b[None] <= np.asarray(t_b)[:, None])).any(1))
 
 
-# ---- a diffusers UNet that carries its own map ---------------------------------------------------
+# ---- diffusers denoisers that carry their own map ------------------------------------------------
+
+# denoiser class → the denoiser's timestep units per model step k (k = τ·T, what lipscope's map is written in):
+# 1 for networks fed the step (UNets, DiT, PixArt) or σ·1000 (SD3); 1/1000 for Flux, which its pipeline feeds σ
+UNITS_PER_STEP: dict[str, float] = {
+    "UNet2DModel": 1.0,
+    "UNet2DConditionModel": 1.0,
+    "DiTTransformer2DModel": 1.0,
+    "PixArtTransformer2DModel": 1.0,
+    "SD3Transformer2DModel": 1.0,
+    "FluxTransformer2DModel": 1e-3,
+}
 
 
-class ETSDMUNet2DModel(UNet2DModel):
-    """``UNet2DModel`` whose forward feeds the network f(t) (E-TSDM) instead of t.
+class _ETSDMForward:
+    """The forward of every E-TSDM denoiser: the ``timestep`` argument is replaced by f(timestep)."""
 
-    Saved models name this class in ``unet/config.json`` and ``model_index.json`` together with
-    ``etsdm_t_tilde`` and ``etsdm_n``. Stock diffusers then either applies the map (after
-    ``import lipscope.etsdm``: ``DDPMPipeline.from_pretrained(path)`` and ``DDIMPipeline`` sample it
-    correctly) or refuses to load the pipeline; ``UNet2DModel.from_pretrained(path/"unet")`` warns
-    that the etsdm_* attributes "are not expected and will be ignored". It is never dropped silently.
-    """
+    config: Any
+    _timestep_index: int  # position of ``timestep`` in the base class's forward (self excluded)
 
-    def __init__(self, *args, etsdm_t_tilde: float = 100.0, etsdm_n: int = 5, **kwargs):
-        super().__init__(*args, **kwargs)
+    def condition(self, timestep: Any) -> torch.Tensor:
+        """f(timestep) in the denoiser's own timestep units: integer timesteps become float32; half-precision ones
+        (Flux pipelines cast σ to the latents' dtype) are mapped in float32 and cast back."""
+        t = torch.as_tensor(timestep)
+        if not t.is_floating_point():
+            return etsdm_map(t.to(torch.float32), float(self.config.etsdm_t_tilde), int(self.config.etsdm_n))
+        wide = t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
+        return etsdm_map(wide, float(self.config.etsdm_t_tilde), int(self.config.etsdm_n)).to(t.dtype)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        i = self._timestep_index
+        if "timestep" in kwargs:
+            kwargs["timestep"] = self.condition(kwargs["timestep"])
+        elif len(args) > i:
+            args = (*args[:i], self.condition(args[i]), *args[i + 1 :])
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def forward_condition(self, *args: Any, **kwargs: Any) -> Any:
+        """The network at an explicit condition (no map): what lipscope's adapter and training loss call."""
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+def _etsdm_class(base: Any) -> Any:
+    """``ETSDM<base>``: ``base`` whose forward feeds f(timestep); its config adds ``etsdm_t_tilde``, ``etsdm_n``
+    (in the denoiser's own timestep units) and names the class, so a saved model is never read as ``base``."""
+    name = f"ETSDM{base.__name__}"
+    default = 100.0 * UNITS_PER_STEP[base.__name__]
+
+    def __init__(self, *args: Any, etsdm_t_tilde: float = default, etsdm_n: int = 5, **kwargs: Any) -> None:
+        base.__init__(self, *args, **kwargs)
         etsdm_map(torch.zeros(1), etsdm_t_tilde, etsdm_n)  # validates the settings
         self.register_to_config(etsdm_t_tilde=float(etsdm_t_tilde), etsdm_n=int(etsdm_n))
 
-    def condition(self, timestep: torch.Tensor) -> torch.Tensor:
-        """f(t) for the network (float; integer timesteps from a pipeline are cast first)."""
-        t = torch.as_tensor(timestep)
-        t = t.to(torch.float32) if not t.is_floating_point() else t
-        return etsdm_map(t, float(self.config.etsdm_t_tilde), int(self.config.etsdm_n))
+    # diffusers reads a model's config keys from its __init__ signature: the base's, then ours
+    sig = inspect.signature(base.__init__)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    ours = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in
+            (("etsdm_t_tilde", default), ("etsdm_n", 5))]  # fmt: skip
+    __init__.__signature__ = sig.replace(parameters=[*params, *ours])  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{name}.__init__"
+    fwd = [p for p in inspect.signature(base.forward).parameters if p != "self"]
+    doc = (
+        f"``{base.__name__}`` whose forward feeds the network f(timestep) (E-TSDM, Sec. 4); see :mod:`lipscope.etsdm`."
+    )
 
-    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
-        return super().forward(sample, self.condition(timestep), class_labels, return_dict)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _ETSDMForward.forward(self, *args, **kwargs)
 
-    def forward_condition(self, sample, condition, class_labels=None, return_dict: bool = True):
-        """The network at an explicit condition (no map): what ``probe(space="condition")`` probes."""
-        return super().forward(sample, condition, class_labels, return_dict)
-
-    @classmethod
-    def from_unet(cls, unet: UNet2DModel, t_tilde: float = 100.0, n: int = 5) -> ETSDMUNet2DModel:
-        """Retrofit: same architecture and weights, map attached."""
-        etsdm_map(torch.zeros(1), t_tilde, n)  # validates t_tilde, n
-        cfg = {k: v for k, v in unet.config.items() if not k.startswith("_") and not k.startswith("etsdm_")}
-        new = cls.from_config({**cfg, "etsdm_t_tilde": float(t_tilde), "etsdm_n": int(n)})
-        new.load_state_dict(unet.state_dict())
-        new.train(unet.training)
-        return new.to(device=unet.device, dtype=unet.dtype)
+    forward.__signature__ = inspect.signature(base.forward)  # type: ignore[attr-defined]  # hooks bind by name
+    forward.__qualname__ = f"{name}.forward"
+    attrs = {"__init__": __init__, "forward": forward, "__module__": __name__, "__qualname__": name, "__doc__": doc,
+             "_timestep_index": fwd.index("timestep")}  # fmt: skip
+    return type(name, (_ETSDMForward, base), attrs)
 
 
-# diffusers reads a model's config keys from its __init__ signature: expose UNet2DModel's + ours
-_sig = inspect.signature(UNet2DModel.__init__)
-# functions take any attribute; typeshed does not declare the __signature__ that inspect.signature honours
-ETSDMUNet2DModel.__init__.__signature__ = _sig.replace(  # type: ignore[attr-defined]
-    parameters=[
-        *_sig.parameters.values(),
-        inspect.Parameter("etsdm_t_tilde", inspect.Parameter.KEYWORD_ONLY, default=100.0),
-        inspect.Parameter("etsdm_n", inspect.Parameter.KEYWORD_ONLY, default=5),
-    ]
-)
+def _diffusers_class(name: str) -> Any:
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+# one class per supported denoiser, importable by name: model_index.json says ["lipscope.etsdm", "ETSDM…"]
+ETSDMUNet2DModel = _etsdm_class(UNet2DModel)
+ETSDMUNet2DConditionModel = _etsdm_class(_diffusers_class("UNet2DConditionModel"))
+ETSDMDiTTransformer2DModel = _etsdm_class(_diffusers_class("DiTTransformer2DModel"))
+ETSDMPixArtTransformer2DModel = _etsdm_class(_diffusers_class("PixArtTransformer2DModel"))
+ETSDMSD3Transformer2DModel = _etsdm_class(_diffusers_class("SD3Transformer2DModel"))
+ETSDMFluxTransformer2DModel = _etsdm_class(_diffusers_class("FluxTransformer2DModel"))
+ETSDM_CLASSES: dict[str, Any] = {
+    c.__name__: c
+    for c in (
+        ETSDMUNet2DModel,
+        ETSDMUNet2DConditionModel,
+        ETSDMDiTTransformer2DModel,
+        ETSDMPixArtTransformer2DModel,
+        ETSDMSD3Transformer2DModel,
+        ETSDMFluxTransformer2DModel,
+    )  # fmt: skip
+}
+
+
+def _base_name(module: object) -> str | None:
+    """The diffusers class an E-TSDM denoiser (or a plain one) is built on, when it is one lipscope maps."""
+    for c in type(module).__mro__:
+        if c.__name__ in UNITS_PER_STEP and c.__module__.startswith("diffusers"):
+            return c.__name__
+    return None
 
 
 def is_etsdm(module: object) -> bool:
-    return isinstance(module, ETSDMUNet2DModel)
+    return isinstance(module, _ETSDMForward)
 
 
 def etsdm_of(module: object) -> Etsdm | None:
-    """The E-TSDM settings an ``ETSDMUNet2DModel`` carries in its config (None for other modules)."""
-    if not isinstance(module, ETSDMUNet2DModel):
+    """The E-TSDM settings an E-TSDM denoiser carries, in model steps k (None for other modules)."""
+    if not isinstance(module, _ETSDMForward):
         return None
-    return Etsdm(float(module.config.etsdm_t_tilde), int(module.config.etsdm_n))
+    units = UNITS_PER_STEP[_base_name(module) or ""]
+    return Etsdm(float(module.config.etsdm_t_tilde) / units, int(module.config.etsdm_n))
+
+
+def with_etsdm(module: Any, t_tilde: float = 100.0, n: int = 5, *, inplace: bool = False) -> Any:
+    """Retrofit: ``module`` with the map f attached (``t_tilde`` in model steps k = τ·T, stored in the denoiser's
+    own timestep units): its class becomes the E-TSDM subclass and its config gains ``etsdm_t_tilde``, ``etsdm_n``.
+    No new weights are drawn (torch's RNG is untouched); ``inplace`` converts ``module`` itself (what a training run
+    or a pipeline that owns it wants: no second copy of a large model), otherwise a deep copy. An E-TSDM module
+    that already carries this map is returned as it is; one with another map is refused."""
+    import copy
+
+    etsdm_map(torch.zeros(1), t_tilde, n)  # validates t_tilde, n
+    if isinstance(module, _ETSDMForward):
+        have, want = etsdm_of(module), Etsdm(float(t_tilde), int(n))
+        if have is None or have.n != want.n or not math.isclose(have.t_tilde, want.t_tilde, rel_tol=1e-9):
+            raise InputError(f"this model already carries the E-TSDM map {have}; set `t_tilde` and `n` to it")
+        return module
+    base = _base_name(module)
+    if base is None or type(module).__name__ != base:
+        supported = ", ".join(UNITS_PER_STEP)
+        raise InputError(f"E-TSDM: {type(module).__name__} has no E-TSDM class; supported denoisers: {supported}")
+    new = module if inplace else copy.deepcopy(module)
+    new.__class__ = ETSDM_CLASSES[f"ETSDM{base}"]
+    new.register_to_config(etsdm_t_tilde=float(t_tilde) * UNITS_PER_STEP[base], etsdm_n=int(n))
+    return new
+
+
+def unmapped(module: Any) -> Any:
+    """What to call for the network at an explicit condition: an E-TSDM denoiser's ``forward_condition``."""
+    return module.forward_condition if isinstance(module, _ETSDMForward) else module
+
+
+def _units(module: object) -> float:
+    return UNITS_PER_STEP[_base_name(module) or ""]
+
+
+def load_etsdm_lora(target: Any, path: str | Path, component: str | None = None) -> Any:
+    """Load a LoRA that lipscope saved (``pytorch_lora_weights.safetensors`` or its folder) into a stock pipeline
+    or denoiser, with its E-TSDM map: the denoiser becomes its E-TSDM class first (same weights), then the adapter
+    is loaded by diffusers' ``load_lora_adapter``. Returns the denoiser (a pipeline's is also set on it).
+
+    Stock ``load_lora_weights`` refuses such a file (its adapter metadata holds ``etsdm_*`` keys that
+    ``LoraConfig`` does not take), so the map is never dropped silently.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    file = Path(path)
+    file = file / "pytorch_lora_weights.safetensors" if file.is_dir() else file
+    if not file.is_file():
+        raise InputError(f"E-TSDM LoRA: no pytorch_lora_weights.safetensors at {path}; pass a lipscope LoRA folder")
+    with safe_open(str(file), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    is_pipe = not isinstance(target, torch.nn.Module)
+    comp = component or ("unet" if getattr(target, "unet", None) is not None else "transformer")
+    denoiser = getattr(target, comp) if is_pipe else target
+    meta = json.loads(raw) if raw else {}
+    mapped = {k.removeprefix(f"{comp}."): meta.pop(k) for k in list(meta) if k.startswith(f"{comp}.etsdm_")}
+    if not any(k.startswith(f"{comp}.") for k in state):
+        raise InputError(f"E-TSDM LoRA {file}: no `{comp}.` weights in it; pass `component` (unet or transformer)")
+    if getattr(denoiser, "peft_config", None):
+        raise InputError(f"E-TSDM LoRA {file}: the {comp} already holds a LoRA adapter; load into a fresh pipeline")
+    if "etsdm_t_tilde" in mapped:
+        steps = float(mapped["etsdm_t_tilde"]) / _units(denoiser)
+        denoiser = with_etsdm(denoiser, steps, int(mapped["etsdm_n"]), inplace=True)
+    try:
+        denoiser.load_lora_adapter(state, prefix=comp, metadata=meta or None)
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(
+            f"E-TSDM LoRA {file}: does not fit this {type(denoiser).__name__} ({why}); use its base"
+        ) from e
+    if is_pipe:
+        target.register_modules(**{comp: denoiser})
+    return denoiser

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +23,7 @@ from .conditioning import Conditioning, cat_kwargs, guided
 from .devices import DTYPES as DTYPES  # re-exported
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError, ModelOutputError, short_error
-from .etsdm import Etsdm, etsdm_of
+from .etsdm import Etsdm, etsdm_of, unmapped
 from .latents import LatentCodec
 from .processes import process_from_config
 from .schedules import DEFAULT_SCHEDULER_CONFIG, NoiseProcess, Schedule
@@ -241,15 +241,13 @@ def from_unet(
             f"model class {cls} is not supported yet (supported: {', '.join(SUPPORTED_CLASSES)}); "
             "wrap it as a callable eps(x, t) and pass it with `model` py:module:factory"
         )
-    etsdm = etsdm_of(unet)
     # an E-TSDM UNet applies the map in its forward; the EpsModel applies it once, from its etsdm field
-    forward = unet.forward_condition if etsdm is not None else unet
+    forward = unmapped(unet)
 
     def net(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return forward(x, c).sample
 
-    m = from_module(unet, net, scheduler_config, None, name, device, dtype)
-    return replace(m, etsdm=etsdm) if etsdm is not None else m
+    return from_module(unet, net, scheduler_config, None, name, device, dtype)
 
 
 def from_module(
@@ -258,7 +256,8 @@ def from_module(
 ) -> EpsModel:  # fmt: skip
     """An EpsModel around a diffusers denoiser ``module`` (eval, on device/dtype) called through ``net(x, c, **kw)``,
     with the process of ``scheduler_config`` (the DDPM default, with a warning, when None); ``sample_shape`` None:
-    from the module's config."""
+    from the module's config. An E-TSDM denoiser's map becomes the EpsModel's ``etsdm`` (``net`` calls
+    :func:`lipscope.etsdm.unmapped`, so the map is applied once)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     if scheduler_config is None:
         log.warning("no scheduler config found for %s: using the DDPM default (linear 1e-4..0.02, T=1000)", name)
@@ -282,6 +281,7 @@ def from_module(
         config={k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"},
         scheduler_config=dict(scheduler_config),
         module=module,
+        etsdm=etsdm_of(module),
     )
 
 

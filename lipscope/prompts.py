@@ -53,6 +53,10 @@ def _source(spec: str, revision: str | None, offline: bool | None) -> tuple[str,
     if spec.startswith(("py:", "builtin:")) or Path(spec).expanduser().is_file():
         raise InputError(f"`prompt`: `model` {spec} is not a pipeline with text encoders; give `prompt_embeds`")
     path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "pipeline").exists() and (path / "lora" / "lipscope.json").is_file():
+        base = read_json(path / "lora" / "lipscope.json", "lipscope.json").get("training", {}).get("base_model")
+        if isinstance(base, str):  # a `finetune --lora` run: the base pipeline's text encoders
+            return _source(base, revision, offline)
     if path.is_dir():
         if not (path / "model_index.json").is_file() and (path / "pipeline" / "model_index.json").is_file():
             path = path / "pipeline"
@@ -69,6 +73,11 @@ def _source(spec: str, revision: str | None, offline: bool | None) -> tuple[str,
     except Exception as e:  # not cached, no network, no such repo
         raise InputError(f"`prompt`: could not read {spec}'s model_index.json ({short_error(e)})") from e
     return spec, index, {"revision": revision, "local_files_only": local}
+
+
+def pipeline_source(spec: str, revision: str | None = None, offline: bool | None = None):
+    """(root, model_index.json, hub kwargs) of the pipeline a model spec names (a run folder: its ``pipeline/``)."""
+    return _source(spec, revision, offline)
 
 
 def encode_prompts(

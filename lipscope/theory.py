@@ -25,9 +25,9 @@ from .gaussian import (
     terms_exact_ms,
 )
 from .models import EpsModel, from_callable
+from .objectives import diffusion_loss
 from .probe import probe
 from .schedules import Schedule
-from .training import diffusion_loss
 
 MAX_DIM = 4096  # D×D float64 eigenvectors: 128 MiB per component at this size
 

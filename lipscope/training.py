@@ -1,24 +1,21 @@
-"""One training loop for ``lipscope train`` (from a UNet config) and ``finetune`` (a pretrained VP model), ± E-TSDM.
+"""One training loop for ``lipscope train`` (from a UNet config) and ``finetune`` (any family lipscope wraps), ± E-TSDM.
 
-ε-loss (or the model's v/x0 target), noise at the true step t, the network fed f(t) under E-TSDM (Sec. 4);
-AdamW, warm-up + cosine (``get_scheduler``), clipping, ``EMAModel``, mixed precision and multi-GPU through
-accelerate (``accelerate launch -m lipscope finetune …``).
+The family's own loss (:mod:`lipscope.objectives`: ε, v, x0 or flow velocity; noise at the true time t, the
+network fed f(t) under E-TSDM, Sec. 4), conditioned per sample (captions with empty-prompt dropout, encoded once
+by the pipeline's own frozen text encoders), on x0 that are pixels or cached latents. Every weight, or LoRA
+adapters (peft). AdamW, warm-up + cosine (``get_scheduler``), clipping, ``EMAModel``, mixed precision, gradient
+accumulation and multi-GPU through accelerate (``accelerate launch -m lipscope finetune …``).
 
-Reproducibility: step s's batch comes from a generator seeded by (seed, s, process index) alone: a resumed run
+Reproducibility: step s's draws come from a generator seeded by (seed, s, process index) alone: a resumed run
 replays the steps an uninterrupted run takes (bit-exact on CPU).
 
-Run folder: ``loss.csv`` (step, loss, lr), ``train.json``, ``checkpoints/step-N/``, ``pipeline/``.
-Checkpoints need no unpickling: accelerate's state (``torch.load(weights_only=True)``), ``ema.safetensors``,
-``ema.json``, ``lipscope_step.json`` (step, losses, options, model config, source, data sha256: a
-resume refuses other values but :data:`SAFE_TO_CHANGE`). Folders are written under a dot-name and
-renamed into place (a killed write leaves a dot-folder, removed on the next start); a failed write
-removes its partial folder and is one :class:`InputError` line.
+Run folder: ``loss.csv`` (step, loss, lr), ``train.json``, ``checkpoints/step-N/`` (:mod:`lipscope.checkpoints`),
+and the model: ``pipeline/`` (written by the caller's ``save``), or ``lora/`` for LoRA runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -27,8 +24,8 @@ import numbers
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +34,37 @@ import torch
 
 from . import rng
 from .batching import progress_bar
+from .checkpoints import (
+    SAFE_TO_CHANGE,
+    check_same_run,
+    checkpoints,
+    load_checkpoint,
+    reading,
+    save_checkpoint,
+    write_folder,
+    write_losses,
+    writing,
+)
+from .conditioning import Conditioning
 from .errors import InputError
-from .etsdm import Etsdm, ETSDMUNet2DModel, etsdm_of
-from .io import atomic_write_bytes, atomic_write_text, json_bytes
-from .processes import vp_schedule
-from .schedules import Schedule
-from .targets import noisy, prediction_target
+from .etsdm import etsdm_of, with_etsdm
+from .families import family_of_model
+from .io import atomic_write_bytes, json_bytes
+from .lora import add_lora, check_lora, save_lora, trainable_parameters
+from .models import EpsModel
+from .objectives import WEIGHTINGS, diffusion_loss, draw_step, flow_grid, training_process
+from .processes import FlowProcess
 
 log = logging.getLogger("lipscope")
+
+__all__ = ["SAFE_TO_CHANGE", "TrainConfig", "TrainData", "save_pipeline", "train_loop", "write_folder"]
 
 
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 64
+    batch_size: int = 64  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch_size · grad_accum · processes)
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -62,8 +76,14 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     etsdm: bool = False
-    t_tilde: float = 100.0
+    t_tilde: float | None = None  # model steps k = τ·T (VP: the step; flow: σ·1000); None: 0.1·T
     n: int = 5
+    caption_dropout: float = 0.0  # the rate at which a caption is replaced by the empty prompt (CFG)
+    weighting: str = "none"  # flow models: diffusers' timestep density and loss weighting (objectives.WEIGHTINGS)
+    lora: bool = False  # train LoRA adapters (peft) instead of every weight
+    lora_rank: int = 4
+    lora_alpha: int | None = None  # None: the rank (scale 1)
+    lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -72,135 +92,96 @@ class TrainConfig:
         """Refuse values training cannot run with: one line, the parameter in backticks."""
         from diffusers.optimization import SchedulerType
 
-        ints = {"steps": 1, "batch_size": 1, "n": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "warmup_steps": 0}
+        ints = {"steps": 1, "batch_size": 1, "n": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "warmup_steps": 0,
+                "lora_rank": 1, "grad_accum": 1}  # fmt: skip
         for k, lo in (ints | {"seed": 0}).items():
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
                 raise InputError(f"`{k}` must be an integer ≥ {lo} (got {v!r})")
-        reals = {"lr": "> 0", "t_tilde": "> 0", "weight_decay": "≥ 0", "grad_clip": "≥ 0", "ema_decay": "in [0, 1)"}
+        reals = {"lr": "> 0", "t_tilde": "> 0", "weight_decay": "≥ 0", "grad_clip": "≥ 0", "ema_decay": "in [0, 1)",
+                 "caption_dropout": "in [0, 1)", "lora_alpha": "> 0"}  # fmt: skip
         for k, rule in reals.items():
             v = getattr(self, k)
+            if k in ("lora_alpha", "t_tilde") and v is None:
+                continue
             real = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
-            if not real or v < 0 or (v == 0 and rule == "> 0") or (k == "ema_decay" and v >= 1):
+            if not real or v < 0 or (v == 0 and rule == "> 0") or (rule == "in [0, 1)" and v >= 1):
                 raise InputError(f"`{k}` must be finite and {rule} (got {v!r})")
-        choices = {"mixed_precision": ["no", "fp16", "bf16"], "lr_schedule": [s.value for s in SchedulerType]}
+        if not self.lora_targets or not all(isinstance(m, str) and m for m in self.lora_targets):
+            raise InputError(f"`lora_targets` must name one or more modules (got {self.lora_targets!r})")
+        choices = {"mixed_precision": ["no", "fp16", "bf16"], "lr_schedule": [s.value for s in SchedulerType],
+                   "weighting": list(WEIGHTINGS)}  # fmt: skip
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise InputError(f"`{k}` must be one of {', '.join(allowed)} (got {getattr(self, k)!r})")
 
 
-# what a resume may change: when checkpoints are written and how many are kept (losses and weights stay the same)
-SAFE_TO_CHANGE = ("checkpoint_every", "keep_checkpoints")
+# what a resume may change: see lipscope.checkpoints.SAFE_TO_CHANGE
 
 
-def batch_for_step(
-    data: torch.Tensor, step: int, batch: int, T: int, seed: int, process: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0, t, ε) of one step: a function of (seed, step, process) only (stream TRAINING)."""
-    g = rng.generator(seed, rng.Stream.TRAINING, step, process=process)
-    idx = torch.randint(0, data.shape[0], (batch,), generator=g)
-    t = torch.randint(0, T, (batch,), generator=g)
-    eps = torch.randn((batch, *data.shape[1:]), generator=g)
-    return data[idx], t, eps
+@dataclass
+class TrainData:
+    """What a run trains on: x0 in the denoiser's space (pixels, or latents encoded once), and for a conditional
+    model the conditioning row of each sample (``rows``) in ``conditioning`` plus the empty prompt's row."""
+
+    x0: torch.Tensor
+    conditioning: Conditioning | None = None
+    rows: torch.Tensor | None = None  # (N,) row of ``conditioning`` per sample
+    empty_row: int | None = None  # the unconditional row captions drop to
+    spec: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # recorded in train.json (captions, latents)
 
 
-def diffusion_loss(
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    eps: torch.Tensor,
-    schedule: Schedule,
-    prediction_type: str,
-    etsdm: Etsdm | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """The one diffusion loss: noise x0 at the true step t, feed the network f(t), regress its target.
+class _TrainNet(torch.nn.Module):
+    """The denoiser called as its family calls it (map-free: the loss feeds f(t)); what accelerate prepares, so
+    a multi-GPU run synchronises the gradients of this call."""
 
-    x_t = α_t x0 + σ_t ε (float32 coefficients from the float64 schedule); the network sees the
-    E-TSDM condition f(t) when ``etsdm`` is set, else t (paper Sec. 4); the target is ε, v or x0 as
-    ``prediction_type`` says. ``forward(x, c)`` returns the raw network output.
-    """
-    tt = t.to(torch.float64)
-    a, s = schedule.alpha(tt).float(), schedule.sigma(tt).float()
-    x = noisy(x0, eps, a, s).to(device) if device is not None else noisy(x0, eps, a, s)
-    cond = (etsdm.map(tt) if etsdm is not None else tt).float().to(x.device)
-    target = prediction_target(prediction_type, x0, eps, a, s).to(x.device)
-    return torch.nn.functional.mse_loss(forward(x, cond).float(), target)
+    def __init__(self, denoiser: torch.nn.Module, call: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.denoiser, self._call = denoiser, call
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return self._call(x, c, **kw)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first (dot-folders are unfinished writes)."""
-    found = (out / "checkpoints").glob("step-*")
-    cks = [p for p in found if p.name[5:].isdigit() and (p / "lipscope_step.json").exists()]
-    return sorted(cks, key=lambda p: int(p.name.split("-")[1]))
+def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tuple[Any, EpsModel]:
+    """The module to train (E-TSDM attached when asked, LoRA adapters added) and the EpsModel that calls it."""
+    fam = family_of_model(model)
+    if fam is None or model.module is None:
+        raise InputError(f"`model` {model.name}: training needs a diffusers denoiser lipscope wraps")
+    denoiser = model.module
+    if getattr(denoiser, "peft_config", None):
+        raise InputError(f"`model` {model.name} holds a LoRA adapter; fine-tune its base model (or a merged copy)")
+    if cfg.etsdm:  # in place: the run owns the loaded module; an E-TSDM model must carry this very map
+        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True)
+    elif etsdm_of(denoiser) is not None:
+        raise InputError("this model already carries an E-TSDM map; set `etsdm` to keep training it that way")
+    if cfg.lora:
+        check_lora(fam.name)
+        add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    built = fam.build(denoiser, model.scheduler_config, model.name, model.device, model.dtype)
+    return denoiser, built
 
 
-def _brief(e: BaseException) -> str:  # an exception in one short line
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()[:200]
-
-
-@contextlib.contextmanager
-def _writing(what: str | Path, partial: Path | None = None) -> Iterator[None]:
-    """A failed or interrupted write removes ``partial``; a failed one (disk full) is one line."""
-    try:
-        yield
-    except BaseException as e:
-        if partial is not None:
-            shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError":
-            hints = {errno.ENOSPC: "free space", errno.EROFS: "make it writable", errno.EACCES: "make it writable"}
-            hint = hints.get(getattr(e, "errno", 0), "free space or make it writable")
-            raise InputError(f"could not write {what}: {_brief(e)}; {hint} or choose another `out_dir`") from e
-        raise
-
-
-@contextlib.contextmanager
-def _reading(path: Path, ck: Path) -> Iterator[None]:
-    """A checkpoint file that does not load (damaged, planted, another model's) is one line."""
-    try:
-        yield
-    except InputError:
-        raise
-    except Exception as e:
-        why = f"checkpoint file {path} cannot be loaded ({_brief(e)})"
-        raise InputError(f"{why}; delete {ck} to resume from the one before it, or start a new `out_dir`") from e
-
-
-def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save a diffusers pipeline folder atomically (temporary folder, then rename); on a failure or
-    an interrupt the temporary folder is removed and a previous ``dest`` is left in place."""
-    from diffusers import DDPMScheduler
-
-    dest = Path(dest)
-    tmp, old = dest.parent / f".{dest.name}.tmp-{os.getpid()}", dest.parent / f".{dest.name}.old-{os.getpid()}"
-    moved = False  # True while the previous folder sits at `old` and the new one is not in place yet
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        unet.save_pretrained(tmp / "unet")
-        DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-        lib = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
-        index = {"_class_name": "DDPMPipeline", "unet": [lib, type(unet).__name__]}
-        index["scheduler"] = ["diffusers", "DDPMScheduler"]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if extra:
-            (tmp / "lipscope.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-        if moved := dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        moved = False
-    finally:
-        if moved and not dest.exists():
-            os.replace(old, dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
+def _micro_loss(net: Any, td: TrainData, cfg: TrainConfig, process: Any, how: tuple) -> torch.Tensor:
+    """The loss of one micro-batch: draw item ``index`` of the TRAINING stream, condition, noise, regress."""
+    index, acc, grid, etsdm, pred_type = how
+    b = draw_step(len(td.x0), tuple(td.x0.shape[1:]), index, cfg.batch_size, process, cfg.seed,
+                  rank=acc.process_index, weighting=cfg.weighting, grid=grid, dropout=cfg.caption_dropout)  # fmt: skip
+    kw: dict[str, Any] = {}
+    if td.conditioning is not None:
+        r = td.rows[b.idx] if td.rows is not None else b.idx
+        r = torch.where(b.drop, td.empty_row if td.empty_row is not None else r, r)
+        kw = td.conditioning.rows(r, acc.device, torch.float32)[0]
+    with acc.autocast():
+        return diffusion_loss(net, td.x0[b.idx], b.t, b.eps, process, pred_type, etsdm, device=acc.device,
+                              weighting=cfg.weighting, **kw)  # fmt: skip
 
 
 def train_loop(
-    unet,
-    scheduler_config: dict[str, Any],
-    data: torch.Tensor,
+    model: EpsModel | Any,
+    scheduler_config: dict[str, Any] | None,
+    data: torch.Tensor | TrainData,
     cfg: TrainConfig,
     out_dir: str | Path,
     resume: bool = False,
@@ -208,146 +189,142 @@ def train_loop(
     source: str = "",
     stop_after: int | None = None,
     data_spec: str = "",
+    save: Callable[[torch.nn.Module, Path, dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``unet`` (a UNet2DModel, ETSDMUNet2DModel when ``cfg.etsdm``) on x0 ``data`` (N, C, H, W).
+    """Train ``model`` (an EpsModel of any family, or a bare ``UNet2DModel`` with its ``scheduler_config``) on
+    ``data`` (x0 (N, C, H, W), or :class:`TrainData` with conditioning).
 
-    ``stop_after``: leave after that many steps (with a checkpoint); continue with ``resume=True``, which refuses
-    other options (but :data:`SAFE_TO_CHANGE`), model (``source``), schedule or data (``data_spec``).
+    ``save(denoiser, dest, record)`` writes the final model (default: a DDPM pipeline folder for UNet2DModels;
+    LoRA runs write ``lora/`` themselves). ``stop_after``: leave after that many steps (with a checkpoint);
+    continue with ``resume=True``, which refuses other options (but :data:`SAFE_TO_CHANGE`), model (``source``),
+    schedule or data.
     """
+    from .models import from_unet
+
     out = Path(out_dir)
     cfg.validate()
     if stop_after is not None and (isinstance(stop_after, bool) or stop_after < 1):
         raise InputError(f"`stop_after` must be ≥ 1 (got {stop_after!r})")
-    if cfg.etsdm and etsdm_of(unet) is None:
-        unet = ETSDMUNet2DModel.from_unet(unet, cfg.t_tilde, cfg.n)
-    elif not cfg.etsdm and etsdm_of(unet) is not None:
-        raise InputError("this model already carries an E-TSDM map; set `etsdm` to keep training it that way")
-    data = data.float()
-    arr = data.detach().cpu().contiguous().numpy()
+    if not isinstance(model, EpsModel):
+        model = from_unet(model, scheduler_config, device=model.device, dtype=model.dtype)
+    td = data if isinstance(data, TrainData) else TrainData(data, spec=data_spec)
+    process = training_process(model.scheduler_config)
+    t_tilde = cfg.t_tilde if cfg.t_tilde is not None else 0.1 * process.T  # default: 0.1 of the time range
+    if cfg.etsdm and not t_tilde < process.T:
+        raise InputError(f"`t_tilde` {t_tilde:g} must be below T = {process.T} (E-TSDM maps the steps t < t̃)")
+    if cfg.weighting != "none" and not isinstance(process, FlowProcess):
+        raise InputError(f"`weighting` {cfg.weighting} is for flow-matching models; {model.name} is VP: leave it out")
+    if cfg.caption_dropout > 0 and td.empty_row is None:
+        raise InputError("`caption_dropout` needs a text-conditioned model trained on captions; leave it at 0")
+    with rng.isolated_torch_rng(cfg.seed):  # LoRA's initial A matrices: a function of the seed alone
+        denoiser, built = _prepare_denoiser(model, cfg, t_tilde)
+    x0 = td.x0.float()
+    arr = x0.detach().cpu().contiguous().numpy()
     digest = hashlib.sha256(arr.data.cast("B")).hexdigest()  # no copy of the data
+    cond_digest = td.conditioning.digest() if td.conditioning is not None else None
+    rows_digest = hashlib.sha256(td.rows.numpy().tobytes()).hexdigest()[:16] if td.rows is not None else None
     run = {
         "config": asdict(cfg),
         "source": source,
-        "model_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-        "scheduler": scheduler_config,  # the noise schedule: a resume on another one is refused
-        "data": {"spec": data_spec, "shape": list(arr.shape), "sha256": digest},
+        "model_config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
+        "scheduler": model.scheduler_config,  # the noise schedule: a resume on another one is refused
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),  # each process draws its own stream: same count to resume
+        "data": {
+            "spec": td.spec,
+            "shape": list(arr.shape),
+            "sha256": digest,
+            "conditioning": cond_digest,
+            "rows": rows_digest,
+        },  # fmt: skip
     }
     run = json.loads(json.dumps(run, default=str))  # as a checkpoint holds it
     with rng.isolated_torch_rng(cfg.seed):
-        return _train(unet, scheduler_config, data, cfg, out, (resume, progress, stop_after), run)
-
-
-def _check_same_run(old: Any, now: dict[str, Any], ck: Path) -> None:
-    """Refuse a resume whose options, model or data differ from the checkpoint's, naming each."""
-    if not isinstance(old, dict):
-        raise InputError(f"{ck} was written by an older lipscope (no record of its options); start a new `out_dir`")
-    was, d0, d1 = old.get("config", {}), old.get("data", {}), now["data"]
-    changed = {k: v for k, v in now["config"].items() if k not in SAFE_TO_CHANGE and was.get(k) != v}
-    diffs = [f"`{k}` {was.get(k)!r} → {v!r}" for k, v in changed.items()]
-    diffs += [f"model source {old.get('source')!r} → {now['source']!r}"] if old.get("source") != now["source"] else []
-    diffs += [f"the {k.replace('_', ' ')}" for k in ("model_config", "scheduler") if old.get(k, now[k]) != now[k]]
-    if (d0.get("shape"), d0.get("sha256")) != (d1["shape"], d1["sha256"]):
-        was_data = f"{d0.get('spec')} {d0.get('shape')} sha256 {str(d0.get('sha256'))[:12]}…"
-        diffs.append(f"`data` {was_data} → {d1['spec']} {d1['shape']} sha256 {d1['sha256'][:12]}…")
-    if diffs:
-        fix = "rerun with the original values or start a new `out_dir`"
-        raise InputError(f"`resume`: {ck} was trained with other settings: {', '.join(diffs)}; {fix}")
-
-
-def _load_checkpoint(acc: Any, ema: Any, ck: Path) -> None:
-    """accelerate's state, then the EMA: safetensors, JSON and ``torch.load(weights_only=True)`` only."""
-    from accelerate.utils import load
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    d = ck / "accelerate"
-    for f in sorted(d.iterdir()) if d.is_dir() else []:  # name a bad file (accelerate skips a bad RNG file)
-        with _reading(f, ck):
-            safe_open(str(f), "pt").keys() if f.suffix == ".safetensors" else load(f)
-    with _reading(d, ck):
-        acc.load_state(str(d))
-    with _reading(ck / "ema.safetensors", ck):
-        tensors = load_file(str(ck / "ema.safetensors"))
-        shadow = [tensors.get(str(i)) for i in range(len(ema.shadow_params))]
-        like = [(t.shape, t.dtype) if t is not None else None for t in shadow]
-        if len(tensors) != len(shadow) or like != [(p.shape, p.dtype) for p in ema.shadow_params]:
-            raise ValueError("its tensors do not match this model")
-    with _reading(ck / "ema.json", ck):  # diffusers checks each scalar's type
-        ema.load_state_dict({**json.loads((ck / "ema.json").read_bytes()), "shadow_params": shadow})
-    ema.to(acc.device)
+        return _train(denoiser, built, process, td, cfg, out, (resume, progress, stop_after, save), run)
 
 
 def _train(
-    unet: Any, scheduler_config: dict, data: torch.Tensor, cfg: TrainConfig, out: Path, flags: tuple, run: dict
+    denoiser: Any, built: EpsModel, process: Any, td: TrainData, cfg: TrainConfig, out: Path, flags: tuple, run: dict
 ) -> dict[str, Any]:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    resume, progress, stop_after = flags
-    schedule = vp_schedule(scheduler_config, "training")
-    T, pred_type = schedule.T, schedule.prediction_type
-    cks = _checkpoints(out)
+    resume, progress, stop_after, save = flags
+    cks = checkpoints(out)
     if resume and not cks:
         raise InputError(f"`resume`: no checkpoint in {out}/checkpoints; start without `resume`")
     if not resume and ((out / "loss.csv").exists() or cks):
         raise InputError(f"{out} already holds a run; pass `resume` to continue it or choose another `out_dir`")
     meta: dict[str, Any] = {"step": 0, "losses": []}
     if resume:
-        with _reading(cks[-1] / "lipscope_step.json", cks[-1]):
+        with reading(cks[-1] / "lipscope_step.json", cks[-1]):
             meta = json.loads((cks[-1] / "lipscope_step.json").read_bytes())
             if not isinstance(meta["step"], int) or not isinstance(meta["losses"], list):
                 raise ValueError("not a lipscope step record")
-        _check_same_run(meta.get("run"), run, cks[-1])
+        check_same_run(meta.get("run"), run, cks[-1])
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    if acc.is_main_process:  # what a killed write left: dot-folders and temporary files
-        for p in [*(out / "checkpoints").glob(".step-*"), *out.glob(".pipeline.*"), *out.glob(".*.tmp")]:
+    mp, launched = cfg.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mp == "no" and launched != "no":  # `accelerate launch --mixed_precision X` decides when lipscope's flag is unset
+        mp = launched
+        log.info("mixed precision %s from accelerate launch", mp)
+    acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    if acc.is_main_process:  # what a killed write left: a model folder moved aside mid-swap, dot-folders, temp files
+        for kind in ("pipeline", "lora"):
+            if not (out / kind).exists() and (olds := sorted(out.glob(f".{kind}.old-*"))):
+                os.replace(olds[-1], out / kind)
+        for p in [*(out / "checkpoints").glob(".step-*"), *out.glob(".pipeline.*"), *out.glob(".lora.*"),
+                  *out.glob(".*.tmp")]:  # fmt: skip
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    unet.train()
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    unet, opt, lr_sched = acc.prepare(unet, opt, lr_sched)
+    denoiser.train()
+    params = trainable_parameters(denoiser)
+    ema = EMAModel(params, decay=cfg.ema_decay, model_cls=type(denoiser), model_config=denoiser.config)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # accelerate steps a prepared scheduler once per process per optimizer step (split_batches=False), as diffusers'
+    # training scripts account for: the schedule is written in those units
+    k = acc.num_processes
+    lr_sched = get_scheduler(
+        cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps * k, num_training_steps=cfg.steps * k
+    )
+    net, opt, lr_sched = acc.prepare(_TrainNet(denoiser, built.net), opt, lr_sched)
     ema.to(acc.device)
-    etsdm = etsdm_of(acc.unwrap_model(unet))
-    # the network sees f(t): the map is applied once, by the loss (the raw forward for E-TSDM nets)
-    forward = acc.unwrap_model(unet).forward_condition if etsdm is not None else unet
+    etsdm, pred_type = etsdm_of(denoiser), built.prediction_type
+    fam_name = family_of_model(built).name  # type: ignore[union-attr]
+    grid = flow_grid(built.scheduler_config) if isinstance(process, FlowProcess) else None
 
     start, losses = meta["step"], meta["losses"]
     if resume:
-        _load_checkpoint(acc, ema, cks[-1])
+        load_checkpoint(acc, ema, cks[-1])
         log.info("resumed from %s (step %d)", cks[-1], start)
 
     t0 = time.time()
-
-    def net(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return forward(x, c).sample
-
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     with progress_bar(progress and acc.is_main_process, end - start, "train") as advance:
         for step in range(start, end):
-            x0, t, eps = batch_for_step(data, step, cfg.batch_size, T, cfg.seed, acc.process_index)
-            with acc.autocast():
-                loss = diffusion_loss(net, x0, t, eps, schedule, pred_type, etsdm, device=acc.device)
-            acc.backward(loss)
+            loss = torch.zeros((), device=acc.device)
+            for j in range(cfg.grad_accum):  # micro-batch j of step s draws item s·accum + j (accum 1: item s)
+                # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
+                with acc.no_sync(net) if j < cfg.grad_accum - 1 else contextlib.nullcontext():
+                    micro = _micro_loss(net, td, cfg, process, (step * cfg.grad_accum + j, acc, grid, etsdm, pred_type))
+                    acc.backward(micro / cfg.grad_accum)
+                loss += micro.detach() / cfg.grad_accum
             if acc.sync_gradients and cfg.grad_clip > 0:
-                acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+                acc.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             lr_sched.step()
             opt.zero_grad(set_to_none=True)
-            ema.step(unet.parameters())
+            ema.step(params)
             lv = acc.gather(loss.detach()[None]).mean().item()
             if not math.isfinite(lv):  # raised before this step's checkpoint: the last one is intact
-                last = ([p.name for p in _checkpoints(out)] or ["none"])[-1]
+                last = ([p.name for p in checkpoints(out)] or ["none"])[-1]
                 fix = "lower `lr` (or set `mixed_precision` to no) and start a new `out_dir` (a resume repeats them)"
                 raise InputError(f"loss became {lv} at step {step} (last checkpoint: {last}); {fix}")
             losses.append([step, lv, lr_sched.get_last_lr()[0]])
             advance(1)
             done = step + 1
-            if acc.is_main_process and (done % cfg.checkpoint_every == 0 or done in (cfg.steps, end)):
-                _save_checkpoint(acc, ema, out, done, losses, cfg.keep_checkpoints, run)
-                _write_losses(out, losses)
+            if done % cfg.checkpoint_every == 0 or done in (cfg.steps, end):  # every process: its RNG state too
+                save_checkpoint(acc, ema, out, done, losses, cfg.keep_checkpoints, run)
+                if acc.is_main_process:
+                    write_losses(out, losses)
             acc.wait_for_everyone()
 
     if end < cfg.steps:
@@ -356,45 +333,51 @@ def _train(
     mean = float(np.mean([v for _, v, _ in losses[-100:]]))
     result: dict[str, Any] = {"steps": cfg.steps, "final_loss_mean_last_100": mean}
     if acc.is_main_process:
-        final = acc.unwrap_model(unet)
-        ema.copy_to(final.parameters())
+        final = acc.unwrap_model(net).denoiser
+        ema.copy_to(trainable_parameters(final))
         final.eval()
         result |= {"config": asdict(cfg), "source": run["source"], "data": run["data"], "class": type(final).__name__}
         result |= {"train_seconds_this_session": time.time() - t0, "processes": acc.num_processes}
-        result |= {"device": str(acc.device), "prediction_type": pred_type}
-        _write_losses(out, losses)  # again: a resumed run that failed after its last checkpoint lacks it
-        with _writing(out / "pipeline"):
-            save_pipeline(final, scheduler_config, out / "pipeline", extra={"training": result})
-        with _writing(out / "train.json"):
+        result |= {"device": str(acc.device), "prediction_type": pred_type, "process": process.describe()}
+        result |= {"mixed_precision": acc.mixed_precision}
+        result |= {"trained": "LoRA adapters" if cfg.lora else "every weight", **td.info}
+        if etsdm is not None:
+            result["etsdm"] = {"t_tilde_steps": etsdm.t_tilde, "n": etsdm.n, "t_tilde_tau": etsdm.t_tilde / process.T,
+                               "units_fed": final.config.etsdm_t_tilde}  # fmt: skip
+        write_losses(out, losses)  # again: a resumed run that failed after its last checkpoint lacks it
+        dest = out / ("lora" if cfg.lora else "pipeline")
+        with writing(dest):
+            if cfg.lora:
+                write_folder(dest, lambda tmp: save_lora(final, fam_name, tmp, {"training": result}))
+            elif save is not None:
+                write_folder(dest, lambda tmp: save(final, tmp, {"training": result}))
+            else:
+                save_pipeline(final, built.scheduler_config, dest, extra={"training": result})
+        with writing(out / "train.json"):
             atomic_write_bytes(out / "train.json", json_bytes(result))
     acc.wait_for_everyone()
     acc.end_training()
     return result
 
 
-def _write_losses(out: Path, losses: list) -> None:
-    lines = ["step,loss,lr"] + [f"{s},{v:.9g},{lr:.6g}" for s, v, lr in losses]
-    with _writing(out / "loss.csv"):
-        atomic_write_text(out / "loss.csv", "\n".join(lines) + "\n")
+def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save a DDPM pipeline folder of a ``UNet2DModel`` (E-TSDM: its class from ``lipscope.etsdm``) atomically, with
+    the scheduler its config names (DDPM when it names none; a flow model keeps its ``FlowMatchEulerDiscreteScheduler``,
+    whose ``step`` DDPMPipeline's loop calls the same way)."""
+    import diffusers
 
+    name = scheduler_config.get("_class_name") or "DDPMScheduler"
+    sched_cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    sched_cls = sched_cls or diffusers.DDPMScheduler
 
-def _save_checkpoint(acc, ema, out: Path, step: int, losses: list, keep: int, run: dict) -> None:
-    """Write ``checkpoints/.step-N.tmp`` in full, rename it to ``step-N``, drop the oldest."""
-    from safetensors.torch import save_file
+    def fill(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet")
+        sched_cls.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+        lib = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
+        index = {"_class_name": "DDPMPipeline", "unet": [lib, type(unet).__name__]}
+        index["scheduler"] = ["diffusers", sched_cls.__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if extra:
+            (tmp / "lipscope.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
 
-    d = out / "checkpoints"
-    tmp, final = d / f".step-{step}.tmp", d / f"step-{step}"
-    with _writing(f"checkpoint {final}", partial=tmp):
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        acc.save_state(str(tmp / "accelerate"))
-        shadow = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
-        save_file(shadow, tmp / "ema.safetensors")
-        (tmp / "ema.json").write_text(json.dumps({k: v for k, v in ema.state_dict().items() if k != "shadow_params"}))
-        (tmp / "lipscope_step.json").write_text(json.dumps({"step": step, "losses": losses, "run": run}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    for old in _checkpoints(out)[:-keep]:  # renamed first: a half-removed folder is never taken for one
-        with contextlib.suppress(OSError):
-            os.replace(old, d / f".{old.name}.old")
-        shutil.rmtree(d / f".{old.name}.old", ignore_errors=True)
+    return write_folder(dest, fill)

@@ -15,7 +15,7 @@ from conftest import TINY, tiny_unet
 
 from lipscope import load_model, probe
 from lipscope.errors import InputError
-from lipscope.etsdm import Etsdm, ETSDMUNet2DModel, etsdm_boundaries, etsdm_map
+from lipscope.etsdm import Etsdm, etsdm_boundaries, etsdm_map, with_etsdm
 from lipscope.models import from_unet
 from lipscope.schedules import DEFAULT_SCHEDULER_CONFIG
 from lipscope.training import TrainConfig, save_pipeline, train_loop
@@ -38,7 +38,7 @@ def test_map_edge_cases():
 
 def test_retrofit_feeds_the_map():
     base = tiny_unet(seed=1)
-    et = ETSDMUNet2DModel.from_unet(base)
+    et = with_etsdm(base)
     x = torch.randn(3, 1, 8, 8)
     t = torch.tensor([5.0, 57.0, 300.0])
     with torch.no_grad():
@@ -52,12 +52,12 @@ def test_retrofit_feeds_the_map():
 @pytest.fixture(scope="module")
 def etsdm_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("etsdm") / "pipeline"
-    save_pipeline(ETSDMUNet2DModel.from_unet(tiny_unet(seed=2), 100.0, 5), DEFAULT_SCHEDULER_CONFIG, d)
+    save_pipeline(with_etsdm(tiny_unet(seed=2), 100.0, 5), DEFAULT_SCHEDULER_CONFIG, d)
     return d
 
 
 def test_save_load_same_outputs(etsdm_dir):
-    ref = ETSDMUNet2DModel.from_unet(tiny_unet(seed=2), 100.0, 5).eval()
+    ref = with_etsdm(tiny_unet(seed=2), 100.0, 5).eval()
     m = load_model(str(etsdm_dir))
     assert m.etsdm == Etsdm(t_tilde=100.0, n=5)
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0.0, 33.0, 99.5, 640.0])

@@ -249,7 +249,8 @@ def test_prompt_refusals_are_one_line(text, tmp_path, capfd, monkeypatch):
         assert r.code == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr, r.exc)
         assert words in r.stderr and not out.exists(), (words, r.stderr)
     # transformers missing: one line naming the extra
-    code = "import sys; sys.modules['transformers'] = None; from lipscope.cli import main; main()"
+    # peft requires transformers: an environment without transformers has no peft either
+    code = "import sys; sys.modules['transformers'] = sys.modules['peft'] = None; from lipscope.cli import main; main()"
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "300"}
     r = subprocess.run([sys.executable, "-c", code, "probe", "--model", str(text["sd"]), "--prompt", "a cat",
                         "--out", str(tmp_path / "t")], capture_output=True, text=True, env=env, timeout=99)  # fmt: skip

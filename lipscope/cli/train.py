@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -28,16 +29,28 @@ def _train_config(opts: dict):
         etsdm=opts["etsdm"],
         t_tilde=opts["t_tilde"],
         n=opts["n_sub"],
+        grad_accum=opts["grad_accum"],
+        **_finetune_only(opts),
     )
+
+
+def _finetune_only(opts: dict) -> dict[str, Any]:
+    """The TrainConfig fields only finetune has flags for."""
+    extra: dict[str, Any] = {k: opts[k] for k in ("caption_dropout", "weighting", "lora", "lora_rank", "lora_alpha")
+                             if k in opts}  # fmt: skip
+    if opts.get("lora_targets"):
+        extra["lora_targets"] = tuple(t.strip() for t in opts["lora_targets"].split(",") if t.strip())
+    return extra
 
 
 def _run(opts, progress: bool) -> None:
     from ..runs import run_training
 
     res = run_training(opts, progress=progress and sys.stderr.isatty())
+    where = "lora" if opts.training.lora else "pipeline"
     out.print(
         f"trained {res['steps']} steps on {res['samples']} samples; final loss (mean of last 100) "
-        f"{res['final_loss_mean_last_100']:.4g}; model in {opts.out}/pipeline"
+        f"{res['final_loss_mean_last_100']:.4g}; model in {opts.out}/{where}"
     )
 
 
@@ -49,6 +62,7 @@ def train(
     out_dir: Path = typer.Option(Path("runs/train"), "--out", "-o"),
     steps: int = typer.Option(20000, "--steps", min=1),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     lr: float = typer.Option(2e-4, "--lr"),
     warmup: int = typer.Option(200, "--warmup"),
     ema_decay: float = typer.Option(0.999, "--ema-decay"),
@@ -59,7 +73,7 @@ def train(
     seed: int = typer.Option(0, "--seed", min=0),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
     etsdm: bool = typer.Option(False, "--etsdm/--no-etsdm", help="Train with the E-TSDM timestep map."),
-    t_tilde: float = typer.Option(100.0, "--t-tilde", help="E-TSDM: map steps below t̃."),
+    t_tilde: float | None = typer.Option(None, "--t-tilde", help="E-TSDM: t̃ in model steps (default 0.1·T)."),
     n_sub: int = typer.Option(5, "--n", help="E-TSDM: number of sub-intervals of [0, t̃)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -91,10 +105,28 @@ def finetune(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow full unpickling of .pt/.bin checkpoints (runs code from the file)."
     ),
-    data: str = typer.Option("digits", "--data", "-d", help="Fine-tuning data (as for probe)."),
+    data: str = typer.Option(
+        "digits", "--data", "-d", help="Fine-tuning images (as for probe); latent models train on their latents."
+    ),
+    captions: str | None = typer.Option(
+        None, "--captions", help="Captions of an image-folder --data: .jsonl/.csv (file_name,text) or .txt side files."
+    ),
+    caption_dropout: float = typer.Option(
+        0.0, "--caption-dropout", help="Rate at which a caption is replaced by the empty prompt (for CFG)."
+    ),
+    weighting: str = typer.Option(
+        "none", "--weighting", help="Flow models: none, logit_normal, mode, cosmap, sigma_sqrt (diffusers' scripts)."
+    ),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (peft) instead of every weight."),
+    lora_rank: int = typer.Option(4, "--lora-rank", min=1),
+    lora_alpha: int | None = typer.Option(
+        None, "--lora-alpha", min=1, help="Default: the rank (scale alpha/rank = 1)."
+    ),
+    lora_targets: str = typer.Option("to_k,to_q,to_v,to_out.0", "--lora-targets", help="Comma-separated modules."),
     out_dir: Path = typer.Option(Path("runs/finetune"), "--out", "-o"),
     steps: int = typer.Option(2000, "--steps", min=1),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step."),
     lr: float = typer.Option(5e-5, "--lr"),
     warmup: int = typer.Option(100, "--warmup"),
     ema_decay: float = typer.Option(0.999, "--ema-decay"),
@@ -105,15 +137,17 @@ def finetune(
     seed: int = typer.Option(0, "--seed", min=0),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", min=1),
     etsdm: bool = typer.Option(False, "--etsdm/--no-etsdm", help="Retrofit E-TSDM (off: the control run)."),
-    t_tilde: float = typer.Option(100.0, "--t-tilde"),
-    n_sub: int = typer.Option(5, "--n"),
+    t_tilde: float | None = typer.Option(
+        None, "--t-tilde", help="E-TSDM: t̃ in model steps k = τ·T (flow: σ·1000); default 0.1·T (100 of 1000)."
+    ),
+    n_sub: int = typer.Option(5, "--n", help="E-TSDM: number of sub-intervals of [0, t̃)."),
     resume: bool = typer.Option(False, "--resume"),
     revision: str | None = typer.Option(None, "--revision"),
     offline: bool = typer.Option(False, "--offline"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Fine-tune a pretrained UNet with the same loop; --etsdm retrofits the fix, without it a control."""
+    """Fine-tune a pretrained model (any family) with the same loop; --etsdm retrofits the fix, without it a control."""
     setup_logging(verbose)
     from ..runs import TrainOptions
 
@@ -124,6 +158,7 @@ def finetune(
         scheduler_config=None if scheduler_config is None else str(scheduler_config),
         trust_pickle=trust_pickle,
         data=data,
+        captions=captions,
         out=str(out_dir),
         revision=revision,
         offline=offline,

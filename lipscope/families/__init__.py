@@ -29,15 +29,27 @@ class Family:
     encode: Callable[..., dict] | None = None  # (pipeline, prompts, negative_prompt, device) → encode_prompt's tensors
 
 
+def _with_etsdm(*classes: str) -> tuple[str, ...]:  # each class and its E-TSDM subclass (lipscope.etsdm)
+    return (*classes, *(f"ETSDM{c}" for c in classes))
+
+
 FAMILIES: tuple[Family, ...] = (
-    Family("unet2d", ("UNet2DModel", "ETSDMUNet2DModel"), "unet", unet2d.build),
-    Family("dit", ("DiTTransformer2DModel",), "transformer", dit.build, dit.conditioning, "class"),
-    Family("sd", ("UNet2DConditionModel",), "unet", sd.build, sd.conditioning, "text", sd.encode),
-    Family("sd3", ("SD3Transformer2DModel",), "transformer", sd3.build, sd3.conditioning, "text", sd3.encode),
+    Family("unet2d", _with_etsdm("UNet2DModel"), "unet", unet2d.build),
+    Family("dit", _with_etsdm("DiTTransformer2DModel"), "transformer", dit.build, dit.conditioning, "class"),
+    Family("sd", _with_etsdm("UNet2DConditionModel"), "unet", sd.build, sd.conditioning, "text", sd.encode),
+    Family("sd3", _with_etsdm("SD3Transformer2DModel"), "transformer", sd3.build, sd3.conditioning, "text", sd3.encode),
     Family(
-        "pixart", ("PixArtTransformer2DModel",), "transformer", pixart.build, pixart.conditioning, "text", pixart.encode
-    ),
-    Family("flux", ("FluxTransformer2DModel",), "transformer", flux.build, flux.conditioning, "text", flux.encode),
+        "pixart",
+        _with_etsdm("PixArtTransformer2DModel"),
+        "transformer",
+        pixart.build,
+        pixart.conditioning,
+        "text",
+        pixart.encode,
+    ),  # fmt: skip
+    Family(
+        "flux", _with_etsdm("FluxTransformer2DModel"), "transformer", flux.build, flux.conditioning, "text", flux.encode
+    ),  # fmt: skip
 )
 
 
@@ -93,9 +105,12 @@ def load_denoiser(
     import diffusers
 
     from ..errors import short_error
+    from ..etsdm import ETSDM_CLASSES
 
     try:
         cls = getattr(diffusers, fam.classes[0])
+        # a saved E-TSDM denoiser is loaded as its class: the base class would drop the map's config keys
+        cls = ETSDM_CLASSES.get(cls.load_config(root, subfolder=subfolder, **hub).get("_class_name"), cls)
         module = cls.from_pretrained(root, subfolder=subfolder, **hub)
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(f"`model` {root}: could not load its {fam.classes[0]} ({short_error(e)})") from e

@@ -10,12 +10,13 @@ import torch
 
 from ..conditioning import Conditioning
 from ..errors import InputError
+from ..etsdm import unmapped
 from ..models import EpsModel, from_module
 
 
 def build(transformer: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
     def net(x: torch.Tensor, c: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return transformer(x, timestep=c, class_labels=class_labels).sample
+        return unmapped(transformer)(x, timestep=c, class_labels=class_labels).sample
 
     return from_module(transformer, net, scheduler_config, None, name, device, dtype)
 

@@ -20,6 +20,7 @@ import torch
 
 from ..conditioning import Conditioning
 from ..errors import InputError
+from ..etsdm import unmapped
 from ..models import EpsModel, from_module
 from .embeds import EncodedPrompts, call_default, negatives, pooled_branch, text_conditioning
 
@@ -68,7 +69,7 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         h, w = x.shape[-2:]
-        out = transformer(
+        out = unmapped(transformer)(
             hidden_states=pack(x),
             timestep=c / 1000,
             guidance=guidance,

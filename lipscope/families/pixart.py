@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..conditioning import Conditioning
+from ..etsdm import unmapped
 from ..models import EpsModel, from_module
 from .embeds import call_default, text_conditioning
 
@@ -33,7 +34,7 @@ def build(transformer: Any, scheduler_config: dict | None, name: str, device, dt
         x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
         **added: Any,
     ) -> torch.Tensor:  # fmt: skip
-        return transformer(
+        return unmapped(transformer)(
             x,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,

@@ -15,6 +15,7 @@ import torch
 
 from ..conditioning import Conditioning
 from ..errors import InputError
+from ..etsdm import unmapped
 from ..models import EpsModel, from_module
 from .embeds import text_conditioning
 
@@ -50,7 +51,7 @@ def build(unet: Any, scheduler_config: dict | None, name: str, device, dtype) ->
         )
 
     def net(x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, **added: Any) -> torch.Tensor:
-        return unet(x, c, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None).sample
+        return unmapped(unet)(x, c, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added or None).sample
 
     return from_module(unet, net, scheduler_config, None, name, device, dtype)
 

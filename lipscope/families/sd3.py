@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..conditioning import Conditioning
+from ..etsdm import unmapped
 from ..models import EpsModel, from_module
 from .embeds import call_default, negatives, pooled_branch, text_conditioning
 
@@ -35,7 +36,7 @@ def encode(pipe: Any, prompts: list[str], negative: str | None, device) -> dict[
 
 def build(transformer: Any, scheduler_config: dict | None, name: str, device, dtype) -> EpsModel:
     def net(x: torch.Tensor, c: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor):
-        return transformer(
+        return unmapped(transformer)(
             hidden_states=x,
             timestep=c,
             encoder_hidden_states=encoder_hidden_states,

@@ -1,22 +1,29 @@
-"""``train`` and ``finetune`` runs: build or load the UNet, load the data, run the one training loop."""
+"""``train`` and ``finetune`` runs: build or load the denoiser, load the data (latents encoded once and cached in
+the run folder; captions encoded once by the pipeline's own frozen text encoders), run the one training loop."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import io as lio
 from .. import rng
+from ..captions import read_captions
 from ..data import load_data
 from ..errors import InputError
+from ..families import family_of_model, pipeline_denoiser
 from ..loading import check_unet_config, load_model, read_json, read_scheduler_config, unet_class
-from ..models import require_unet
-from ..processes import vp_schedule
+from ..models import EpsModel, from_unet
+from ..prompts import conditioning_for, pipeline_source
 from ..schedules import DEFAULT_SCHEDULER_CONFIG
-from ..training import TrainConfig, train_loop
+from ..training import TrainConfig, TrainData, train_loop
 from .common import check_out_dir
 
 
@@ -34,6 +41,7 @@ class TrainOptions:
     revision: str | None = None
     offline: bool = False
     resume: bool = False
+    captions: str | None = None  # .jsonl / .csv / folder of .txt side files, for an image-folder `data`
     training: TrainConfig = field(default_factory=TrainConfig)
 
     def source(self) -> str:
@@ -58,30 +66,125 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
             "(hub id, pipeline folder or weights file)"
         )
     with lio.run_lock(out) if main else contextlib.nullcontext():
+        m = _initial_model(opts)
+        td = _train_data(opts, m, out)
+        save = None if _family(m) == "unet2d" and m.latent is None else _pipeline_saver(opts, m)
+        res = train_loop(m, None, td, cfg, out, resume=opts.resume, progress=progress, source=opts.source(), save=save)
+        return {**res, "samples": int(td.x0.shape[0])}
+
+
+def _family(m: EpsModel) -> str:
+    fam = family_of_model(m)
+    return fam.name if fam is not None else "?"
+
+
+def _train_data(opts: TrainOptions, m: EpsModel, out: Path) -> TrainData:
+    """x0 in the denoiser's space (latents: encoded once, cached in ``out/latents.safetensors``) and, for a
+    conditional model, its conditioning rows: each image's caption (or the empty prompt) or DiT's null class."""
+    cfg, fam = opts.training, family_of_model(m)
+    pixel = tuple(m.latent.pixel_shape) if m.latent is not None else tuple(m.sample_shape or ())
+    if opts.captions is not None and (fam is None or fam.conditioned_on != "text"):
+        raise InputError(f"`captions`: {opts.model or opts.config} is not text-conditioned; leave out `captions`")
+    x = load_data(opts.data, None, cfg.seed, pixel)
+    info: dict[str, Any] = {}
+    if opts.model is not None:  # what a LoRA run is applied to: a local path made absolute, a hub id at its revision
+        local = Path(opts.model).expanduser()
+        info["base_model"] = str(local.resolve()) if local.exists() else opts.model
+        info["base_revision"] = opts.revision
+    if m.latent is not None:
+        x, info["latents"] = _cached_latents(m, x, out)
+    if fam is None or fam.conditioned_on is None:
+        return TrainData(x, spec=opts.data, info=info)
+    caps = read_captions(opts.captions, opts.data) if opts.captions is not None else [""] * len(x)
+    if fam.conditioned_on != "text":  # DiT: trained on the null class (class labels are not read from data yet)
+        cond = conditioning_for(m, str(opts.model))
+        info["conditioning"] = "null class (unconditional)"
+        return TrainData(x, conditioning=cond, spec=opts.data, info=info)
+    prompts = sorted(set(caps) | {""})
+    where = {c: i for i, c in enumerate(prompts)}
+    rows = torch.tensor([where[c] for c in caps])
+    cond = conditioning_for(m, str(opts.model), prompts=prompts, revision=opts.revision, offline=opts.offline or None)
+    info["captions"] = {"source": opts.captions or "none: every image gets the empty prompt",
+                        "distinct": len(prompts) - 1, "dropout": cfg.caption_dropout,
+                        "encoded_by": (cond.info if cond is not None else {}).get("encoded_by"),
+                        "text_encoders": "frozen (prompts encoded once before training)"}  # fmt: skip
+    return TrainData(x, conditioning=cond, rows=rows, empty_row=prompts.index(""), spec=opts.data, info=info)
+
+
+def _cached_latents(m: EpsModel, x: torch.Tensor, out: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The latents of images x by the pipeline's autoencoder, encoded once per run folder (keyed on the images'
+    sha256 and the autoencoder's description)."""
+    from safetensors.torch import load_file, save_file
+
+    assert m.latent is not None
+    weights = hashlib.sha256()
+    for name, t in sorted(m.latent.vae.state_dict().items()):  # the autoencoder's weights, not only its config
+        weights.update(name.encode())
+        weights.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    images = hashlib.sha256(x.contiguous().numpy().data.cast("B")).hexdigest()  # no copy of the images
+    key = {"images_sha256": images, "codec": json.dumps(m.latent.describe(), sort_keys=True, default=str),
+           "vae_sha256": weights.hexdigest(), "dtype": str(x.dtype)}  # fmt: skip
+    path = out / "latents.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() == key:
+                return load_file(str(path))["latents"], {**m.latent.describe(), "cache": "reused"}
+    z = m.latent.encode(x)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".latents.safetensors.tmp"
+        save_file({"latents": z.contiguous()}, str(tmp), metadata=key)
+        os.replace(tmp, path)
+    return z, {**m.latent.describe(), "cache": "written"}
+
+
+def _pipeline_saver(opts: TrainOptions, m: EpsModel):
+    """Write the whole pipeline of ``opts.model`` with the trained denoiser in place of its own (diffusers'
+    ``from_pretrained`` with the component replaced, then ``save_pretrained``); an E-TSDM denoiser is named
+    ``["lipscope.etsdm", "ETSDM…"]`` in model_index.json (stock diffusers loads it after ``import lipscope.etsdm``)."""
+    from diffusers import DiffusionPipeline
+
+    root, index, hub = pipeline_source(str(opts.model), opts.revision, opts.offline or None)
+    comp = pipeline_denoiser(index, str(opts.model))[1]
+
+    def save(denoiser: Any, dest: Path, record: dict[str, Any]) -> None:
+        pipe = DiffusionPipeline.from_pretrained(root, **{comp: denoiser}, **hub)
+        pipe.save_pretrained(str(dest), safe_serialization=True)
+        idx = json.loads((dest / "model_index.json").read_text())
+        if not type(denoiser).__module__.startswith("diffusers"):
+            idx[comp] = [type(denoiser).__module__, type(denoiser).__name__]
+        (dest / "model_index.json").write_text(json.dumps(idx, indent=2) + "\n")
+        (dest / "lipscope.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    return save
+
+
+def _initial_model(opts: TrainOptions) -> EpsModel:
+    """The model to train: a UNet2DModel built from ``config`` (weights from the seed alone, in an isolated RNG)
+    or a pretrained model of any family lipscope wraps, loaded from ``model``."""
+    if opts.config is not None:
         unet, sched_cfg = _initial_unet(opts)
-        T = vp_schedule(sched_cfg, "training").T
-        if cfg.etsdm and not cfg.t_tilde < T:
-            raise InputError(f"`t_tilde` {cfg.t_tilde:g} must be below T = {T} (E-TSDM maps the steps t < t̃)")
-        c, s = int(unet.config.in_channels), unet.config.sample_size
-        hw = (s, s) if isinstance(s, int) else tuple(s)
-        x = load_data(opts.data, None, cfg.seed, (c, *hw))
-        res = train_loop(
-            unet,
-            sched_cfg,
-            x,
-            cfg,
-            out,
-            resume=opts.resume,
-            progress=progress,
-            source=opts.source(),
-            data_spec=opts.data,
+        return from_unet(unet, sched_cfg, device=unet.device)
+    m = load_model(
+        str(opts.model),
+        config=opts.model_config,
+        scheduler_config=opts.scheduler_config,
+        revision=opts.revision,
+        offline=opts.offline or None,
+        trust_pickle=opts.trust_pickle,
+    )
+    if m.module is None or family_of_model(m) is None:
+        raise InputError(
+            f"`model` {opts.model}: fine-tuning needs a diffusers denoiser lipscope wraps (a hub id, pipeline folder "
+            "or weights file); a py: callable or a closed form cannot be trained"
         )
-        return {**res, "samples": int(x.shape[0])}
+    return m
 
 
 def _initial_unet(opts: TrainOptions) -> tuple[Any, dict[str, Any]]:
-    """The UNet to start from and its scheduler config: built from ``config`` (weights from the seed
-    alone, in an isolated RNG) or loaded from ``model``."""
+    """A UNet built from ``config`` (weights from the seed alone, in an isolated RNG) and its scheduler config."""
     if opts.config is not None:
         cpath = Path(opts.config)
         ucfg = read_json(cpath / "config.json" if cpath.is_dir() else cpath, "model config")
@@ -94,17 +197,4 @@ def _initial_unet(opts: TrainOptions) -> tuple[Any, dict[str, Any]]:
             raise InputError(f"`config` {opts.config}: not a valid UNet2DModel config ({first}); fix the config") from e
         sched_cfg = read_scheduler_config(opts.scheduler_config) if opts.scheduler_config else None
         return unet, sched_cfg or dict(DEFAULT_SCHEDULER_CONFIG)
-    m = load_model(
-        str(opts.model),
-        config=opts.model_config,
-        scheduler_config=opts.scheduler_config,
-        revision=opts.revision,
-        offline=opts.offline or None,
-        trust_pickle=opts.trust_pickle,
-    )
-    if m.latent is not None:
-        raise InputError(
-            f"`model` {opts.model} is a latent pipeline ({m.latent.kind}); fine-tuning trains pixel-space UNets only "
-            "for now"
-        )
-    return require_unet(m, "fine-tuning"), m.scheduler_config
+    raise InputError("`config` is needed to build a UNet")  # _initial_model loads `model`

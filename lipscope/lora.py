@@ -1,0 +1,106 @@
+"""LoRA fine-tuning through peft, saved the way diffusers' ``load_lora_weights`` reads it.
+
+Adapters are added with the denoiser's own ``add_adapter`` (diffusers' ``PeftAdapterMixin``; the base weights
+frozen first, as diffusers' LoRA training scripts do) and saved with the family pipeline's ``save_lora_weights``
+(``pytorch_lora_weights.safetensors``, keys ``unet.…`` / ``transformer.…``, the adapter's LoraConfig in the
+safetensors metadata). An E-TSDM run adds ``etsdm_t_tilde`` and ``etsdm_n`` (in the denoiser's timestep units) to
+that metadata: stock ``load_lora_weights`` then refuses the file (``LoraConfig`` takes no such keys) instead of
+dropping the map, and :func:`lipscope.etsdm.load_etsdm_lora` loads it with the map.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError, short_error
+from .etsdm import UNITS_PER_STEP, etsdm_of
+
+# family → (the pipeline class whose save_lora_weights writes its denoiser's LoRA, the keyword it takes)
+LORA_PIPELINES = {
+    "sd": ("StableDiffusionPipeline", "unet_lora_layers"),
+    "sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers"),
+    "flux": ("FluxPipeline", "transformer_lora_layers"),
+}
+
+
+def check_lora(family: str) -> None:
+    """Refuse ``lora`` for families whose pipelines have no ``load_lora_weights`` (a LoRA nobody can load)."""
+    import inspect
+
+    import diffusers
+
+    if family not in LORA_PIPELINES:
+        have = ", ".join(LORA_PIPELINES)
+        raise InputError(
+            f"`lora`: the {family} family's diffusers pipeline has no load_lora_weights, so a LoRA of it could not be "
+            f"loaded; fine-tune every weight (leave out `lora`) or use one of: {have}"
+        )
+    pipe, key = LORA_PIPELINES[family]
+    meta_key = key.replace("_lora_layers", "_lora_adapter_metadata")
+    if meta_key not in inspect.signature(getattr(diffusers, pipe).save_lora_weights).parameters:
+        raise InputError(  # the map travels in the adapter metadata: without it a saved LoRA would lose it
+            f"`lora`: diffusers {diffusers.__version__} cannot store LoRA adapter metadata (where the E-TSDM map "
+            "goes); pip install -U 'diffusers>=0.35'"
+        )
+
+
+def add_lora(denoiser: Any, rank: int, alpha: int | None, targets: tuple[str, ...]) -> None:
+    """Freeze ``denoiser`` and add one LoRA adapter (gaussian init, as diffusers' scripts) to ``targets``."""
+    from peft import LoraConfig
+
+    if not hasattr(denoiser, "add_adapter"):
+        raise InputError(f"`lora`: {type(denoiser).__name__} takes no peft adapters; fine-tune every weight")
+    denoiser.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )  # fmt: skip
+    try:
+        denoiser.add_adapter(config)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise InputError(
+            f"`lora_targets` {', '.join(targets)}: {short_error(e)}; its linear layers are named "
+            f"{', '.join(names[:12])}"
+        ) from e
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a run optimises: every weight, or only the LoRA adapters."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def lora_metadata(denoiser: Any) -> dict[str, Any]:
+    """The adapter's LoraConfig as diffusers stores it, plus the E-TSDM map of an E-TSDM denoiser."""
+    meta = denoiser.peft_config["default"].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    if (et := etsdm_of(denoiser)) is not None:
+        base = next(c.__name__ for c in type(denoiser).__mro__ if c.__name__ in UNITS_PER_STEP)
+        meta |= {
+            "etsdm_t_tilde": et.t_tilde * UNITS_PER_STEP[base],
+            "etsdm_n": et.n,
+            "etsdm_class": type(denoiser).__name__,
+        }
+    return meta
+
+
+def save_lora(denoiser: Any, family: str, dest: Path, record: dict[str, Any]) -> Path:
+    """``dest/pytorch_lora_weights.safetensors`` by the family pipeline's ``save_lora_weights``, and lipscope.json."""
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    check_lora(family)
+    pipe, key = LORA_PIPELINES[family]
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    meta_key = key.replace("_lora_layers", "_lora_adapter_metadata")
+    dest = Path(dest)
+    getattr(diffusers, pipe).save_lora_weights(
+        str(dest), **{key: layers, meta_key: lora_metadata(denoiser)}, safe_serialization=True
+    )
+    (dest / "lipscope.json").write_text(json.dumps({**record, "lora_pipeline": pipe}, indent=2, default=str) + "\n")
+    return dest
