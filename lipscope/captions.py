@@ -34,7 +34,7 @@ def image_files(folder: str | Path) -> list[Path]:
 def _text(row: dict, where: str) -> str:
     key = next((k for k in TEXT_KEYS if k in row), None)
     if key is None or "file_name" not in row:
-        raise InputError(f"`captions` {where}: needs `file_name` and one of {', '.join(TEXT_KEYS)} in every row")
+        raise InputError(f"`captions` {where}: needs a file_name and one of {', '.join(TEXT_KEYS)} in every row")
     if not isinstance(row[key], str):
         raise InputError(f"`captions` {where}: the caption of {row['file_name']} is not a string")
     return row[key]

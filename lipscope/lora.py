@@ -27,6 +27,12 @@ LORA_PIPELINES = {
 }
 
 
+def peft_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
 def check_lora(family: str) -> None:
     """Refuse ``lora`` for families whose pipelines have no ``load_lora_weights`` (a LoRA nobody can load)."""
     import inspect
@@ -39,6 +45,8 @@ def check_lora(family: str) -> None:
             f"`lora`: the {family} family's diffusers pipeline has no load_lora_weights, so a LoRA of it could not be "
             f"loaded; fine-tune every weight (leave out `lora`) or use one of: {have}"
         )
+    if not peft_available():
+        raise InputError("`lora` trains adapters with peft: pip install 'lipscope[lora]'")
     pipe, key = LORA_PIPELINES[family]
     meta_key = key.replace("_lora_layers", "_lora_adapter_metadata")
     if meta_key not in inspect.signature(getattr(diffusers, pipe).save_lora_weights).parameters:

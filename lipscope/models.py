@@ -337,18 +337,6 @@ def from_callable(
     )
 
 
-def require_unet(model: EpsModel, what: str) -> UNet2DModel:
-    """The diffusers UNet2DModel behind ``model`` (for training on it); InputError for anything else."""
-    from diffusers import UNet2DModel
-
-    if isinstance(model.module, UNet2DModel):
-        return model.module
-    raise InputError(
-        f"{what} needs a diffusers UNet2DModel (hub id, folder or weights file) as `model`; {model.name} is "
-        f"not one (a py: callable or a closed form cannot be used for {what})"
-    )
-
-
 def _process_fingerprint(p: NoiseProcess) -> dict[str, Any]:
     """What identifies a process built in Python (no scheduler config): its description, plus the hash of a
     VP schedule's log ᾱ."""

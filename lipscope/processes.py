@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import InputError
-from .schedules import NoiseProcess, Schedule, _as_f64, schedule_from_config
+from .schedules import NoiseProcess, _as_f64, schedule_from_config
 from .targets import mean_half, per_row
 
 VP_CLASSES = (
@@ -203,17 +203,6 @@ class FlowProcess(NoiseProcess):
             "shift": "dynamic" if self.shift is None else self.shift,
             "shift_note": "a timestep shift changes which sigma a sampler visits, not what the network is fed",
         }
-
-
-def vp_schedule(config: dict[str, Any], what: str) -> Schedule:
-    """The VP schedule of a scheduler config, for code that supports VP only (``what``: training, sampling)."""
-    p = process_from_config(config)
-    if not isinstance(p, Schedule):
-        raise InputError(
-            f"{what} supports VP (DDPM-family) schedules only; this model's scheduler is a {p.kind} process "
-            f"({config.get('_class_name')})"
-        )
-    return p
 
 
 def process_from_config(config: dict[str, Any]) -> NoiseProcess:

@@ -453,3 +453,10 @@ def test_more_refusals(pipes, tmp_path):
     with pytest.raises(InputError, match="already carries the E-TSDM map"):
         with_etsdm(et, 50.0, 5)
     assert with_etsdm(et, 100.0, 5) is et
+
+
+def test_lora_without_peft_is_one_line(pipes, tmp_path, monkeypatch):
+    monkeypatch.setattr("lipscope.lora.peft_available", lambda: False)  # (hiding peft itself breaks diffusers)
+    with pytest.raises(InputError, match=r"pip install 'lipscope\[lora\]'") as e:
+        _finetune(pipes, "sd", tmp_path / "a", lora=True)
+    assert "\n" not in str(e.value)

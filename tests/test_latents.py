@@ -107,15 +107,25 @@ def test_model_samples_are_unclamped_latents_and_run_json_says_latent(ldm, tmp_p
     assert x0.abs().max() > 1 and not bool((x0.abs() == 1).any())
 
 
-def test_sample_decodes_latents_and_training_refuses(ldm, tmp_path):
-    from lipscope.errors import InputError
+def test_sample_decodes_latents_and_training_trains_on_cached_latents(ldm, tmp_path):
+    from lipscope.data import load_data
     from lipscope.runs import SampleOptions, TrainOptions, run_sample, run_training
+    from lipscope.training import TrainConfig
 
     kind, folder = ldm
     meta = run_sample(SampleOptions(model=str(folder), steps=2, num=2, device="cpu", out=str(tmp_path / "s")))
     z = np.load(tmp_path / "s" / "samples.npz")
     assert z["x0"].shape == (2, *LDM_LATENT_SHAPE) and z["images"].shape == (2, *LDM_IMAGE_SHAPE)
     assert meta["space"]["space"] == "latent" and np.abs(z["images"]).max() <= 1
-    with pytest.raises(InputError, match="latent pipeline"):
-        run_training(TrainOptions(model=str(folder), out=str(tmp_path / "t")), progress=False)
-    assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+    # an LDM fine-tunes on its latents: encoded once by its autoencoder (AutoencoderKL mean / VQModel's
+    # pre-quantisation latents), cached in the run folder, the pipeline saved whole with the new UNet
+    cfg = TrainConfig(steps=2, batch_size=2, warmup_steps=0, etsdm=True)
+    res = run_training(TrainOptions(model=str(folder), data="digits", out=str(tmp_path / "t"), training=cfg))
+    m = load_model(str(tmp_path / "t"))
+    assert res["latents"]["cache"] == "written" and m.latent is not None and m.etsdm is not None
+    from safetensors.torch import load_file
+
+    x = load_data("digits", None, 0, m.latent.pixel_shape)
+    cached = load_file(str(tmp_path / "t" / "latents.safetensors"))["latents"]
+    assert cached.shape == (len(x), *LDM_LATENT_SHAPE)
+    torch.testing.assert_close(cached, load_model(str(folder)).latent.encode(x), rtol=0, atol=0)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_unet
+from conftest import TINY
 from diffusers import DDPMScheduler
 
 from lipscope import load_model
 from lipscope.errors import InputError, ModelOutputError
 from lipscope.fwad import forward_ad_patches
 from lipscope.loading import check_unet_config, read_json, read_scheduler_config
-from lipscope.models import from_callable, from_unet, require_unet, resolve_device
+from lipscope.models import from_callable, from_unet, resolve_device
 from lipscope.schedules import schedule_from_config
 
 PICKLE_SUFFIXES = [".pt", ".bin", ".ckpt", ".pth"]
@@ -466,17 +466,6 @@ def test_weights_file_with_bad_config_is_refused_before_loading(tmp_path, unet):
     with pytest.raises(InputError, match=r"`config` .*c\.json: config lacks in_channels/sample_size"):
         load_model(str(w), config=tmp_path / "c.json", trust_pickle=True)
     assert not marker.exists()
-
-
-def test_require_unet():
-    u = tiny_unet()
-    assert require_unet(from_unet(u), "fine-tuning") is u
-    for m in (from_callable(lambda x, t: x, name="py:mynet:f"), from_callable(torch.nn.Identity(), name="py:m:f")):
-        with pytest.raises(InputError) as info:
-            require_unet(m, "fine-tuning")
-        msg = _one_line(info)
-        assert "fine-tuning needs a diffusers UNet2DModel (hub id, folder or weights file) as `model`" in msg
-        assert "py: callable" in msg
 
 
 # ---------------------------------------------------------------------------------------------

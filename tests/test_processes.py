@@ -191,9 +191,14 @@ def test_training_and_sampling_refuse_other_processes(folders, tmp_path):
     from lipscope.runs import TrainOptions, run_training
     from lipscope.sampling import model_samples
 
-    for kind in ("ve", "flow", "edm"):
-        with pytest.raises(InputError, match=f"VP \\(DDPM-family\\) schedules only.*{kind} process"):
+    for kind in ("ve", "edm"):  # flow models train (tests/test_finetune_families.py, and below)
+        with pytest.raises(InputError, match=f"VP \\(DDPM-family\\) and flow-matching schedules.*{kind} process"):
             run_training(TrainOptions(model=str(folders[kind]), out=str(tmp_path / kind)), progress=False)
+    from lipscope.training import TrainConfig
+
+    cfg = TrainConfig(steps=1, batch_size=2, warmup_steps=0)
+    res = run_training(TrainOptions(model=str(folders["flow"]), out=str(tmp_path / "flow"), training=cfg))
+    assert res["prediction_type"] == "flow_prediction" and res["process"]["process"] == "flow"
     for kind in ("ve", "edm"):  # flow models sample with their own Euler scheduler (test below)
         with pytest.raises(InputError, match=f"sampling {kind} models is not supported yet"):
             model_samples(load_model(str(folders[kind])), 2, 0)

@@ -45,7 +45,9 @@ FLAGS: dict[str, str] = {
     "data": "--data",
 }
 # Python-API parameters no command exposes: shown as they are, never as an invented flag
-API_ONLY = frozenset({"keep_checkpoints", "weight_decay", "lr_schedule", "stop_after"})
+API_ONLY = frozenset(
+    {"keep_checkpoints", "weight_decay", "lr_schedule", "stop_after", "component", "confidence", "grid", "images"}
+)
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 

@@ -62,7 +62,7 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
         raise InputError("pass exactly one of `config` (train from scratch) and `model` (fine-tune)")
     if opts.model is not None and str(opts.model).startswith("py:"):
         raise InputError(
-            f"`model` {opts.model}: a py: callable cannot be fine-tuned; pass a diffusers UNet2DModel "
+            f"`model` {opts.model}: a py: callable cannot be fine-tuned; pass a diffusers denoiser lipscope wraps "
             "(hub id, pipeline folder or weights file)"
         )
     with lio.run_lock(out) if main else contextlib.nullcontext():
