@@ -178,6 +178,11 @@ def _base_name(module: object) -> str | None:
     return None
 
 
+def _units(module: object) -> float:
+    """The denoiser's timestep units per model step (:data:`UNITS_PER_STEP` of the class it is built on)."""
+    return UNITS_PER_STEP[_base_name(module) or ""]
+
+
 def is_etsdm(module: object) -> bool:
     return isinstance(module, _ETSDMForward)
 
@@ -186,8 +191,7 @@ def etsdm_of(module: object) -> Etsdm | None:
     """The E-TSDM settings an E-TSDM denoiser carries, in model steps k (None for other modules)."""
     if not isinstance(module, _ETSDMForward):
         return None
-    units = UNITS_PER_STEP[_base_name(module) or ""]
-    return Etsdm(float(module.config.etsdm_t_tilde) / units, int(module.config.etsdm_n))
+    return Etsdm(float(module.config.etsdm_t_tilde) / _units(module), int(module.config.etsdm_n))
 
 
 def with_etsdm(module: Any, t_tilde: float = 100.0, n: int = 5, *, inplace: bool = False) -> Any:
@@ -217,10 +221,6 @@ def with_etsdm(module: Any, t_tilde: float = 100.0, n: int = 5, *, inplace: bool
 def unmapped(module: Any) -> Any:
     """What to call for the network at an explicit condition: an E-TSDM denoiser's ``forward_condition``."""
     return module.forward_condition if isinstance(module, _ETSDMForward) else module
-
-
-def _units(module: object) -> float:
-    return UNITS_PER_STEP[_base_name(module) or ""]
 
 
 def load_etsdm_lora(target: Any, path: str | Path, component: str | None = None) -> Any:

@@ -13,7 +13,6 @@ from .metrics import fid_inception, frechet_distance, kid, sliced_wasserstein
 from .models import EpsModel
 from .sampling import sample
 
-METRICS = ("fd_pixel", "fd_digits", "kid_digits", "swd_pixel")  # the columns with the default feature space
 KEYS = ["model", "scheduler", "steps"]
 
 

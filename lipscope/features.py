@@ -20,11 +20,8 @@ the processor crops, then (x − mean)/std. Without ``preprocessor_config.json``
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import os
 import re
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch.nn.functional as F
 
 from .devices import resolve_device
 from .errors import InputError, short_error
+from .pyspec import import_factory
 from .zoo import CLASSIFIER_ASSET, digits_features, load_digits_classifier
 
 ACCEPTED = (
@@ -131,20 +129,8 @@ def digits_space() -> FeatureSpace:
 
 
 def _py_space(spec: str) -> FeatureSpace:
-    mod_name, _, fn_name = spec[3:].partition(":")
-    if not mod_name or not fn_name:
-        raise InputError(f"`features` {spec}: use py:package.module:factory (factory() returns images → features)")
-    if os.getcwd() not in sys.path:  # as py: model specs (lipscope.pyspec): modules beside the working folder
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InputError(f"`features` {spec}: cannot import {mod_name} ({short_error(e)}); is it on PYTHONPATH?") from e
-    except (Exception, SystemExit) as e:
-        raise InputError(f"`features` {spec}: importing {mod_name} raised {short_error(e)}; fix the module") from e
-    factory = getattr(mod, fn_name, None)
-    if factory is None or not callable(factory):
-        raise InputError(f"`features` {spec}: {mod_name} has no callable {fn_name}; name the factory function")
+    usage = "py:package.module:factory (factory() returns images → features)"
+    mod, mod_name, fn_name, factory = import_factory(spec, "features", usage, "returns the feature extractor")
     try:
         obj = factory()
     except InputError:

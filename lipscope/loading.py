@@ -38,6 +38,7 @@ from .etsdm import ETSDMUNet2DModel, load_etsdm_lora
 from .families import family_of_class, family_of_model, load_denoiser, pipeline_denoiser
 from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
+from .lora import lora_run_base
 from .models import SUPPORTED_CLASSES, EpsModel, from_unet, resolve_device, resolve_dtype
 from .pyspec import load_py, parse_model_args
 from .weights import read_state_dict
@@ -84,23 +85,19 @@ def load_model(
     if path.exists():
         if path.is_file():
             return _load_weights_file(path, config, sched_cfg, trust_pickle, dev, dt)
-        if (path / "lora" / "lipscope.json").is_file() and not subfolder:  # a `finetune --lora` run folder
-            return _load_lora_run(path / "lora", sched_cfg, offline, dev, dt)
+        if not subfolder and (base := lora_run_base(path)) is not None:  # a `finetune --lora` run folder
+            return _load_lora_run(path, base, sched_cfg, offline, dev, dt)
         return _load_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle)
     if _looks_like_path(spec):
         raise InputError(f"`model` {spec}: no such file or folder; check the path")
     return _load_hub(spec, revision, subfolder, sched_cfg, offline, dev, dt)
 
 
-def _load_lora_run(lora: Path, sched_cfg: dict | None, offline: bool | None, dev, dt) -> EpsModel:
-    """A LoRA run: its base model (``base_model`` in lora/lipscope.json) with the adapter and E-TSDM map loaded."""
-    rec = read_json(lora / "lipscope.json", "lipscope.json").get("training", {})
-    if not isinstance(base := rec.get("base_model"), str):
-        raise InputError(f"`model` {lora.parent}: lora/lipscope.json names no base_model; retrain with this lipscope")
-    rev = rec.get("base_revision")
-    m = load_model(base, scheduler_config=sched_cfg, revision=rev, offline=offline, device=dev, dtype=dt)
+def _load_lora_run(run: Path, base: tuple[str, str | None], sched_cfg: dict | None, offline, dev, dt) -> EpsModel:
+    """A LoRA run: its base model (spec, revision) with the adapter and E-TSDM map of ``run/lora`` loaded."""
+    m = load_model(base[0], scheduler_config=sched_cfg, revision=base[1], offline=offline, device=dev, dtype=dt)
     fam = family_of_model(m)
-    built = fam.build(load_etsdm_lora(m.module, lora, fam.component), m.scheduler_config, str(lora.parent), dev, dt)  # type: ignore[union-attr]
+    built = fam.build(load_etsdm_lora(m.module, run / "lora", fam.component), m.scheduler_config, str(run), dev, dt)  # type: ignore[union-attr]
     return dataclasses.replace(built, latent=m.latent)
 
 

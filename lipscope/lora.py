@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, short_error
-from .etsdm import UNITS_PER_STEP, etsdm_of
+from .etsdm import etsdm_of
 
 # family → (the pipeline class whose save_lora_weights writes its denoiser's LoRA, the keyword it takes)
 LORA_PIPELINES = {
@@ -86,13 +86,10 @@ def lora_metadata(denoiser: Any) -> dict[str, Any]:
     """The adapter's LoraConfig as diffusers stores it, plus the E-TSDM map of an E-TSDM denoiser."""
     meta = denoiser.peft_config["default"].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    if (et := etsdm_of(denoiser)) is not None:
-        base = next(c.__name__ for c in type(denoiser).__mro__ if c.__name__ in UNITS_PER_STEP)
-        meta |= {
-            "etsdm_t_tilde": et.t_tilde * UNITS_PER_STEP[base],
-            "etsdm_n": et.n,
-            "etsdm_class": type(denoiser).__name__,
-        }
+    if etsdm_of(denoiser) is not None:  # the map as the denoiser's config holds it: in its own timestep units
+        cfg = denoiser.config
+        meta |= {"etsdm_t_tilde": float(cfg.etsdm_t_tilde), "etsdm_n": int(cfg.etsdm_n)}
+        meta["etsdm_class"] = type(denoiser).__name__
     return meta
 
 
@@ -112,3 +109,18 @@ def save_lora(denoiser: Any, family: str, dest: Path, record: dict[str, Any]) ->
     )
     (dest / "lipscope.json").write_text(json.dumps({**record, "lora_pipeline": pipe}, indent=2, default=str) + "\n")
     return dest
+
+
+def lora_run_base(run: str | Path) -> tuple[str, str | None] | None:
+    """(base model spec, its revision) that a ``finetune --lora`` run folder was trained from, as :func:`save_lora`'s
+    ``lora/lipscope.json`` records it; None for any other path."""
+    file = Path(run) / "lora" / "lipscope.json"
+    if not file.is_file():
+        return None
+    try:
+        rec = json.loads(file.read_text(encoding="utf-8")).get("training", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"`model` {run}: {file} cannot be read ({short_error(e)}); restore it or retrain") from e
+    if not isinstance(base := rec.get("base_model"), str):
+        raise InputError(f"`model` {run}: lora/lipscope.json names no base_model; retrain with this lipscope")
+    return base, rec.get("base_revision")

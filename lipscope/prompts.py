@@ -19,6 +19,7 @@ from .conditioning import Conditioning
 from .errors import InputError, short_error
 from .families import EncodedPrompts, family_of_model, pipeline_denoiser, resolve_conditioning
 from .loading import hub_local_only, read_json
+from .lora import lora_run_base
 from .models import EpsModel, resolve_device
 
 log = logging.getLogger("lipscope")
@@ -48,15 +49,16 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
-def _source(spec: str, revision: str | None, offline: bool | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(root, model_index.json, hub kwargs) of the pipeline a model spec names."""
+def pipeline_source(
+    spec: str, revision: str | None = None, offline: bool | None = None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(root, model_index.json, hub kwargs) of the pipeline a model spec names (a run folder: its ``pipeline/``; a
+    LoRA run: its base model's)."""
     if spec.startswith(("py:", "builtin:")) or Path(spec).expanduser().is_file():
         raise InputError(f"`prompt`: `model` {spec} is not a pipeline with text encoders; give `prompt_embeds`")
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "pipeline").exists() and (path / "lora" / "lipscope.json").is_file():
-        base = read_json(path / "lora" / "lipscope.json", "lipscope.json").get("training", {}).get("base_model")
-        if isinstance(base, str):  # a `finetune --lora` run: the base pipeline's text encoders
-            return _source(base, revision, offline)
+    if (base := lora_run_base(path)) is not None:  # a `finetune --lora` run: its base pipeline's text encoders
+        return pipeline_source(base[0], base[1], offline)
     if path.is_dir():
         if not (path / "model_index.json").is_file() and (path / "pipeline" / "model_index.json").is_file():
             path = path / "pipeline"
@@ -75,11 +77,6 @@ def _source(spec: str, revision: str | None, offline: bool | None) -> tuple[str,
     return spec, index, {"revision": revision, "local_files_only": local}
 
 
-def pipeline_source(spec: str, revision: str | None = None, offline: bool | None = None):
-    """(root, model_index.json, hub kwargs) of the pipeline a model spec names (a run folder: its ``pipeline/``)."""
-    return _source(spec, revision, offline)
-
-
 def encode_prompts(
     spec: str,
     prompts: list[str],
@@ -93,7 +90,7 @@ def encode_prompts(
     """Encode ``prompts`` (and the negative prompt, for CFG) with the pipeline ``spec``'s own text encoders."""
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError("`prompt` must be one or more strings")
-    root, index, hub = _source(spec, revision, offline)
+    root, index, hub = pipeline_source(spec, revision, offline)
     fam, comp = pipeline_denoiser(index, spec)
     if fam.encode is None:
         raise InputError(f"`prompt`: {spec} is not text-conditioned ({fam.name}); leave out `prompt`")

@@ -77,27 +77,33 @@ def detect_rounding(model: EpsModel) -> bool:
     return not torch.equal(lo, hi) and (torch.equal(mid, lo) or torch.equal(mid, hi))
 
 
-def load_py(
-    spec: str, sched_cfg: dict | None, dev: torch.device, dt: torch.dtype, model_args: dict[str, Any] | None = None
-) -> EpsModel:
-    """Import ``py:module:factory``, call ``factory(**model_args)`` and wrap what it returns."""
-    kwargs = dict(model_args or {})
+def import_factory(spec: str, param: str, usage: str, builds: str) -> tuple[Any, str, str, Any]:
+    """(module, module name, factory name, factory) of ``py:module:factory``, imported from the working folder or
+    PYTHONPATH; every failure is one line naming ``param`` (``usage``: the form to use; ``builds``: what the
+    factory builds, for a missing one)."""
     mod_name, _, fn_name = spec[3:].partition(":")
     if not mod_name or not fn_name:
-        raise InputError(f"`model` {spec}: use py:package.module:factory")
+        raise InputError(f"`{param}` {spec}: use {usage}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise InputError(f"`model` {spec}: cannot import {mod_name} ({short_error(e)}); is it on PYTHONPATH?") from e
+        raise InputError(f"`{param}` {spec}: cannot import {mod_name} ({short_error(e)}); is it on PYTHONPATH?") from e
     except (Exception, SystemExit) as e:  # the module's own code failed: one line, no traceback
-        raise InputError(f"`model` {spec}: importing {mod_name} raised {short_error(e)}; fix the module") from e
+        raise InputError(f"`{param}` {spec}: importing {mod_name} raised {short_error(e)}; fix the module") from e
     factory = getattr(mod, fn_name, None)
     if factory is None or not callable(factory):
-        raise InputError(
-            f"`model` {spec}: {mod_name} has no callable {fn_name}; name the function that builds the model"
-        )
+        raise InputError(f"`{param}` {spec}: {mod_name} has no callable {fn_name}; name the function that {builds}")
+    return mod, mod_name, fn_name, factory
+
+
+def load_py(
+    spec: str, sched_cfg: dict | None, dev: torch.device, dt: torch.dtype, model_args: dict[str, Any] | None = None
+) -> EpsModel:
+    """Import ``py:module:factory``, call ``factory(**model_args)`` and wrap what it returns."""
+    kwargs = dict(model_args or {})
+    _, mod_name, fn_name, factory = import_factory(spec, "model", "py:package.module:factory", "builds the model")
     call = f"{mod_name}:{fn_name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
     try:
         obj = factory(**kwargs)

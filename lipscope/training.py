@@ -16,6 +16,7 @@ and the model: ``pipeline/`` (written by the caller's ``save``), or ``lora/`` fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -163,9 +164,10 @@ def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tupl
     return denoiser, built
 
 
-def _micro_loss(net: Any, td: TrainData, cfg: TrainConfig, process: Any, how: tuple) -> torch.Tensor:
+def _micro_loss(
+    net: Any, td: TrainData, cfg: TrainConfig, process: Any, index: int, *, acc: Any, grid: Any, etsdm: Any, target: str
+) -> torch.Tensor:
     """The loss of one micro-batch: draw item ``index`` of the TRAINING stream, condition, noise, regress."""
-    index, acc, grid, etsdm, pred_type = how
     b = draw_step(len(td.x0), tuple(td.x0.shape[1:]), index, cfg.batch_size, process, cfg.seed,
                   rank=acc.process_index, weighting=cfg.weighting, grid=grid, dropout=cfg.caption_dropout)  # fmt: skip
     kw: dict[str, Any] = {}
@@ -174,7 +176,7 @@ def _micro_loss(net: Any, td: TrainData, cfg: TrainConfig, process: Any, how: tu
         r = torch.where(b.drop, td.empty_row if td.empty_row is not None else r, r)
         kw = td.conditioning.rows(r, acc.device, torch.float32)[0]
     with acc.autocast():
-        return diffusion_loss(net, td.x0[b.idx], b.t, b.eps, process, pred_type, etsdm, device=acc.device,
+        return diffusion_loss(net, td.x0[b.idx], b.t, b.eps, process, target, etsdm, device=acc.device,
                               weighting=cfg.weighting, **kw)  # fmt: skip
 
 
@@ -208,6 +210,7 @@ def train_loop(
     if not isinstance(model, EpsModel):
         model = from_unet(model, scheduler_config, device=model.device, dtype=model.dtype)
     td = data if isinstance(data, TrainData) else TrainData(data, spec=data_spec)
+    td = dataclasses.replace(td, x0=td.x0.float())  # what the loss and the data hash see
     process = training_process(model.scheduler_config)
     t_tilde = cfg.t_tilde if cfg.t_tilde is not None else 0.1 * process.T  # default: 0.1 of the time range
     if cfg.etsdm and not t_tilde < process.T:
@@ -218,8 +221,7 @@ def train_loop(
         raise InputError("`caption_dropout` needs a text-conditioned model trained on captions; leave it at 0")
     with rng.isolated_torch_rng(cfg.seed):  # LoRA's initial A matrices: a function of the seed alone
         denoiser, built = _prepare_denoiser(model, cfg, t_tilde)
-    x0 = td.x0.float()
-    arr = x0.detach().cpu().contiguous().numpy()
+    arr = td.x0.detach().cpu().contiguous().numpy()
     digest = hashlib.sha256(arr.data.cast("B")).hexdigest()  # no copy of the data
     cond_digest = td.conditioning.digest() if td.conditioning is not None else None
     rows_digest = hashlib.sha256(td.rows.numpy().tobytes()).hexdigest()[:16] if td.rows is not None else None
@@ -304,7 +306,8 @@ def _train(
             for j in range(cfg.grad_accum):  # micro-batch j of step s draws item s·accum + j (accum 1: item s)
                 # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
                 with acc.no_sync(net) if j < cfg.grad_accum - 1 else contextlib.nullcontext():
-                    micro = _micro_loss(net, td, cfg, process, (step * cfg.grad_accum + j, acc, grid, etsdm, pred_type))
+                    micro = _micro_loss(net, td, cfg, process, step * cfg.grad_accum + j, acc=acc, grid=grid,
+                                        etsdm=etsdm, target=pred_type)  # fmt: skip
                     acc.backward(micro / cfg.grad_accum)
                 loss += micro.detach() / cfg.grad_accum
             if acc.sync_gradients and cfg.grad_clip > 0:

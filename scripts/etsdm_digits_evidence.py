@@ -46,6 +46,16 @@ def k_stats(run: Path) -> dict[str, float]:
     }
 
 
+def ratios(ev: dict) -> dict[str, float]:
+    """The headline ratios of docs/etsdm.md from the K summaries of base, control and E-TSDM."""
+    c, t = ev["fd_condition"], ev["fd_time"]
+    return {
+        "cond_max_below_base_over_etsdm": c["base"]["max_below"] / c["etsdm"]["max_below"],
+        "cond_max_below_control_over_etsdm": c["control"]["max_below"] / c["etsdm"]["max_below"],
+        "median_above_etsdm_over_base": t["etsdm"]["median_above"] / t["base"]["median_above"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", default="runs")
@@ -147,12 +157,7 @@ def main() -> None:
         "--out",
         str(R / "eval-digits"),
     )
-    c = ev["fd_condition"]
-    ev["ratios"] = {
-        "cond_max_below_base_over_etsdm": c["base"]["max_below"] / c["etsdm"]["max_below"],
-        "cond_max_below_control_over_etsdm": c["control"]["max_below"] / c["etsdm"]["max_below"],
-        "median_above_etsdm_over_base": ev["fd_time"]["etsdm"]["median_above"] / ev["fd_time"]["base"]["median_above"],
-    }
+    ev["ratios"] = ratios(ev)
     ev["training"] = {n: json.loads((r / "train.json").read_text()) for n, r in names.items()}
     summ = pd.read_csv(R / "eval-digits" / "eval_summary.csv")
     ev["evaluate"] = summ.replace({np.nan: None}).to_dict(orient="records")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from etsdm_digits_evidence import k_stats  # the same summary of a probe table (scripts/ is on sys.path)
+from etsdm_digits_evidence import k_stats, ratios  # the same summaries (scripts/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent  # patch_features.py, for --features py:patch_features:features
 DATA = "patches:16"
@@ -75,12 +75,7 @@ def main() -> None:
     sh("evaluate", "evaluate", "--model", str(names["etsdm"]), "--baseline", str(names["control"]), "--baseline",
        str(names["base"]), "--data", DATA, "--scheduler", samplers, "--steps", "5,10,20", "--num", "300",
        "--seeds", "3", "--features", "py:patch_features:features", "--out", str(R / f"eval-{pre}"))  # fmt: skip
-    c = ev["fd_condition"]
-    ev["ratios"] = {
-        "cond_max_below_base_over_etsdm": c["base"]["max_below"] / c["etsdm"]["max_below"],
-        "cond_max_below_control_over_etsdm": c["control"]["max_below"] / c["etsdm"]["max_below"],
-        "median_above_etsdm_over_base": ev["fd_time"]["etsdm"]["median_above"] / ev["fd_time"]["base"]["median_above"],
-    }
+    ev["ratios"] = ratios(ev)
     ev["training"] = {n: json.loads((r / "train.json").read_text()) for n, r in names.items()}
     ev["evaluate"] = pd.read_csv(R / f"eval-{pre}" / "eval_summary.csv").replace({np.nan: None}).to_dict("records")
     ev["paired"] = pd.read_csv(R / f"eval-{pre}" / "eval_paired.csv").replace({np.nan: None}).to_dict("records")

@@ -48,6 +48,19 @@ _TINY_VAE = dict(
 
 # UNet2DConditionModel's ``attention_head_dim`` is, for historical reasons, used as the number of heads
 # (``num_attention_heads = num_attention_heads or attention_head_dim`` in unet_2d_condition.py): 2 heads here.
+TINY_DIT = dict(  # a learned-sigma DiT: out_channels = 2 · in_channels
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=LATENT_SHAPE[0],
+    out_channels=2 * LATENT_SHAPE[0],
+    num_layers=2,
+    norm_num_groups=4,
+    sample_size=LATENT_SHAPE[1],
+    patch_size=2,
+    num_embeds_ada_norm=DIT_NUM_CLASSES,
+    norm_type="ada_norm_zero",
+)
+
 _TINY_COND_UNET = dict(
     sample_size=LATENT_SHAPE[1],
     in_channels=LATENT_SHAPE[0],
@@ -112,18 +125,7 @@ def save_dit_pipeline(path: Path) -> Path:
     path = Path(path)
 
     def build():
-        transformer = DiTTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=LATENT_SHAPE[0],
-            out_channels=2 * LATENT_SHAPE[0],
-            num_layers=2,
-            norm_num_groups=4,
-            sample_size=LATENT_SHAPE[1],
-            patch_size=2,
-            num_embeds_ada_norm=DIT_NUM_CLASSES,
-            norm_type="ada_norm_zero",
-        )
+        transformer = DiTTransformer2DModel(**TINY_DIT)
         vae = AutoencoderKL(**_TINY_VAE)
         scheduler = DDIMScheduler(num_train_timesteps=1000)
         return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=DIT_ID2LABEL)

@@ -17,12 +17,12 @@ from diffusers import (
 )
 from family_fixtures import (
     _TINY_COND_UNET,
-    DIT_NUM_CLASSES,
     LATENT_SHAPE,
     SD_CROSS_ATTENTION_DIM,
     SDXL_ADDITION_TIME_EMBED_DIM,
     SDXL_POOLED_DIM,
     SDXL_PROJECTION_DIM,
+    TINY_DIT,
     sd_scheduler,
 )
 from family_fixtures2 import _TINY_SD3, SD3_JOINT_ATTENTION_DIM, SD3_POOLED_DIM
@@ -145,18 +145,7 @@ def test_sdxl_added_cond_kwargs_are_passed_through():
 
 def _tiny_dit():
     # the DiTTransformer2DModel of family_fixtures.save_dit_pipeline (learned sigma)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=LATENT_SHAPE[0],
-        out_channels=2 * LATENT_SHAPE[0],
-        num_layers=2,
-        norm_num_groups=4,
-        sample_size=LATENT_SHAPE[1],
-        patch_size=2,
-        num_embeds_ada_norm=DIT_NUM_CLASSES,
-        norm_type="ada_norm_zero",
-    )
+    return DiTTransformer2DModel(**TINY_DIT)
 
 
 def test_dit_loss_uses_the_epsilon_half():
