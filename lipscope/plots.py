@@ -88,8 +88,9 @@ def figure_png(fig) -> bytes:
 
 
 @_themed
-def plot_theory(df: pd.DataFrame, title: str = ""):
-    """Closed forms vs estimators against t (log-log; t = 0 drawn at symlog origin)."""
+def plot_theory(df: pd.DataFrame, title: str = "", exponent: dict | None = None):
+    """Closed forms vs estimators against t (log-log; t = 0 drawn at symlog origin); with ``exponent``
+    (:func:`lipscope.theory.theory_exponents`), the JVP's fitted power law and the closed form's band in the legend."""
     fig = Figure(figsize=(7.5, 4.6), dpi=120)
     ax = fig.subplots()
     t = df["t"]
@@ -109,6 +110,11 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
             ax.plot(t, y, ls=ls, lw=lw, color=c, label=label, marker="." if "toy" in col else None, ms=3)
     if {"K_fd_ci_low", "K_fd_ci_high"} <= set(df.columns):
         ax.fill_between(t, df["K_fd_ci_low"], df["K_fd_ci_high"], color=pal[1], alpha=0.2, lw=0)
+    if "dtau_jvp_fit" in df and df["dtau_jvp_fit"].notna().any() and exponent is not None:
+        e, cf = exponent["jvp"], exponent["closed_form"]
+        band = f"; band [{cf['band'][0]:.2f}, {cf['band'][1]:.2f}]" if cf["band"][0] == cf["band"][0] else ""
+        ax.plot(t, df["dtau_jvp_fit"], color="k", lw=2.2, alpha=0.5,
+                label=f"fit τ^p, p = {e['p']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]{band}")  # fmt: skip
     if "sigma" in df and (df["sigma"] > 0).all():
         guide = df["term1_rms"].iloc[0] * df["sigma"].iloc[0] / df["sigma"]  # pinned at the first t
         near = t <= 0.1 * t.max()
