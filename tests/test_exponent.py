@@ -171,7 +171,9 @@ def test_theory_bad_process_or_rank_is_one_line(tmp_path, args):
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "lipscope", "theory", "--out", str(tmp_path / "o"), *args], capture_output=True, text=True
+        [sys.executable, "-m", "lipscope", "theory", "--out", str(tmp_path / "o"), *args],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
