@@ -264,14 +264,6 @@ def closed_form_samples(g: GaussianMixture, schedule: NoiseProcess, x0: torch.Te
 # ---- along the probability-flow ODE, and the exponent the closed form gives ------------------------------------
 
 
-def ode_velocity(x, eps, a, s, da, ds) -> torch.Tensor:
-    """dx/dτ of the probability-flow ODE for x = αx0 + σε: (α'/α) x + (σ' − α'σ/α) ε, per-row α, σ, α', σ'
-    (DESIGN.md, "Partial vs total derivative")."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    a, s, da, ds = (v.reshape(shape).to(x.dtype) for v in (a, s, da, ds))
-    return (da / a) * x + (ds - da * s / a) * eps
-
-
 def ode_samples(g: GaussianMixture, schedule: NoiseProcess, x0: torch.Tensor, noise: torch.Tensor, grid) -> np.ndarray:
     """Per-sample closed forms along the exact probability-flow ODE of one Gaussian at x_t = αx0 + σε: (3, n, G) of
     ‖dε*/dτ‖ (total), ‖∂ε*/∂τ‖ (partial) and ‖∇ₓε*·dx/dτ‖ (space).

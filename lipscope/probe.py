@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from . import rng
+from .axes import per_axis_factors
 from .batching import RunStats, check_finite, check_memory, run_batched
 from .conditioning import Conditioning
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
@@ -34,6 +35,7 @@ from .journal import Journal
 from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower level
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
+from .ode import ODE_METHODS, ode_columns, ode_norms
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
     FDPoints,
@@ -152,27 +154,10 @@ def k_table(
             "target": model.target,
         }
     )
-    for axis, f in per_axis_factors(model, pts).items():  # K per unit of log-SNR λ and of the native time
+    for axis, f in per_axis_factors(model, pts.t_a, pts.t_b).items():  # K per unit of log-SNR λ and of the native time
         for col in ("K_mean", "K_ci_low", "K_ci_high"):
             df[col.replace("K_", f"K_per_{axis}_", 1) if col != "K_mean" else f"K_per_{axis}"] = df[col] * f
     return df
-
-
-def per_axis_factors(model: EpsModel, pts: FDPoints) -> dict[str, np.ndarray]:
-    """Per row, what turns K per unit τ into K per unit λ (log-SNR) and per unit of the native time:
-    Δτ/|Δλ| for an FD pair, 1/|dλ/dτ| for a JVP point (t_a = t_b); likewise for the native time."""
-    p = model.schedule
-    ta, tb = (torch.as_tensor(v, dtype=torch.float64) for v in (pts.t_a, pts.t_b))
-    dtau = (tb - ta) / model.T
-    jvp = dtau == 0
-    out = {}
-    for axis, fn, dfn in (("lambda", p.log_snr, p.dlog_snr_dtau), ("native", p.native_time, p.dnative_dtau)):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = torch.where(jvp, dfn(ta), (fn(tb) - fn(ta)) / torch.where(jvp, 1.0, dtau))
-            # a point at λ = ±∞ (σ = 0 or α = 0) has no place on the λ axis: undefined (NaN), never 0
-            finite = torch.isfinite(fn(ta)) & torch.isfinite(fn(tb)) & torch.isfinite(d)
-            out[axis] = torch.where(finite, 1.0 / d.abs(), torch.nan).numpy()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,14 +165,14 @@ def per_axis_factors(model: EpsModel, pts: FDPoints) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ("fd", "jvp")
+METHODS = ("fd", "jvp", *ODE_METHODS)
 
 
 def parse_methods(method: str) -> list[str]:
-    """``fd``, ``jvp`` or both (``fd,jvp``)."""
+    """``fd``, ``jvp``, ``jvp-ode``, ``fd-ode`` (:mod:`lipscope.ode`) or a comma list of them (``fd,jvp``)."""
     ms = [m.strip() for m in method.split(",") if m.strip()]
     if not ms or any(m not in METHODS for m in ms):
-        raise InputError(f"`method` {method!r} not known; use fd, jvp or fd,jvp")
+        raise InputError(f"`method` {method!r} not known; use fd, jvp, jvp-ode, fd-ode or a comma list (fd,jvp)")
     return list(dict.fromkeys(ms))
 
 
@@ -256,7 +241,7 @@ def probe(
         raise InputError(f"`samples` must be ≥ 1 (got {samples})")
     if int(seed) != seed or seed < 0:
         raise InputError(f"`seed` must be an integer ≥ 0 (got {seed})")
-    if "fd" in methods:
+    if {"fd", "fd-ode"} & set(methods):
         check_dt(dt, model.T)
     check_memory(samples, model.sample_shape)
     check_precision(precision, model)
@@ -267,7 +252,7 @@ def probe(
             "`space` condition measures forward differences between conditions: use `method` fd and `scheme` forward"
         )
     T = model.T
-    use_fd = "fd" in methods
+    use_fd = bool({"fd", "fd-ode"} & set(methods))
     lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
     if timesteps is None or isinstance(timesteps, str):
         grid = parse_grid(timesteps, T, t_max=hi)
@@ -366,14 +351,24 @@ def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, j
         stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
         noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
         tables.append(k_table(model, pts, Ks[-1], fd_name, D, noise_K))
+    c = float(stats.extra["fd_noise"]["c"]) if "fd" in methods and tabulate else None
+    ode = ode_norms(model, x0, noise, pts, grid, methods, batch_size, progress, stats, journal, c)  # lipscope.ode
     if "jvp" in methods:
-        jst = RunStats()
-        Ks.append(jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy())
+        jst = RunStats()  # with jvp-ode, its first JVP is the jvp row
+        Ks.append(
+            ode["jvp-ode"][1][:, :, 1]
+            if "jvp-ode" in ode
+            else jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy()
+        )
         if tabulate:
             tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
         stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
         if "fd" not in methods:
             stats.forwards, stats.seconds, stats.batch_size = jst.forwards, jst.seconds, jst.batch_size
+    for name, (p, vals, noise_k) in ode.items():
+        Ks.append(vals[:, :, 0])
+        if tabulate:
+            tables.append(k_table(model, p, Ks[-1], name, D, noise_k).assign(**ode_columns(vals)))
     return tables, Ks
 
 

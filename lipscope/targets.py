@@ -36,6 +36,13 @@ def noisy(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch
     return per_row(alpha, x0.ndim) * x0 + per_row(sigma, x0.ndim) * eps
 
 
+def ode_velocity(x, eps, alpha, sigma, dalpha, dsigma) -> torch.Tensor:
+    """dx/dτ of the probability-flow ODE at (x, ε): (α'/α) x + (σ' − α'σ/α) ε, per-row α, σ and their τ-derivatives
+    (DESIGN.md, "Partial vs total derivative"; from x = αx0 + σε with x0 = (x − σε)/α held on the path)."""
+    a, s, da, ds = (per_row(v.to(torch.float64), x.ndim) for v in (alpha, sigma, dalpha, dsigma))
+    return ((da / a).to(x.dtype) * x + (ds - da * s / a).to(x.dtype) * eps).to(x.dtype)
+
+
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(f"prediction_type {prediction_type!r} not supported; use one of {', '.join(PREDICTION_TYPES)}")

@@ -89,7 +89,8 @@ def probe(
         "fd",
         "--method",
         parser=METHOD,
-        help="fd (finite differences), jvp (exact ‖∂ε/∂τ‖ by forward AD) or fd,jvp.",
+        help="fd (finite differences), jvp (exact ‖∂ε/∂τ‖ by forward AD), jvp-ode / fd-ode (the total derivative along "
+        "the model's probability-flow ODE: K_total, K_partial, K_space, t_share) or a comma list (fd,jvp).",
     ),
     space: str = typer.Option(
         "time",
