@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from . import rng
+from .attribution import GRANULARITIES, attribution_norms, attribution_table
 from .axes import per_axis_factors
 from .batching import RunStats, check_finite, check_memory, run_batched
 from .conditioning import Conditioning
@@ -36,6 +37,7 @@ from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower l
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
 from .ode import ODE_METHODS, ode_columns, ode_norms
+from .optimal import parse_references, references
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
     FDPoints,
@@ -63,6 +65,7 @@ from .precision import (
 from .reduction import summarize_samples
 from .sampling import model_samples
 from .schedules import parse_grid
+from .targets import check_target_defined
 
 log = logging.getLogger("lipscope")
 
@@ -197,6 +200,8 @@ def probe(
     journal: Journal | None = None,
     precision: str | None = None,
     precision_tolerance: float = DEFAULT_TOLERANCE,
+    attribute: str | None = None,
+    reference: str | list[str] | tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
     """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
     ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
@@ -226,11 +231,16 @@ def probe(
     those an interrupted run finished. Launched with several processes (``torchrun``, ``accelerate launch``),
     each computes its share of the items (:mod:`lipscope.shard`) and every one returns the whole table.
 
+    Diagnosis (docs/probe.md): ``method`` jvp-ode/fd-ode (:mod:`lipscope.ode`); ``attribute`` blocks|layers:
+    ``attrs["attribution"]`` (:mod:`lipscope.attribution`); ``reference`` empirical, gaussian (:mod:`lipscope.optimal`).
+
     FD rows carry ``fd_noise_rel``/``fd_noise_limited`` (rounding noise vs ‖Δε‖; ``attrs["fd_noise"]``:
     how it was estimated); a float16/bfloat16 FD run with a noise-limited row is refused unless
     ``allow_noise_limited``.
     """
-    methods = parse_methods(method)
+    methods, kinds = parse_methods(method), parse_references(reference)
+    if attribute is not None and attribute not in GRANULARITIES:
+        raise InputError(f"`attribute` {attribute!r}: use blocks or layers")
     if target != model.target:
         model = dataclasses.replace(model, target=target)
     if model.conditioning is None and conditioning is None:
@@ -270,7 +280,7 @@ def probe(
     auto = isinstance(data_range, str) and data_range.strip().lower() == "auto"
     default = model.schedule.default_data_range if isinstance(model.data_range, str) else model.data_range
     data_range = resolve_data_range(data_range, default)
-    _check_target_defined(model, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
+    check_target_defined(model.target, model.schedule, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
     scaling: DataScaling
     if (
         isinstance(data, torch.Tensor)
@@ -305,7 +315,7 @@ def probe(
     stats = RunStats()
     low = PRECISIONS[precision] if precision is not None else model.dtype
     ref = REFERENCE[precision] if precision is not None else None
-    how = (pts, grid, methods, f"fd-{scheme}" if space != "condition" else "fd-condition", batch_size)
+    how = (pts, grid, methods, f"fd-{scheme}" if space != "condition" else "fd-condition", batch_size, attribute)
     guard = guard_samples(x0.shape[0]) if ref is not None else None
     K_ref: list[np.ndarray] = []
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
@@ -318,6 +328,12 @@ def probe(
     if guard is not None:
         worst = max(sample_rel_err(Ks[i][guard], K_ref[i]) for i in range(len(tables)))
         stats.extra["precision"] = report(model.name, precision, ref, guard, tables, precision_tolerance, worst)
+    refs, stats.extra["reference"] = references(model, kinds, data, data_range, x0, noise, grid, seed)
+    for name, K in refs.items():  # the optimal denoisers' rows (lipscope.optimal), on the same x_t
+        Ks.append(K)
+        tables.append(
+            k_table(dataclasses.replace(model, etsdm=None), FDPoints(grid, grid, grid), K, name, x0[0].numel())
+        )
     df = pd.concat(tables, ignore_index=True)
     check_noise(df, low, allow_noise_limited)
     df.attrs.update(
@@ -341,7 +357,7 @@ def probe(
 
 def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, journal, tabulate: bool = True):
     """(tables, per-sample K) of the methods, FD then JVP; ``tabulate`` False: K alone (the guard's reference)."""
-    pts, grid, methods, fd_name, batch_size = how
+    pts, grid, methods, fd_name, batch_size, attribute = how
     T, D = model.T, math.prod(x0.shape[1:])
     tables, Ks = [], []
     if "fd" in methods:
@@ -369,23 +385,12 @@ def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, j
         Ks.append(vals[:, :, 0])
         if tabulate:
             tables.append(k_table(model, p, Ks[-1], name, D, noise_k).assign(**ode_columns(vals)))
-    return tables, Ks
-
-
-def _check_target_defined(model: EpsModel, t: np.ndarray) -> None:
-    """x0, v and velocity divide by α, the score by σ: refuse a grid that evaluates them where that is 0."""
-    zero = {"score": ("σ", model.schedule.sigma), "x0": ("α", model.schedule.alpha)}
-    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
-    if model.target not in zero:
-        return
-    name, fn = zero[model.target]
-    tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
-    bad = tt[fn(tt) == 0]
-    if bad.numel():
-        raise InputError(
-            f"`target` {model.target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
-            "`timesteps` (e.g. start the grid at 1)"
+    if tabulate and attribute is not None:  # where t enters the network (lipscope.attribution)
+        vals, parts, emb = attribution_norms(
+            model, x0, noise, grid, attribute, batch_size, progress, RunStats(), journal
         )
+        stats.extra["attribution"] = attribution_table(vals, grid, parts, emb, attribute)
+    return tables, Ks
 
 
 def _is_explicit(spec: str) -> bool:

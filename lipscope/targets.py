@@ -43,6 +43,23 @@ def ode_velocity(x, eps, alpha, sigma, dalpha, dsigma) -> torch.Tensor:
     return ((da / a).to(x.dtype) * x + (ds - da * s / a).to(x.dtype) * eps).to(x.dtype)
 
 
+def check_target_defined(target: str, process, t) -> None:
+    """x0, v and velocity divide by α, the score by σ: refuse a grid (steps t of ``process``) that evaluates ``target``
+    where that is 0."""
+    zero = {"score": ("σ", process.sigma), "x0": ("α", process.alpha)}
+    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
+    if target not in zero:
+        return
+    name, fn = zero[target]
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    bad = tt[fn(tt) == 0]
+    if bad.numel():
+        raise InputError(
+            f"`target` {target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
+            "`timesteps` (e.g. start the grid at 1)"
+        )
+
+
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(f"prediction_type {prediction_type!r} not supported; use one of {', '.join(PREDICTION_TYPES)}")
