@@ -17,7 +17,6 @@ encoded by the pipeline's autoencoder (or given as latents), as the probe's x0 a
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from . import rng
 from .data import ARRAY_SUFFIXES, DataRange, load_array, load_data_with_scaling
+from .devices import machine_memory
 from .errors import InputError
 from .models import EpsModel
 from .schedules import NoiseProcess
@@ -81,12 +81,8 @@ def reference_data(model: EpsModel, data: Any, data_range: DataRange, seed: int 
 
 def check_fits(n: int, d: int) -> None:
     """Refuse a data set whose float32 copy would take over half of this machine's memory."""
-    need = n * d * 4
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > ram // 2:
+    need, ram = n * d * 4, machine_memory()
+    if ram is not None and need > ram // 2:
         raise InputError(
             f"`reference`: the data set ({n:,} × {d:,} float32 = {need / 2**30:.3g} GiB) needs over half of this "
             f"machine's {ram / 2**30:.3g} GiB; use a smaller data set"
