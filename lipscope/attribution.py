@@ -70,22 +70,25 @@ def _unet(module: nn.Module, granularity: str) -> list[Consumer]:
     return out
 
 
-def _transformer(module: nn.Module, granularity: str, fine: dict[str, str]) -> list[Consumer]:
+def _arg(mod: nn.Module, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that ``mod.forward`` takes."""
+    params = inspect.signature(mod.forward).parameters
+    return next((n for n in names if n in params), None)
+
+
+def _transformer(module: nn.Module, granularity: str, fine: tuple[str, ...]) -> list[Consumer]:
     """Transformers: each block's embedding argument (``timestep`` for DiT/PixArt, ``temb`` for SD3/Flux); layers:
-    the norms inside a block that take it (``fine``: child name → argument)."""
+    the norms inside a block that take it (``fine``: their names; the argument ``emb`` or ``conditioning_embedding``,
+    as AdaLayerNormZero and AdaLayerNormContinuous name it)."""
     out = []
     for name, mod in module.named_modules():
         if not re.fullmatch(r"(single_)?transformer_blocks\.\d+", name):
             continue
-        params = inspect.signature(mod.forward).parameters
-        arg = "temb" if "temb" in params else "timestep"
-        children = {
-            f"{name}.{c}": (getattr(mod, c), a) for c, a in fine.items() if isinstance(getattr(mod, c, None), nn.Module)
-        }
-        if granularity == "layers" and children:
-            out += [Consumer(n, n, m, a) for n, (m, a) in children.items()]
+        kids = [(f"{name}.{c}", getattr(mod, c)) for c in fine if isinstance(getattr(mod, c, None), nn.Module)]
+        if granularity == "layers" and kids:
+            out += [Consumer(n, n, m, _arg(m, ("emb", "conditioning_embedding"))) for n, m in kids]
         else:
-            out.append(Consumer(name, name, mod, arg))
+            out.append(Consumer(name, name, mod, _arg(mod, ("temb", "timestep"))))
     return out
 
 
@@ -113,8 +116,7 @@ def consumers(model: EpsModel, granularity: str = "blocks") -> list[Consumer]:
         )
     if fam.name in ("unet2d", "sd"):
         return _unet(mod, granularity)
-    found = _transformer(mod, granularity, {"norm1": "emb", "norm1_context": "emb", "norm": "emb"} if fam.name in
-                         ("sd3", "flux") else {})  # fmt: skip
+    found = _transformer(mod, granularity, ("norm1", "norm1_context", "norm") if fam.name in ("sd3", "flux") else ())
     if fam.name == "dit":
         found.append(Consumer("proj_out_1", "proj_out_1", mod.get_submodule("proj_out_1"), 0))
     elif fam.name == "pixart":

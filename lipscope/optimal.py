@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import rng
-from .data import ARRAY_SUFFIXES, DataRange, load_array, load_data_with_scaling
+from .data import ARRAY_SUFFIXES, DataRange, load_array, load_data_with_scaling, scale_array
 from .devices import machine_memory
 from .errors import InputError
 from .models import EpsModel
@@ -61,18 +61,16 @@ def reference_data(model: EpsModel, data: Any, data_range: DataRange, seed: int 
     if isinstance(data, str) and data == "model":
         raise InputError("`reference` needs the data set itself: pass `data` (samples of the model are not its data)")
     shape = tuple(model.sample_shape or ())
-    if model.latent is None:
+    raw = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data
+    path = Path(str(data))
+    if not isinstance(raw, np.ndarray) and path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
+        raw = load_array(path)
+    if isinstance(raw, np.ndarray) and tuple(raw.shape[1:]) == shape:  # the model's own shape: latents or samples
+        x = torch.as_tensor(raw if model.latent is not None else scale_array(raw, "`data`", data_range)[0]).float()
+    elif model.latent is None:
         x = load_data_with_scaling(data, None, seed, model.sample_shape, data_range)[0]
     else:
-        raw = data if isinstance(data, (np.ndarray, torch.Tensor)) else None
-        path = Path(str(data))
-        if raw is None and path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
-            raw = load_array(path)
-        if raw is not None and tuple(raw.shape[1:]) == shape:
-            x = torch.as_tensor(np.asarray(raw) if isinstance(raw, np.ndarray) else raw).float()
-        else:
-            pix = load_data_with_scaling(data, None, seed, model.latent.pixel_shape, data_range)[0]
-            x = model.latent.encode(pix).float()
+        x = model.latent.encode(load_data_with_scaling(data, None, seed, model.latent.pixel_shape, data_range)[0])
     if tuple(x.shape[1:]) != shape:
         raise InputError(f"`reference`: the data has samples of shape {tuple(x.shape[1:])}, the model takes {shape}")
     check_fits(x.shape[0], math.prod(shape))
@@ -165,8 +163,12 @@ def fit_gaussian(points: torch.Tensor, seed: int = 0, full_max: int = FULL_MAX, 
         return FittedGaussian(mean, vecs, vals.clamp(min=0.0), 0.0)
     r = max(1, min(rank, n - 1, d - 1))
     with rng.isolated_torch_rng(seed):  # torch.svd_lowrank draws its test matrix from the global generator
-        _, sv, v = torch.svd_lowrank(points, q=min(r + 10, n, d), niter=4, M=mean.float()[None])
-    vals, vecs = (sv.double()[:r] ** 2) / n, v.double()[:, :r]
+        basis = torch.svd_lowrank(points, q=min(r + 10, n, d), niter=4, M=mean.float()[None])[2]
+    # Rayleigh–Ritz in float64: the covariance restricted to the subspace, diagonalised (orthonormal to float64)
+    q = torch.linalg.qr(basis.double()).Q
+    proj = torch.cat([(points[lo : lo + chunk].double() - mean) @ q for lo in range(0, n, chunk)])
+    vals, rot = torch.linalg.eigh(proj.T @ proj / n)
+    vals, vecs = vals.flip(0)[:r].clamp(min=0.0), (q @ rot.flip(1))[:, :r]
     total = sum(((points[lo : lo + chunk].double() - mean) ** 2).sum() for lo in range(0, n, chunk)) / n
     floor = max(float(total) - float(vals.sum()), 0.0) / (d - r)
     return FittedGaussian(mean, vecs, vals, floor)
