@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from . import rng
-from .attribution import GRANULARITIES, attribution_norms, attribution_table
+from .attribution import attribution_norms, attribution_table, consumers
 from .axes import per_axis_factors
 from .batching import RunStats, check_finite, check_memory, run_batched
 from .conditioning import Conditioning
@@ -239,8 +239,8 @@ def probe(
     ``allow_noise_limited``.
     """
     methods, kinds = parse_methods(method), parse_references(reference)
-    if attribute is not None and attribute not in GRANULARITIES:
-        raise InputError(f"`attribute` {attribute!r}: use blocks or layers")
+    if attribute is not None:
+        consumers(model, attribute)  # the granularity, and where the network consumes t: refused before any work
     if target != model.target:
         model = dataclasses.replace(model, target=target)
     if model.conditioning is None and conditioning is None:

@@ -29,6 +29,7 @@ LAYERS = {
     "plots": 1,
     "patches": 1,
     "exponent": 1,
+    "explain": 2,
     "schedules": 2,
     "etsdm": 2,
     "data": 2,

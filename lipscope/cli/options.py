@@ -63,6 +63,18 @@ def method(v: str) -> str:
 
 
 METHOD = method
+ATTRIBUTE = choice("blocks", "layers")
+
+
+def reference(v: str) -> str:
+    """empirical, gaussian or both (a comma list)."""
+    parts = [p.strip() for p in v.split(",") if p.strip()]
+    if not parts or any(p not in ("empirical", "gaussian") for p in parts):
+        raise typer.BadParameter(f"{v!r}: use empirical, gaussian or empirical,gaussian")
+    return ",".join(parts)
+
+
+REFERENCE = reference
 SCHEME = choice(*SCHEMES)
 SPACE = choice("time", "condition")
 TARGET = choice(*TARGETS)

@@ -1,0 +1,118 @@
+"""The diagnosis summary (lipscope.explain) and the probe command with --method jvp-ode, --attribute and
+--reference end to end: run.json's summary.exponent/exponent_ci/onset, attribution.csv/.png, sentences, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lipscope
+from lipscope.exponent import fit_exponent, onset
+
+
+def _table() -> pd.DataFrame:
+    """A probe-like table: a power law τ^−0.5 below t = 20 and a flat tail, 6 samples; a zero method; a reference."""
+    t = np.array([0.0, 1, 2, 3, 5, 7, 10, 20, 100, 200, 500])
+    g = np.random.default_rng(0)
+    base = np.where(t > 0, (np.maximum(t, 1) / 1000) ** -0.5, 40.0)
+    base = np.where(t >= 20, 5.0, base)
+    K = base[None] * np.exp(0.1 * g.normal(size=(6, t.size)))
+    rows = []
+    for name, k in (("jvp", K), ("fd-forward", np.zeros_like(K)), ("ref-empirical", 10 * K)):
+        s = k.std(0, ddof=1) / np.sqrt(6)
+        rows.append(pd.DataFrame({"t": t, "method": name, "K_mean": k.mean(0), "K_ci_low": k.mean(0) - 2.57 * s,
+                                  "K_ci_high": k.mean(0) + 2.57 * s}))  # fmt: skip
+    df = pd.concat(rows, ignore_index=True)
+    df.attrs |= {"T": 1000, "K_samples": np.concatenate([K, np.zeros_like(K), 10 * K], axis=1)}
+    return df
+
+
+def test_explain_generates_each_number_from_the_table():
+    df = _table()
+    d = lipscope.explain(df, seed=4)
+    K = df.attrs["K_samples"][:, :11]
+    t = df["t"].to_numpy()[:11]
+    ref = fit_exponent(t, K, 1000, 4)
+    assert d["method"] == "jvp" and d["exponent"] == ref.p and d["exponent_ci"] == [ref.ci_low, ref.ci_high]
+    assert d["onset"] == onset(t, K.mean(0), 100.0)[0] == 3.0  # ≈ 31.6, 22.4, 18.3 at t = 1..3; 14.1 < 3·5 at t = 5
+    s = d["sentences"]
+    assert s[0] == f"jvp: K ∝ τ^{ref.p:.2f} [{ref.ci_low:.2f}, {ref.ci_high:.2f}] for t in [1, 10]"
+    assert s[1].startswith("jvp: onset t = 3 (K > 3× the median over t ≥ 100")
+    assert s[2].startswith("fd-forward: exponent n/a, because K is 0 at 6 of 6 points in [1, 10]")
+    assert s[3].startswith("fd-forward: onset n/a, because K at the smallest t (0) is 0")
+    assert (
+        s[-1].startswith("ref-empirical: at t = 0 the optimal denoiser's K = ") and "is 10× the network's (jvp" in s[-1]
+    )
+    assert np.allclose(d["reference"]["ref-empirical"]["ratio"], 10.0)
+
+
+def test_explain_of_a_table_read_back_has_no_interval():
+    df = _table()
+    back = pd.DataFrame(df)  # attrs dropped, as pd.read_csv gives
+    back.attrs = {}
+    d = lipscope.explain(back)
+    e = d["methods"]["jvp"]["exponent"]
+    assert e["p"] == pytest.approx(d["exponent"]) and np.isnan(e["ci_low"]) and "no per-sample K" in e["ci_reason"]
+    assert "(no interval)" in d["sentences"][0]
+
+
+def _run(args, cwd=None, extra_path=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_probe_command_with_the_diagnosis(tmp_path, pipeline_dir):
+    out = tmp_path / "diag"
+    grid = "0,1,2,3,4,5,6,8,10,20,50,100,300"
+    r = _run(["probe", "--model", str(pipeline_dir), "--data", "digits", "--samples", "4", "--timesteps", grid,
+              "--method", "jvp,jvp-ode", "--attribute", "blocks", "--reference", "empirical,gaussian",
+              "--out", str(out), "--no-progress"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "run.json").read_text())
+    s = meta["summary"]
+    e = s["diagnosis"]["methods"]["jvp"]["exponent"]
+    assert s["exponent"] == e["p"] and s["exponent_ci"] == [e["ci_low"], e["ci_high"]] and e["t_lo"] == 1
+    assert "onset" in s and meta["reference"]["N"] == 1797
+    df = pd.read_csv(out / "lipschitz.csv")
+    assert set(df["method"]) == {"jvp", "jvp-ode", "ref-empirical", "ref-gaussian"}
+    ode = df[df["method"] == "jvp-ode"]
+    assert np.allclose(ode["K_partial"].to_numpy(), df[df["method"] == "jvp"]["K_mean"].to_numpy())
+    att = pd.read_csv(out / "attribution.csv")
+    assert {"t", "method", "part", "K_part", "share"} <= set(att.columns)
+    total = att[att["part"] == "total"].set_index("t")["K_part"]
+    jv = df[df["method"] == "jvp"].set_index("t")["K_mean"]
+    assert np.allclose(total.to_numpy(), jv.loc[total.index].to_numpy(), rtol=512 * 2.0**-24)  # float32, 2 layouts
+    sums = att[att["kind"].isin(["part", "outside"])].groupby("t")["share"].sum()
+    assert np.allclose(sums.dropna(), 1.0)
+    assert (out / "attribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert "K ∝ τ^" in r.stdout and "attribution" in r.stdout and "ref-empirical" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--attribute", "rows"], "--attribute"),
+        (["--reference", "optimal"], "--reference"),
+        (["--method", "jvp-od"], "--method"),
+        (["--reference", "empirical", "--data", "model"], "--reference needs the data set itself"),
+        (
+            ["--attribute", "blocks", "--method", "jvp", "--model", "py:lsmod_diag:make", "--data", "digits"],
+            "--attribute needs to know",
+        ),
+    ],
+)
+def test_bad_diagnosis_options_are_one_line(tmp_path, args, says):
+    (tmp_path / "lsmod_diag.py").write_text("def make():\n    return lambda x, t: x\n")
+    base = ["probe", "--out", str(tmp_path / "o"), "--samples", "2", "--timesteps", "1,2", "--no-progress"]
+    r = _run([*base, *args], cwd=tmp_path, extra_path=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr  # the error (and a model warning)
+    assert not (tmp_path / "o").exists()
