@@ -5,8 +5,8 @@ adaLN blocks and final modulation, an MMDiT's blocks and ``norm_out``). By the c
 
     ∂εθ/∂t = Σ_c (∂εθ/∂e_c)(∂e_c/∂t) + (the paths that avoid every consumer),
 
-exactly, so one JVP per consumer group, with the tangent ∂e_c/∂t injected at that group alone, splits the
-derivative. The last part, ``outside``, holds every other path: the conversion of the output to ε (α(t), σ(t)),
+exactly, so a JVP with the tangent ∂e_c/∂t injected at one consumer group alone gives that group's part. The last
+part, ``outside``, holds every other path: the conversion of the output to ε (α(t), σ(t)),
 EDM's input scaling, a network's direct use of t (the Fourier UNet's division by σ); it is 0 for an ε-predicting
 network whose consumers are all listed. The parts sum to the full JVP per sample.
 
@@ -252,7 +252,7 @@ def attribution_norms(
         m = idx.numel()
         x = noisy_inputs(model, x0[i], noise[i], t_x[j])
         parts, seen = part_tangents(model, x, t_x[j].to(model.device, tdtype), i, groups, emb)
-        check_finite([parts.reshape(m * (P + 1), -1)[:m]], t_x[j], t_x[j], "t-derivative through the consumers")
+        check_finite(list(parts), t_x[j], t_x[j], "t-derivative through the consumers")
         v = parts.reshape(P + 1, m, -1).double() * T
         total = v.sum(0)
         cols = [torch.linalg.vector_norm(v, dim=2).T, (v * total).sum(2).T]
