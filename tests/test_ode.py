@@ -113,3 +113,15 @@ def test_refusals():
         probe(m, G.sample(2), method="jvp-od", samples=2, data_range=None)
     with pytest.raises(InputError, match="`space` condition measures forward differences between conditions"):
         probe(m, G.sample(2), method="fd-ode", space="condition", samples=2, data_range=None)
+
+
+def test_precision_guard_covers_the_ode_rows_and_not_the_references(unet):
+    """With `precision` the guard re-measures every network row (ODE rows included) at the reference precision;
+    the optimal denoisers do not depend on the network's arithmetic: no estimate (NaN)."""
+    from lipscope.models import from_unet
+
+    m = from_unet(unet, {"num_train_timesteps": 1000})
+    df = probe(m, "digits", timesteps=[1, 50], method="fd,jvp-ode", samples=4, precision="fp32", reference="gaussian")
+    net = df[~df["method"].str.startswith("ref-")]
+    assert net["K_rel_err_est"].notna().all() and (net["K_rel_err_est"] >= 0).all()  # each row against fp64
+    assert df[df["method"] == "ref-gaussian"]["K_rel_err_est"].isna().all()
