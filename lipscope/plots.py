@@ -86,7 +86,11 @@ def plot_lipschitz(
         ax.set_xlabel("log-SNR λ = log(α²/σ²)")
         ax.set_ylabel("K per unit λ = E‖Δε‖ / |Δλ|")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[1]) > 6:  # the diagnosis' fits and references: beside the axes
+        fig.set_size_inches(10, 4.2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
