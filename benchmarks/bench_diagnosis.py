@@ -9,7 +9,9 @@ the raw forward (``unet(x, t).sample``, B inputs a call), the probe's ``fd`` (2 
 ``jvp-ode`` (2 JVPs: the primal of the first gives dx/dτ), ``fd-ode`` (3 forwards, forward scheme), the attribution
 by blocks (one JVP over P + 1 copies: P consumer groups + outside) and the empirical and Gaussian optimal denoisers
 (N data points, exact derivative). Each is reported as seconds per item and as raw forwards per item
-(its time ÷ the raw forward's time per input), the unit docs/performance.md states the costs in.
+(its time ÷ the raw forward's time per input), the unit docs/performance.md states the costs in. Every timing is
+the minimum over ``--reps`` interleaved repetitions (robust to other work on the machine), in ``--threads`` torch
+threads (1 by default: on a shared machine two threads wait on each other's barriers and the timings scatter by 10×).
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grid", default="1,5,20,100")
     p.add_argument("--batch", type=int, default=32, help="network inputs per call for every method")
     p.add_argument("--data-points", type=int, default=1797, help="N of the optimal denoisers (digits: all of them)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     if a.tiny:
-        a.network, a.samples, a.grid, a.batch, a.data_points = "tiny", 2, "1,20", 8, 50
+        a.network, a.samples, a.grid, a.batch, a.data_points, a.reps = "tiny", 2, "1,20", 8, 50, 1
     model, what = _network(a.network)
     n, grid = a.samples, np.array([float(v) for v in a.grid.split(",")])
     items = n * len(grid)
@@ -78,15 +83,19 @@ def main(argv: list[str] | None = None) -> dict:
     # raw forward: the same number of network inputs as one pass over the items, B per call
     xs, ts = torch.randn((a.batch, *shape)), torch.linspace(1, 999, a.batch)
     calls = max(1, -(-items // a.batch))
-    with torch.no_grad():
-        model(xs, ts)  # warm-up
-        raw = _clock(lambda: [model(xs, ts) for _ in range(calls)]) / (calls * a.batch)
     bs = a.batch
     pts = fd_points(grid, 1.0, "forward", model.T)
     groups = len(dict.fromkeys(c.group for c in consumers(model, "blocks")))
     data = torch.rand((a.data_points, int(np.prod(shape))), generator=torch.Generator().manual_seed(1)) * 2 - 1
     gauss = fit_gaussian(data)
+
+    def forward():
+        with torch.no_grad():
+            for _ in range(calls):
+                model(xs, ts)
+
     runs = {
+        "raw": forward,
         "fd": lambda: fd_norms(model, x0, noise, pts, bs, stats=RunStats()),
         "jvp": lambda: jvp_norms(model, x0, noise, grid, bs, stats=RunStats()),
         "jvp-ode": lambda: jvp_ode_norms(model, x0, noise, grid, bs, stats=RunStats()),
@@ -100,18 +109,24 @@ def main(argv: list[str] | None = None) -> dict:
     res: dict = {
         "network": what,
         "device": "cpu",
-        "threads": torch.get_num_threads(),
+        "threads": a.threads,
         "torch": torch.__version__,
         "workload": f"{n} samples × {len(grid)} grid points = {items} items, batch {bs} network inputs",
         "attribution_groups": groups,
         "reference_points": a.data_points,
-        "raw_forward_s_per_input": raw,
+        "reps": a.reps,
         "methods": {},
     }
-    print(f"{what}: {res['workload']}; raw forward {raw * 1e3:.3f} ms per input")
-    for name, fn in runs.items():
-        fn()  # warm-up (first-call allocations, auto paths)
-        s = _clock(fn) / items
+    for fn in runs.values():
+        fn()  # warm-up (first-call allocations)
+    best = {name: _clock(fn) for name, fn in runs.items()}
+    for _ in range(a.reps - 1):  # interleaved: every method sees the same stretch of machine load
+        best = {name: min(best[name], _clock(fn)) for name, fn in runs.items()}
+    raw = best.pop("raw") / (calls * a.batch)
+    res["raw_forward_s_per_input"] = raw
+    print(f"{what}: {res['workload']}; raw forward {raw * 1e3:.3f} ms per input ({a.threads} thread(s))")
+    for name, sec in best.items():
+        s = sec / items
         res["methods"][name] = {"s_per_item": s, "raw_forwards_per_item": s / raw}
         print(f"  {name:14s} {s * 1e3:9.3f} ms per item = {s / raw:6.2f} raw forwards")
     m = res["methods"]

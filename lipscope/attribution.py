@@ -116,6 +116,11 @@ def consumers(model: EpsModel, granularity: str = "blocks") -> list[Consumer]:
         )
     if fam.name in ("unet2d", "sd"):
         return _unet(mod, granularity)
+    if fam.name not in ("dit", "pixart", "sd3", "flux"):
+        raise InputError(
+            f"`attribute`: where {fam.name} networks consume their time embedding is not known to lipscope; declare "
+            "`time_consumers` on the network (submodule paths and their input) or leave `attribute` out"
+        )
     found = _transformer(mod, granularity, ("norm1", "norm1_context", "norm") if fam.name in ("sd3", "flux") else ())
     if fam.name == "dit":
         found.append(Consumer("proj_out_1", "proj_out_1", mod.get_submodule("proj_out_1"), 0))
