@@ -120,6 +120,19 @@ def test_latent_data_feeds_the_diagnosis(nets):
     assert (df["K_mean"] > 0).all()
 
 
+def test_reference_data_of_a_latent_model_is_encoded(nets):
+    """Image data for a latent model: the reference's data set is every digit through the pipeline's autoencoder,
+    exactly as the probe encodes its x0 (LatentCodec.encode of the images in the data range)."""
+    from lipscope.data import load_data
+    from lipscope.optimal import reference_data
+
+    m = _model(nets, "sd")
+    pts = reference_data(m, "digits", (-1.0, 1.0))
+    pix = load_data("digits", None, 0, m.latent.pixel_shape, (-1.0, 1.0))
+    assert pts.shape == (1797, int(np.prod(LATENT_SHAPE)))
+    assert torch.equal(pts, m.latent.encode(pix).float().reshape(1797, -1))
+
+
 def test_noise_is_the_probe_noise(nets):
     """attribution_norms draws x_t from the probe's own noise stream: its total equals the probe's JVP row."""
     from lipscope.attribution import attribution_norms
