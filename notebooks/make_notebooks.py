@@ -263,7 +263,7 @@ NOTEBOOKS = {
         (
             "md",
             "# Diagnose the singularity: its exponent, the sampler's derivative, where t enters, the optimum beside it\n\n"
-            "On the built-in digits DDPM and its E-TSDM twin (docs/probe.md, \"Diagnosis\"): the exponent p of K ∝ τ^p over "
+            'On the built-in digits DDPM and its E-TSDM twin (docs/probe.md, "Diagnosis"): the exponent p of K ∝ τ^p over '
             "the first decade of t with a bootstrap interval and the onset of the singular range; `jvp-ode`, the total "
             "derivative of ε along the model's own probability-flow ODE (what a sampler feels) against the partial one at "
             "fixed x; the attribution of ∂ε/∂t to the UNet's blocks; and the Bayes-optimal ε of the digits data set itself.",
@@ -298,7 +298,10 @@ NOTEBOOKS = {
             "    display(Image(figure_png(plot_lipschitz(df, f'builtin:{name}', t_split=100, fits=fits))))",
         ),
         ("md", "Where ∂ε/∂t enters the DDPM UNet: the share of each block, ⟨J_c, J⟩/‖J‖², per t (they sum to 1):"),
-        ("code", "display(Image(figure_png(plot_attribution(tables['digits-ddpm'].attrs['attribution'], 'digits-ddpm'))))"),
+        (
+            "code",
+            "display(Image(figure_png(plot_attribution(tables['digits-ddpm'].attrs['attribution'], 'digits-ddpm'))))",
+        ),
         (
             "code",
             "view = {name: df[df.method == 'jvp-ode'].set_index('t')[['K_mean', 'K_partial', 'K_space', 't_share']]\n"
