@@ -301,7 +301,7 @@ def _if():
 
 
 def _dance():
-    unet = d.UNet1DModel(block_out_channels=(16, 16, 32), extra_in_channels=16, sample_size=512, sample_rate=16_000,
+    unet = d.UNet1DModel(block_out_channels=(32, 32, 64), extra_in_channels=16, sample_size=512, sample_rate=16_000,
                          time_embedding_dim=16,  # the dummy's fourier width before diffusers tied it to block_out
                          in_channels=2, out_channels=2, flip_sin_to_cos=True, use_timestep_embedding=False,
                          time_embedding_type="fourier", mid_block_type="UNetMidBlock1D",

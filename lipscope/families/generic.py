@@ -146,6 +146,14 @@ def next_step(process: NoiseProcess, units: float):
     return knext
 
 
+def build_refused(denoiser: Any, *args: Any, **kwargs: Any) -> EpsModel:
+    """The generic adapter needs the whole pipeline, not a denoiser alone (LoRA runs and training need a family)."""
+    raise InputError(
+        f"{type(denoiser).__name__}: the generic adapter probes whole pipelines; training, LoRA and E-TSDM need a "
+        "hand-written family (lipscope.families.FAMILIES)"
+    )
+
+
 def load(root: str, component: str, scheduler_config: dict | None, name: str, device, dtype,
          call_args: dict[str, Any] | None = None, index: dict | None = None, **hub: Any) -> EpsModel:  # fmt: skip
     """A generic pipeline as an EpsModel: its input space is fixed by the capture its conditioning runs."""
@@ -312,6 +320,8 @@ def conditioning(
         denoiser=type(denoiser).__name__,
         capture_call={k: v for k, v in kw.items() if isinstance(v, (int, float, str)) and k != "prompt"},
         model_steps_recorded=ks,
+        sample_dtype=str(rec.steps[0].sample.dtype).removeprefix("torch."),
+        model_output_dtype=str(rec.steps[0].model_output.dtype).removeprefix("torch."),
         process_check_rel_diff=step_diff,
         **found,
     )

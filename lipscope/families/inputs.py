@@ -106,9 +106,12 @@ def find_latent(call: Call, sample: torch.Tensor) -> Latent:
 
 
 def snap(v: float, tol: float) -> Fraction:
-    """The simplest fraction (denominator ≤ MAX_DENOMINATOR) within ``tol`` of v, else v itself."""
-    f = Fraction(v).limit_denominator(MAX_DENOMINATOR)
-    return f if abs(float(f) - v) <= tol else Fraction(v)
+    """The fraction with the smallest denominator (≤ MAX_DENOMINATOR) within ``tol`` of v, else v itself."""
+    for q in range(1, MAX_DENOMINATOR + 1):
+        p = round(v * q)
+        if abs(p / q - v) <= tol:
+            return Fraction(p, q)
+    return Fraction(v)
 
 
 def find_timestep(calls: list[Call], ks: list[float], latent: Path, dtype: torch.dtype) -> TimeInput:

@@ -91,18 +91,31 @@ class PipelineCodec:
         return [x[s : s + step] for s in range(0, x.shape[0], step)]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (N, *sample_row) of pixels x (N, *pixel_shape) in [−1, 1]."""
+        """Latents (N, *sample_row) of pixels x (N, *pixel_shape) in [−1, 1]; videos one at a time, and where one
+        does not fit in memory, through the autoencoder's own tiling (``enable_tiling``: frames and tiles in turn)."""
         p = next(self.vae.parameters())
         out = []
         with torch.no_grad():
             for xb in self._batches(x):
-                z = _encode(self.vae, xb.reshape(xb.shape[0], *self.vae_pixels).to(p.device, p.dtype))
+                z = self._encode_fitting(xb.reshape(xb.shape[0], *self.vae_pixels).to(p.device, p.dtype))
                 d = z.reshape(z.shape[0], -1).to(torch.float64).cpu()
                 lat = torch.empty_like(d)
                 lat[:, self.index] = (d - self.shift) / self.scale
                 out.append(lat.reshape(z.shape[0], *self.sample_row))
         z = torch.cat(out)
         return z if x.dtype == torch.float64 else z.float()
+
+    def _encode_fitting(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return _encode(self.vae, x)
+        except torch.OutOfMemoryError:
+            if not hasattr(self.vae, "enable_tiling") or getattr(self.vae, "use_tiling", False):
+                raise
+            log.warning("%s: out of memory encoding one sample; encoding it with the autoencoder's tiling", self.kind)
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+            self.vae.enable_tiling()
+            return _encode(self.vae, x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Pixels in [−1, 1] of latents z, through the map the pipeline applies before ``vae.decode``."""
