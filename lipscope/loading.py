@@ -35,7 +35,7 @@ from .data import digits_array
 from .errors import InputError
 from .errors import short_error as _short
 from .etsdm import ETSDMUNet2DModel, load_etsdm_lora
-from .families import family_of_class, family_of_model, load_denoiser, pipeline_denoiser
+from .families import family_of_class, family_of_model, load_denoiser, no_call_args, pipeline_denoiser
 from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
 from .lora import lora_run_base
@@ -76,11 +76,7 @@ def load_model(
     if spec.startswith("py:"):
         return load_py(spec, sched_cfg, dev, dt, kwargs)
     path = Path(spec).expanduser()
-    if kwargs and (spec.startswith("builtin:") or path.is_file() or not (path.is_dir() or "/" in spec)):
-        raise InputError(
-            f"`model_args` are passed to a py: factory or a generic pipeline's call, and `model` {spec} is neither; "
-            "drop `model_args`"
-        )
+    no_call_args(kwargs if spec.startswith("builtin:") or path.is_file() else None, spec)
     if spec.startswith("builtin:"):
         return _load_builtin(spec.split(":", 1)[1], dev, dt)
     if path.exists():
@@ -211,22 +207,13 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
         sched_cfg = sched_cfg if sched_cfg is not None else find_scheduler_config([path])
         model = load_denoiser(fam, str(path), comp, sched_cfg, str(path), dev, dt, call_args, index)
     else:
-        _no_call_args(call_args, path)
+        no_call_args(call_args, path)
         model = _load_unet_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle)
     return _with_codec(model, path, index, dev, dt)
 
 
-def _no_call_args(call_args: dict | None, spec) -> None:
-    if call_args:
-        raise InputError(
-            f"`model_args` are passed to a py: factory or a generic pipeline's call, and `model` {spec} is neither; "
-            "drop `model_args`"
-        )
-
-
 def _with_codec(model: EpsModel, root, index: dict, dev, dt, **hub) -> EpsModel:
-    """A latent pipeline's model carries its autoencoder (:mod:`lipscope.latents`; a generic pipeline's comes with
-    its captured call)."""
+    """A latent pipeline's model carries its autoencoder (:mod:`lipscope.latents`; a generic one's: its capture)."""
     if not vae_component(index) or model.config.get("lipscope_adapter"):
         return model
     codec = load_codec(root, index, dev, dt, **hub)
@@ -343,7 +330,7 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
         comp = pipeline_denoiser(index, repo)[1]
         model = load_denoiser(fam, repo, comp, sched_cfg, name, dev, dt, call_args, index, **hub)
         return _with_codec(model, repo, index, dev, dt, **hub)
-    _no_call_args(call_args, repo)
+    no_call_args(call_args, repo)
     subs = [subfolder] if subfolder else ["unet", ""]
     unet_sub, cfg_file = None, None
     for s in subs:

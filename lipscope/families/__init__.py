@@ -64,7 +64,7 @@ FAMILIES: tuple[Family, ...] = (
 GENERIC = Family("generic", (), "", generic.build_refused, generic.conditioning, "call", None, generic.load)
 
 __all__ = ["FAMILIES", "GENERIC", "EncodedPrompts", "Family", "family_of_class", "family_of_model", "load_denoiser",
-           "pipeline_denoiser", "resolve_conditioning", "supported"]  # fmt: skip
+           "no_call_args", "pipeline_denoiser", "resolve_conditioning", "supported"]  # fmt: skip
 
 
 # pipelines whose denoiser class a family wraps but whose conditioning or inputs differ (DeepFloyd IF's cascaded
@@ -108,10 +108,19 @@ def pipeline_denoiser(index: dict[str, Any], where: str) -> tuple[Family, str]:
         if cls:
             return GENERIC, comp
     raise InputError(
-        f"`model` {where} is a {index.get('_class_name', 'pipeline')} with no unet or transformer component, which "
+        f"`model` {where} is a {index.get('_class_name', 'pipeline')} (no unet or transformer component), which "
         f"lipscope cannot probe; supported: {supported()} and any pipeline with a unet or transformer (generic); wrap "
         "other networks as `model` py:module:factory"
     )
+
+
+def no_call_args(call_args: dict[str, Any] | None, spec: Any) -> None:
+    """Refuse ``model_args`` for a model that is neither a py: factory nor a generic pipeline."""
+    if call_args:
+        raise InputError(
+            f"`model_args` are passed to a py: factory or a generic pipeline's call, and `model` {spec} is neither; "
+            "drop `model_args`"
+        )
 
 
 def load_denoiser(
@@ -127,11 +136,7 @@ def load_denoiser(
 
     if fam.load is not None:
         return fam.load(root, subfolder, sched_cfg, name, dev, dt, call_args=call_args, index=index, **hub)
-    if call_args:
-        raise InputError(
-            f"`model_args` are passed to a py: factory or a generic pipeline's call, and `model` {name} is neither; "
-            "drop `model_args`"
-        )
+    no_call_args(call_args, name)
 
     try:
         cls = getattr(diffusers, fam.classes[0])

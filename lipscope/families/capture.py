@@ -31,7 +31,8 @@ def clone_tree(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(clone_tree(v) for v in obj)
     if isinstance(obj, dict):
-        return {k: clone_tree(v) for k, v in obj.items()}
+        items = {k: clone_tree(v) for k, v in obj.items()}
+        return items if type(obj) is dict else type(obj)(**items)  # diffusers' output dataclasses are dicts too
     return obj
 
 

@@ -165,7 +165,11 @@ def load(root: str, component: str, scheduler_config: dict | None, name: str, de
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(root, dtype=dt, **nulls, **hub).to(dev)
     except (OSError, ValueError, RuntimeError, TypeError, AttributeError, ImportError) as e:
-        raise InputError(f"`model` {root}: could not load the pipeline ({short_error(e)})") from e
+        what = (index or {}).get(component, [None, None])[1]
+        raise InputError(
+            f"`model` {root} is a {(index or {}).get('_class_name', 'pipeline')} ({component}: {what}); the generic "
+            f"adapter could not load it ({short_error(e)})"
+        ) from e
     if scheduler_config is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config)
     denoiser = getattr(pipe, component)

@@ -134,8 +134,10 @@ def find_timestep(calls: list[Call], ks: list[float], latent: Path, dtype: torch
             vals.append(float(n[0]))
         if len(vals) != len(roots) or len(set(vals)) < 2:
             continue
+        # diffusers keeps timesteps and sigmas in float32 tables: the fed value and σ·T carry that rounding at least
         ndt = node.dtype if isinstance(node, torch.Tensor) and node.is_floating_point() else dtype
-        tol = 64 * unit_roundoff(ndt) * max(max(abs(v) for v in vals), 1.0)
+        u = max(unit_roundoff(ndt), unit_roundoff(torch.float32))
+        tol = 64 * u * max(max(abs(v) for v in vals), 1.0)
         fit = _fit_time(k, torch.tensor(vals, dtype=torch.float64), tol)
         if fit is None:
             continue

@@ -2,10 +2,11 @@
 the pipeline does in between (packing into tokens, per-channel normalisation, frame/channel transposes).
 
 The pipeline's path from its final latents P to ``vae.decode``'s input D is identified on the pipeline itself: four
-one-step runs in which the last step's result is replaced by 0, 1, the element index and a random P, each stopped
-inside ``vae.decode``. If D = a ⊙ P[idx] + b (an element-wise affine map after a permutation — what packing,
-transposes and per-channel scaling are), the runs give b, a, idx, and the random one checks it; anything else is
-refused. Encoding is then the inverse: P[idx] = (mean of the encoder's distribution − b) / a.
+runs in which the last step's result is replaced by 0, 1, the element index and a random P, each stopped inside
+``vae.decode`` (two-step runs, the denoiser stubbed with its recorded outputs). If D = a ⊙ P[idx] + b (an
+element-wise affine map after a permutation — what packing, transposes and per-channel scaling are), the runs give
+b, a, idx, and the random one checks it; anything else is refused. Encoding is then the inverse:
+P[idx] = (mean of the encoder's distribution − b) / a.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def identify_codec(pipe: Any, denoiser: Any, call_kwargs: dict[str, Any], sample
     """The autoencoder map of ``pipe`` (see the module docstring); ``sample``: the recorded latents (P, …);
     ``stub``: the denoiser's recorded return values of one step (the runs only follow the latents' path)."""
     vae = pipe.vae
-    kw = {**call_kwargs, "num_inference_steps": 1}
+    kw = {**call_kwargs, "num_inference_steps": 2}  # not 1: some pipelines take another path for one step (PixArt)
     if "output_type" in kw:
         kw["output_type"] = "pt"
     n = sample.numel()

@@ -107,7 +107,7 @@ def status(cls: str) -> tuple[str, str]:
         return "tested (generic)", ", ".join(tested)
     if cls in REFUSED:
         return "refused", REFUSED[cls]
-    return "generic, untested", "tried through its pipeline's own call; refused in one line if not identified"
+    return "generic, untested", ""
 
 
 def models_table() -> str:
