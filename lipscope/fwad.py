@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ def _group_norm_forward(mod: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _moe_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _moe_forward(mod: Any, x: torch.Tensor) -> torch.Tensor:
     """HiDream's mixture-of-experts in eval mode, its dispatch written with boolean masks (what its training branch
     does) instead of expert counts read through numpy, which torch.func's wrapped tensors cannot give."""
     topk_idx, topk_weight, _ = mod.gate(x)
@@ -62,7 +63,7 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
                 mod.forward = functools.partial(_group_norm_forward, mod)  # type: ignore[method-assign]
                 patched_gn.append(mod)
             elif hasattr(mod, "moe_infer") and hasattr(mod, "experts") and "forward" not in mod.__dict__:
-                mod.forward = functools.partial(_moe_forward, mod)  # type: ignore[method-assign]
+                mod.forward = functools.partial(_moe_forward, mod)
                 patched_gn.append(mod)
         with sdpa_kernel([SDPBackend.MATH]):
             yield

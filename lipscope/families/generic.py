@@ -13,6 +13,7 @@ and the timestep replaced. Whatever cannot be identified is refused in one line 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -64,9 +65,10 @@ class CapturedConditioning(Conditioning):
         h = hashlib.sha256(super().digest().encode())
         for tpl in self.call.templates:
             for v in _tensors(tpl.root):
-                t = v.detach().cpu().contiguous()
+                t = v.detach().cpu()
                 h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))  # dense: inputs may be expanded
+                h.update(flat.view(torch.uint8).numpy().tobytes())
         h.update(self.call.combination.describe().encode())
         return h.hexdigest()[:16]
 
@@ -154,6 +156,28 @@ def build_refused(denoiser: Any, *args: Any, **kwargs: Any) -> EpsModel:
     )
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' loading bars and type notes off while a pipeline loads (restored after): the
+    terminal gets lipscope's own lines (one line for bad input)."""
+    from diffusers.utils import logging as dlog
+
+    tlog: Any = None
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as tlog
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog) if m is not None]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, level, bars in saved:
+            m.set_verbosity(level)
+            if bars:
+                m.enable_progress_bar()
+
+
 def load(root: str, component: str, scheduler_config: dict | None, name: str, device, dtype,
          call_args: dict[str, Any] | None = None, index: dict | None = None, **hub: Any) -> EpsModel:  # fmt: skip
     """A generic pipeline as an EpsModel: its input space is fixed by the capture its conditioning runs."""
@@ -163,15 +187,17 @@ def load(root: str, component: str, scheduler_config: dict | None, name: str, de
     nulls = {k: None for k, v in (index or {}).items()
              if isinstance(v, list) and len(v) == 2 and v[1] is None and not k.startswith("_")}  # fmt: skip
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(root, dtype=dt, **nulls, **hub).to(dev)
+        with _quiet_loading():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(root, dtype=dt, **nulls, **hub).to(dev)
     except (OSError, ValueError, RuntimeError, TypeError, AttributeError, ImportError) as e:
         what = (index or {}).get(component, [None, None])[1]
         raise InputError(
             f"`model` {root} is a {(index or {}).get('_class_name', 'pipeline')} ({component}: {what}); the generic "
             f"adapter could not load it ({short_error(e)})"
         ) from e
-    if scheduler_config is not None:
-        pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config)
+    if scheduler_config is not None:  # another scheduler (its class by the config's _class_name), as the user asked
+        cls = getattr(diffusers, str(scheduler_config.get("_class_name")), None) or type(pipe.scheduler)
+        pipe.scheduler = cls.from_config(scheduler_config)
     denoiser = getattr(pipe, component)
     process = process_of(pipe.scheduler)
     sig = inspect.signature(pipe.__call__).parameters
@@ -295,6 +321,7 @@ def conditioning(
     pname = type(pipe).__name__
     kw, p, cfg_value, info = _call_kwargs(pipe, net, model, class_labels, prompts, negative_prompt, prompt_embeds,
                                           guidance_scale)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)  # lipscope's own progress reports the probe
     try:
         rec = record(pipe, denoiser, kw)
     except InputError:

@@ -215,12 +215,12 @@ def batch_candidates(root: dict[str, Any], rows: int, skip: tuple[Path, ...]) ->
         for path, node in walk(root):
             if any(path[: len(s)] == s for s in skip + as_rows) or not isinstance(node, torch.Tensor):
                 continue
-            dims = [d for d in range(node.ndim) if node.shape[d] == rows]
+            dims: list[int | None] = [d for d in range(node.ndim) if node.shape[d] == rows]
             if dims:
                 tensors.append((path, [*dims, None]))
-        for dims in itertools.product(*[opts for _, opts in tensors]):
+        for picked in itertools.product(*[opts for _, opts in tensors]):
             cand: dict[Path, Any] = {p: "rows" for p in as_rows}
-            cand.update({p: d for (p, _), d in zip(tensors, dims, strict=True) if d is not None})
+            cand.update({p: d for (p, _), d in zip(tensors, picked, strict=True) if d is not None})
             out.append(cand)
             if len(out) >= 64:
                 return out

@@ -97,7 +97,7 @@ def to_sample(raw: torch.Tensor, sample_row: tuple[int, ...]) -> torch.Tensor:
     if raw[0].numel() == n:
         return raw.reshape(b, *sample_row)
     if len(row) == len(sample_row) and all(r >= s for r, s in zip(row, sample_row, strict=True)):
-        return raw[(slice(None), *(slice(0, s) for s in sample_row))]
+        return raw[_leading(sample_row)]
     raise ValueError(f"prediction rows {row} do not hold the sample's {sample_row}")
 
 
@@ -142,7 +142,12 @@ def slice_like(raw: torch.Tensor, sample_row: tuple[int, ...]) -> torch.Tensor:
     """The leading part of prediction rows that the sample's numbers occupy, kept in the prediction's layout."""
     if raw[0].numel() == _numel(sample_row):
         return raw
-    return raw[(slice(None), *(slice(0, s) for s in sample_row))]
+    return raw[_leading(sample_row)]
+
+
+def _leading(sample_row: tuple[int, ...]) -> tuple[slice, ...]:
+    """The index of every row's leading part of the sample's size."""
+    return (slice(None),) + tuple(slice(0, s) for s in sample_row)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
