@@ -9,6 +9,7 @@ T = ``num_train_timesteps``), so the probe, the E-TSDM map and the batching are 
 * EDM (``EDMEulerScheduler``, Karras et al. 2022): α = 1, σ on the scheduler's own ramp read from the
   low-noise end (Karras ρ-ramp or exponential), native time σ; the network is fed c_noise = ¼ ln σ and
   c_in·x, and its output F gives x̂0 = c_skip x + c_out F (the scheduler's ``precondition_*``).
+* Cosine v-diffusion (``IPNDMScheduler``: DanceDiffusion): α = cos(πτ/2), σ = sin(πτ/2), v-prediction.
 * Flow matching (``FlowMatchEulerDiscreteScheduler`` and kin: SD3, Flux): α = 1 − σ, σ = τ; the network
   is fed the timestep σ·T (= k) and predicts the velocity u = ε − x0. A timestep ``shift`` only changes
   which σ a sampler visits, never what the network is fed at a given σ: recorded, not applied.
