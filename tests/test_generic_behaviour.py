@@ -87,6 +87,16 @@ def test_a_wrong_prediction_convention_is_caught_by_the_schedulers_own_step(fold
         generic.verify_process(rec, pipe.scheduler, CosineProcess(), ks, generic.next_step(CosineProcess(), 1.0))
 
 
+def test_training_a_generic_pipeline_is_refused_in_one_line(folders, tmp_path):
+    from lipscope.runs import TrainOptions, run_training
+
+    opts = TrainOptions(model=str(folders["WanPipeline"][0]), data="digits", out=str(tmp_path / "ft"))
+    with pytest.raises(InputError) as e:
+        run_training(opts)
+    _one_line(e, "`model` (a WanTransformer3DModel) is probed by the generic adapter", "need a hand-written family")
+    assert not (tmp_path / "ft").exists()
+
+
 def test_inputs_that_follow_no_affine_time_are_refused():
     from lipscope.families.capture import Call
     from lipscope.families.inputs import find_timestep

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,8 +152,8 @@ def next_step(process: NoiseProcess, units: float):
 def build_refused(denoiser: Any, *args: Any, **kwargs: Any) -> EpsModel:
     """The generic adapter needs the whole pipeline, not a denoiser alone (LoRA runs and training need a family)."""
     raise InputError(
-        f"{type(denoiser).__name__}: the generic adapter probes whole pipelines; training, LoRA and E-TSDM need a "
-        "hand-written family (lipscope.families.FAMILIES)"
+        f"`model` (a {type(denoiser).__name__}) is probed by the generic adapter through its pipeline's own call; "
+        "training, LoRA and E-TSDM need a hand-written family (lipscope.families.FAMILIES)"
     )
 
 
@@ -265,6 +266,8 @@ def _call_kwargs(pipe: Any, net: PipelineNet, model: EpsModel, class_labels, pro
         kw["negative_prompt"] = [negative_prompt] * p
         info["negative_prompt"] = negative_prompt
     cfg_param = next((n for n in ("true_cfg_scale", "guidance_scale") if n in sig), None)
+    if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        raise InputError(f"`guidance_scale` must be a finite number (got {guidance_scale!r})")
     if guidance_scale is not None:
         if cfg_param is None:
             raise InputError(f"`model` {model.name} ({pname}) has no guidance scale; leave out `guidance_scale`")
