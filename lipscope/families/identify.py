@@ -231,7 +231,7 @@ def verify_process(rec: Recording, scheduler: Any, process: Any, ks: list[float]
     args, kwargs = rec.set_timesteps or ((len(rec.steps),), {})
     worst, checked = 0.0, 0
     for i, st in enumerate(rec.steps):
-        k = torch.tensor([ks[i]], dtype=torch.float64)
+        k = torch.tensor([ks[i]], dtype=torch.float64, device=st.sample.device)
         a, s = process.alpha(k), process.sigma(k)
         if float(a) < 0.05:
             continue
@@ -249,7 +249,7 @@ def verify_process(rec: Recording, scheduler: Any, process: Any, ks: list[float]
         if pred0 is not None:
             err = relative_error(x0, pred0)
         else:
-            kn = torch.tensor([float(knext(fresh, i))], dtype=torch.float64)
+            kn = torch.tensor([float(knext(fresh, i))], dtype=torch.float64, device=x.device)
             an, sn = process.alpha(kn), process.sigma(kn)
             err = relative_error(an * x0 + sn * eps, out.prev_sample)
         worst, checked = max(worst, err), checked + 1

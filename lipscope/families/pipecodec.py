@@ -31,7 +31,7 @@ IMAGE_BATCH, VIDEO_BATCH = 16, 1  # samples per encoder call (one video at a tim
 def _decode_input(dec: tuple[tuple, dict]) -> torch.Tensor:
     args, kwargs = dec
     z = args[0] if args else next(v for k, v in kwargs.items() if isinstance(v, torch.Tensor))
-    return z.detach().to(torch.float64)
+    return z.detach().to("cpu", torch.float64)  # the map is kept on the CPU, applied per batch
 
 
 def _encode(vae: Any, x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +124,7 @@ class PipelineCodec:
         out = []
         with torch.no_grad():
             for zb in self._batches(z):
-                d = self.scale * zb.reshape(zb.shape[0], -1).to(torch.float64)[:, self.index] + self.shift
+                d = self.scale * zb.reshape(zb.shape[0], -1).to("cpu", torch.float64)[:, self.index] + self.shift
                 dz = d.reshape(zb.shape[0], *self.decode_row).to(p.device, p.dtype)
                 px = first_output(self.vae.decode(dz, *self.decode_args, **self.decode_kwargs))
                 out.append(px.clamp(-1, 1).float().cpu().reshape(zb.shape[0], *self.pixel_shape))
@@ -184,7 +184,8 @@ def identify_codec(pipe: Any, denoiser: Any, call_kwargs: dict[str, Any], sample
     if d0.shape[0] != rows or not (i2 == i2[0]).all() or not (a.reshape(rows, per) == a[:per]).all():
         raise Unidentified("the map to vae.decode mixes samples")
     dec_args, dec_kwargs = _decode_extra(decs[0])
-    probe = first_output(vae.decode(d0[:1].to(next(vae.parameters()).dtype), *dec_args, **dec_kwargs))
+    p = next(vae.parameters())
+    probe = first_output(vae.decode(d0[:1].to(p.device, p.dtype), *dec_args, **dec_kwargs))
     vae_pixels = tuple(probe.shape[1:])
     pixel = vae_pixels
     if len(vae_pixels) == 4 and vae_pixels[1] == 1:  # a video autoencoder on one frame: images

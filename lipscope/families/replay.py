@@ -63,7 +63,7 @@ class Template:
         )
         tdt = dtype if self.time.captured_dtype in ("int64", "int32", "int", str(self.dtype).removeprefix("torch.")) \
             else getattr(torch, self.time.captured_dtype)  # fmt: skip
-        fed = self.time.fed(k.to(torch.float64 if tdt == torch.float64 else k.dtype)).to(tdt)
+        fed = self.time.fed(k.to(x.device, torch.float64 if tdt == torch.float64 else k.dtype)).to(tdt)
         tail = self.time.shape[1:]
         t = fed.reshape(b, *([1] * len(tail))).expand(b, *tail) if tail else fed
         return put_at(root, self.time.path, t.repeat(m, *([1] * len(tail))) if m > 1 else t)
