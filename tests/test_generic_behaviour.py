@@ -97,6 +97,14 @@ def test_training_a_generic_pipeline_is_refused_in_one_line(folders, tmp_path):
     assert not (tmp_path / "ft").exists()
 
 
+def test_cfg_weights_are_the_pipelines_scale_exactly(folders):
+    """A scale that is no multiple of 1/8 is still recognised in the fitted combination (w and 1 − w exactly)."""
+    m = _model(folders, "WanPipeline")
+    info = generic.conditioning(m, prompts=["a cat", "a dog"], guidance_scale=3.3).info
+    w = 3.3
+    assert info["combination_probed"] == f"({w:g}·R0[0] + {1 - w:g}·R1[0])", info["combination_probed"]
+
+
 def test_inputs_that_follow_no_affine_time_are_refused():
     from lipscope.families.capture import Call
     from lipscope.families.inputs import find_timestep

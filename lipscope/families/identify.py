@@ -131,7 +131,7 @@ def _fit(rec: Recording, sample_row: tuple[int, ...], blocks: list[int], dtype: 
     if res <= bound and abs(abs(total) - 1) <= 64 * u * max(1.0, float(coef.abs().sum())):
         sign = 1.0 if total > 0 else -1.0
         for (i, j), c in zip(idx, coef.tolist(), strict=True):
-            weights[i][j] = _snap_weight(sign * c, 64 * u * max(1.0, abs(c)))
+            weights[i][j] = _snap_weight(sign * c, 64 * u * max(1.0, abs(c)), cfg_value)
         return Combination(tuple(tuple(w) for w in weights), None, sign, res)
     if len(idx) == 2 and cfg_value is not None:
         return _fit_normalised(rec, sample_row, blocks, idx, cfg_value, u, res)
@@ -141,9 +141,14 @@ def _fit(rec: Recording, sample_row: tuple[int, ...], blocks: list[int], dtype: 
     )
 
 
-def _snap_weight(w: float, tol: float) -> float:
-    r = round(w * 8) / 8  # guidance scales are written with few decimals; 1/8 steps cover 1.5, 4.5, 3.125 …
-    return r if abs(r - w) <= tol else w
+def _snap_weight(w: float, tol: float, cfg: float | None) -> float:
+    """A fitted weight snapped to what a guidance combination writes (w, 1 − w, 1 + w, −w for the pipeline's scale,
+    0, ±1, or a multiple of 1/8) where it lies within the fit's rounding, else kept."""
+    exact = [0.0, 1.0, -1.0] + ([cfg, 1 - cfg, 1 + cfg, -cfg] if cfg is not None else [])
+    for r in [*exact, round(w * 8) / 8]:
+        if abs(r - w) <= tol:
+            return r
+    return w
 
 
 def _fit_normalised(rec, sample_row, blocks, idx, w: float, u: float, linear_res: float) -> Combination:
