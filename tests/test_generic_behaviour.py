@@ -105,6 +105,25 @@ def test_cfg_weights_are_the_pipelines_scale_exactly(folders):
     assert info["combination_probed"] == f"({w:g}·R0[0] + {1 - w:g}·R1[0])", info["combination_probed"]
 
 
+def test_an_unidentified_autoencoder_map_leaves_precomputed_latents(folders, monkeypatch):
+    """The denoiser is still probed on latents in its own shape; pixel data is refused with the reason."""
+    from lipscope.families import pipecodec
+
+    def fail(*a, **k):
+        raise Unidentified("the latents reach vae.decode through more than a permutation and an element-wise scaling")
+
+    monkeypatch.setattr(generic, "identify_codec", fail)
+    m = _model(folders, "Lumina2Pipeline")
+    cond = generic.conditioning(m, prompt_embeds=str(folders["Lumina2Pipeline"][1]), guidance_scale=4.0)
+    mm = dataclasses.replace(m, conditioning=cond)
+    assert isinstance(mm.latent, pipecodec.UnidentifiedCodec)
+    with pytest.raises(InputError) as e:
+        probe(mm, "digits", timesteps=[10], samples=2)
+    _one_line(e, "autoencoder map could not be identified (the latents reach vae.decode through more than")
+    df = probe(mm, torch.randn(2, *mm.sample_shape).numpy(), timesteps=[10], samples=2)
+    assert df.attrs["data_scaling"].source_kind == "latents" and (df["K_mean"] > 0).all()
+
+
 def test_inputs_that_follow_no_affine_time_are_refused():
     from lipscope.families.capture import Call
     from lipscope.families.inputs import find_timestep

@@ -31,7 +31,7 @@ from .capture import record
 from .embeds import EncodedPrompts, read_embeds
 from .identify import identify_call, verify_process
 from .inputs import Unidentified
-from .pipecodec import identify_codec
+from .pipecodec import UnidentifiedCodec, identify_codec
 from .replay import CapturedCall
 
 log = logging.getLogger("lipscope")
@@ -344,8 +344,7 @@ def conditioning(
             raise Unidentified(f"the pipeline ran no unconditional branch and fed guidance {guidance_scale:g} to no "
                                "input (for true CFG it may need negative prompt embeddings)")  # fmt: skip
         step_diff = verify_process(rec, pipe.scheduler, model.schedule, ks, next_step(model.schedule, net.kmap))
-        stub = [c.returned for c in rec.calls_of(0)]
-        codec = identify_codec(pipe, denoiser, kw, rec.steps[0].sample, stub) if getattr(pipe, "vae", None) else None
+        codec = _codec(pipe, denoiser, kw, rec)
     except Unidentified as e:
         raise InputError(f"`model` {model.name}: cannot probe {pname} generically: {e}") from None
     info.update(
@@ -363,6 +362,18 @@ def conditioning(
         info["guidance_scale"] = float(guidance_scale)
     space = Space(tuple(rec.steps[0].sample.shape[1:]), codec)
     return CapturedConditioning({"rows": torch.arange(p)}, None, None, info, call=call, space=space)
+
+
+def _codec(pipe: Any, denoiser: Any, kw: dict[str, Any], rec: Any) -> Any:
+    """The pipeline's autoencoder map (None: no autoencoder); where it cannot be identified, a codec that takes
+    precomputed latents only and says why (the denoiser itself is still probed)."""
+    if getattr(pipe, "vae", None) is None:
+        return None
+    try:
+        return identify_codec(pipe, denoiser, kw, rec.steps[0].sample, [c.returned for c in rec.calls_of(0)])
+    except Unidentified as e:
+        log.warning("%s: %s; image data cannot be encoded, give precomputed latents", type(pipe).__name__, e)
+        return UnidentifiedCodec(str(e))
 
 
 def _embedded(rec: Any, w: float) -> bool:

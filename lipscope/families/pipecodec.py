@@ -145,6 +145,29 @@ class PipelineCodec:
         }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class UnidentifiedCodec:
+    """A pipeline whose path to ``vae.decode`` could not be identified: it is probed on precomputed latents only
+    (arrays of the denoiser's shape, fed as they are); pixel data is refused with the reason."""
+
+    reason: str
+    pixel_shape: tuple[int, ...] = ()
+    kind: str = "unidentified"
+    component: str = "vae"
+    downsample: int = 1
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        raise InputError(
+            f"`data`: this pipeline's autoencoder map could not be identified ({self.reason}); give precomputed "
+            "latents in the denoiser's own shape"
+        )
+
+    load_pixels = encode = decode = _refuse
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": "latent", "autoencoder": "unidentified", "reason": self.reason}
+
+
 def identify_codec(pipe: Any, denoiser: Any, call_kwargs: dict[str, Any], sample: torch.Tensor,
                    stub: list[Any]) -> PipelineCodec:  # fmt: skip
     """The autoencoder map of ``pipe`` (see the module docstring); ``sample``: the recorded latents (P, …);
