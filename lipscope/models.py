@@ -72,6 +72,10 @@ class EpsModel:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise InputError(f"`target` {self.target!r} not known; use one of {', '.join(TARGETS)}")
+        space = getattr(self.conditioning, "space", None)  # a generic pipeline's captured call fixes its input space
+        if space is not None:
+            object.__setattr__(self, "sample_shape", space.sample_shape)
+            object.__setattr__(self, "latent", space.codec)
 
     @property
     def T(self) -> int:  # noqa: N802

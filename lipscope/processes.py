@@ -9,6 +9,7 @@ T = ``num_train_timesteps``), so the probe, the E-TSDM map and the batching are 
 * EDM (``EDMEulerScheduler``, Karras et al. 2022): α = 1, σ on the scheduler's own ramp read from the
   low-noise end (Karras ρ-ramp or exponential), native time σ; the network is fed c_noise = ¼ ln σ and
   c_in·x, and its output F gives x̂0 = c_skip x + c_out F (the scheduler's ``precondition_*``).
+* Cosine v-diffusion (``IPNDMScheduler``: DanceDiffusion): α = cos(πτ/2), σ = sin(πτ/2), v-prediction.
 * Flow matching (``FlowMatchEulerDiscreteScheduler`` and kin: SD3, Flux): α = 1 − σ, σ = τ; the network
   is fed the timestep σ·T (= k) and predicts the velocity u = ε − x0. A timestep ``shift`` only changes
   which σ a sampler visits, never what the network is fed at a given σ: recorded, not applied.
@@ -39,6 +40,7 @@ VP_CLASSES = (
 VE_CLASSES = ("ScoreSdeVeScheduler",)
 EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+COSINE_CLASSES = ("IPNDMScheduler",)
 
 
 def _num(cfg: dict[str, Any], key: str, default: float, positive: bool = True) -> float:
@@ -205,6 +207,35 @@ class FlowProcess(NoiseProcess):
         }
 
 
+@dataclass(frozen=True)
+class CosineProcess(NoiseProcess):
+    """v-diffusion (Salimans & Ho 2022; Crowson's audio diffusion, DanceDiffusion's ``IPNDMScheduler``): α = cos(πτ/2),
+    σ = sin(πτ/2), τ = k/T; the network predicts v = α ε − σ x0 (its pipeline feeds τ itself)."""
+
+    kind: ClassVar[str] = "cosine"
+    steps: int = 1000
+    prediction_type: str = "v_prediction"
+
+    @property
+    def T(self) -> int:  # noqa: N802
+        return self.steps
+
+    def _angle(self, k: torch.Tensor) -> torch.Tensor:
+        return _as_f64(k) / self.T * (math.pi / 2)
+
+    def alpha(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.cos(self._angle(k))
+
+    def sigma(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self._angle(k))
+
+    def dalpha_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        return -(math.pi / 2) * torch.sin(self._angle(k))
+
+    def dsigma_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        return (math.pi / 2) * torch.cos(self._angle(k))
+
+
 def process_from_config(config: dict[str, Any]) -> NoiseProcess:
     """The noise process of a diffusers scheduler config, by its ``_class_name`` (no name: DDPM-family VP)."""
     if not isinstance(config, dict):
@@ -245,6 +276,8 @@ def process_from_config(config: dict[str, Any]) -> NoiseProcess:
             )
         dynamic = bool(config.get("use_dynamic_shifting"))
         return FlowProcess(steps=_steps(config, 1000), shift=None if dynamic else _num(config, "shift", 1.0))
+    if name in COSINE_CLASSES:
+        return CosineProcess(steps=_steps(config, 1000))
     if name is None or name in VP_CLASSES:
         return schedule_from_config(config)
     if name == "ScoreSdeVpScheduler":

@@ -63,7 +63,10 @@ def probe(
         help="hub id, pipeline/unet folder, weights file (+ --config), py:module:factory or builtin:NAME.",
     ),
     model_arg: list[str] | None = typer.Option(
-        None, "--model-arg", help="key=value keyword argument of a py: factory (repeatable; values parsed as JSON)."
+        None,
+        "--model-arg",
+        help="key=value keyword argument of a py: factory, or a generic pipeline's __call__ size for its capture "
+        "(height, width, num_frames; repeatable; values parsed as JSON).",
     ),
     data: str | None = typer.Option(
         None,

@@ -106,6 +106,7 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     start = time.time()
     m = opts.load()
     cond = opts.conditioning(m, opts.model, opts.revision, opts.offline or None)
+    m = dataclasses.replace(m, conditioning=cond) if cond is not None else m  # a generic pipeline's space comes with it
     check_t_split(opts.t_split, m.T)
     key = {k: v for k, v in asdict(opts).items() if k not in RESUMABLE}
     key |= {"config_hash": m.config_hash, "conditioning": cond.digest() if cond is not None else None}

@@ -175,6 +175,8 @@ def _initial_model(opts: TrainOptions) -> EpsModel:
         offline=opts.offline or None,
         trust_pickle=opts.trust_pickle,
     )
+    if m.config.get("lipscope_adapter") == "generic":  # probed through its own call; trained through a family only
+        family_of_model(m).build(m.module)  # type: ignore[union-attr]  # refuses in one line, naming why
     if m.module is None or family_of_model(m) is None:
         raise InputError(
             f"`model` {opts.model}: fine-tuning needs a diffusers denoiser lipscope wraps (a hub id, pipeline folder "
