@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .. import shard
-from .common import cli_errors, out, setup_logging
+from .common import cli_errors, say, setup_logging
 from .options import (
     BATCH_SIZE,
     CLASS_LABEL,
@@ -251,4 +251,4 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())
         tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
-    out.print(tab)
+    say(tab)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .. import shard
-from .common import cli_errors, out, parse_list, setup_logging
+from .common import cli_errors, parse_list, say, setup_logging
 from .options import (
     CLASS_LABEL,
     DEVICE,
@@ -61,7 +61,7 @@ def sample(
     )
     run_sample(opts)
     if shard.is_main():
-        out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
+        say(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
 
 
 @cli_errors
@@ -140,10 +140,10 @@ def evaluate(
             fid,
         )
     if shard.is_main():
-        out.print(tab)
+        say(tab)
         if res.paired is not None and len(res.paired):
-            out.print(_paired_table(res.paired))
-        out.print(f"note: {res.meta['comparability']}", highlight=False, soft_wrap=True)
+            say(_paired_table(res.paired))
+        say(f"note: {res.meta['comparability']}")
 
 
 def _paired_table(paired) -> Table:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_errors, out, parse_list, setup_logging
+from .common import cli_errors, parse_list, say, setup_logging
 from .options import SCHEDULE
 
 
@@ -73,4 +73,4 @@ def theory(
             f"net {name} at t = {first['t']:g}", f"FD {df['K_fd_' + name].iloc[0]:.4g} (truth {first['K_fd_mc']:.4g})"
         )
     tab.add_row("written", f"{res.out}/theory.csv, run.json, theory.png")
-    out.print(tab)
+    say(tab)

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .common import cli_errors, out, setup_logging
+from .common import cli_errors, say, setup_logging
 from .options import MIXED_PRECISION
 
 
@@ -48,7 +48,7 @@ def _run(opts, progress: bool) -> None:
 
     res = run_training(opts, progress=progress and sys.stderr.isatty())
     where = "lora" if opts.training.lora else "pipeline"
-    out.print(
+    say(
         f"trained {res['steps']} steps on {res['samples']} samples; final loss (mean of last 100) "
         f"{res['final_loss_mean_last_100']:.4g}; model in {opts.out}/{where}"
     )

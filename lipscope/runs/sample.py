@@ -112,12 +112,8 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise InputError(
                 "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
             ) from None
-    feature_reads = () if opts.features == "digits" or opts.features.startswith("py:") else (opts.features,)
-    out = check_out_dir(
-        opts.out,
-        overwrite=opts.overwrite,
-        inputs=(opts.model, *opts.baseline, opts.data, *feature_reads, *opts.conditioning_reads()),
-    )
+    reads = (opts.model, opts.baseline, opts.data, opts.features, opts.inception_weights, opts.conditioning_reads())
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
     space = load_features(opts.features, trust_pickle=opts.trust_pickle, device=opts.device)
     with main_lock(out):
         specs = {"model": opts.model}
