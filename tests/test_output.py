@@ -76,7 +76,7 @@ def test_no_command_prints_around_the_printer():
 
 
 def test_help_is_printed_as_written(capfd, monkeypatch):
-    """--help text is not rich markup: `patches[:SIZE[:SCALE]]` keeps its brackets."""
+    """--help text is not rich markup: `range:a:b:s` is not 🅰 (rich's emoji code :a:), brackets stay."""
     from lipscope.cli import main
 
     monkeypatch.setattr(sys, "argv", ["lipscope", "probe", "--help"])
@@ -86,7 +86,8 @@ def test_help_is_printed_as_written(capfd, monkeypatch):
         main()
     assert e.value.code in (0, None)
     o = capfd.readouterr().out
-    assert "patches[:SIZE[:SCALE]]" in o and "py:module:factory" in o, o[:2000]
+    assert "range:a:b:s" in o and "🅰" not in o, o[:3000]
+    assert "patches[:SIZE[:SCALE]]" in o and "py:module:factory" in o, o[:3000]
 
 
 def test_render_error_rewrites_only_lipscope_parameters():

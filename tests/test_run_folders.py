@@ -275,3 +275,15 @@ def test_check_out_dir_returns_the_folder_written(tmp_path, monkeypatch):
         check_out_dir(tmp_path / "t", whole=False)
     with pytest.raises(InputError, match="pass `overwrite` to replace"):
         check_out_dir(tmp_path / "t")
+
+
+def test_the_fp16_noise_refusal_leaves_no_journal(tmp_path, cli):
+    """The precision guard's refusal (float16 FD rows limited by rounding noise) comes after finished items; the
+    advised rerun with --method jvp must start clean, not meet "an interrupted run" or a resume of another method."""
+    argv = ["probe", "--model", "builtin:digits-ddpm", "--samples", "4", "-t", "0,1,2,500", "--device", "cpu"]
+    argv += ["--no-progress", "--out", "out"]
+    res = cli(*argv, "--precision", "fp16")
+    assert res.code == 2 and "--method jvp" in res.stderr, res.stderr + res.exc
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
+    res = cli(*argv, "--method", "jvp")
+    assert res.code == 0, res.stderr + res.exc

@@ -28,6 +28,7 @@ from .options import (
     SCHEME,
     SPACE,
     TARGET,
+    VERBOSE,
     conditioning_kwargs,
 )
 
@@ -172,15 +173,15 @@ def probe(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue the interrupted probe of --out (same options; any process count): finished items are kept "
-        "beside --out, in .<out>.partial, as the probe goes.",
+        help="Continue the interrupted probe of --out (same options and model; any process count), or start it when "
+        "there is none: finished items are kept beside --out, in .<out>.partial, as the probe goes.",
     ),
     allow_noise_limited: bool = typer.Option(
         False,
         "--allow-noise-limited",
         help="Keep a float16/bfloat16 FD run whose rows are limited by rounding noise (flagged in fd_noise_limited).",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
     setup_logging(verbose)

@@ -18,6 +18,7 @@ from .options import (
     PROMPT_EMBEDS,
     PROMPT_FILE,
     SAMPLER,
+    VERBOSE,
     conditioning_kwargs,
 )
 
@@ -41,7 +42,7 @@ def sample(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
     setup_logging(verbose)
@@ -96,7 +97,7 @@ def evaluate(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, --features: the
     digits classifier by default), KID (same features; unbiased at small --num), sliced Wasserstein, FID

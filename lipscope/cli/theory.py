@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .common import cli_errors, parse_list, say, setup_logging
-from .options import SCHEDULE
+from .options import SCHEDULE, VERBOSE
 
 
 @cli_errors
@@ -33,7 +33,7 @@ def theory(
     etsdm: bool = typer.Option(False, "--etsdm", help="With --train: also train the E-TSDM variant."),
     out_dir: Path = typer.Option(Path("runs/theory"), "--out", "-o"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Theorem 3.1 on Gaussian data: closed forms vs FD, JVP and (optionally) a trained net."""
     setup_logging(verbose)
