@@ -62,7 +62,8 @@ def _exit_codes(stderr: str) -> list[int]:
 def test_bad_option_is_one_line_from_the_main_process(tmp_path):
     r = _torchrun(tmp_path, *SHORT, "--dt", "-1", "--out", "o")
     _no_worker_traceback(r.stderr)
-    assert _ours(r.stderr) == ["error: --dt must be > 0 (got -1.0); it is the FD step in model steps, fractional allowed"]
+    ours = _ours(r.stderr)
+    assert len(ours) == 1 and ours[0].startswith("error: --dt must be > 0"), ours
     assert sorted(_exit_codes(r.stderr)) == [2, 2], r.stderr[-3000:]  # both processes: a single process's code
     assert "traceback : error: --dt must be > 0" in r.stderr  # the cause in torchrun's report, not a link
     assert not (tmp_path / "o").exists()
