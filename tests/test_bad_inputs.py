@@ -88,9 +88,23 @@ def snapshot(p: Path) -> dict[str, str] | str | None:
 
 
 def run_inprocess(argv: list[str], capfd, monkeypatch) -> Result:
+    """``lipscope ARGV`` in this process; the logging state a command sets up (its handler on the lipscope logger,
+    no propagation, Python's warning printer, transformers' level) is put back afterwards, so tests that read
+    lipscope's log through pytest's caplog see it whatever ran before."""
+    import logging
+    import warnings
+
     from lipscope.cli import main
 
     monkeypatch.setattr(sys, "argv", ["lipscope", *argv])
+    lg = logging.getLogger("lipscope")
+    monkeypatch.setattr(lg, "handlers", list(lg.handlers))
+    monkeypatch.setattr(lg, "propagate", lg.propagate)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", os.environ.get("TRANSFORMERS_VERBOSITY", ""))
+    if not os.environ["TRANSFORMERS_VERBOSITY"]:
+        monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
+    level = lg.level
     code: int | None
     exc = ""
     try:
@@ -102,6 +116,8 @@ def run_inprocess(argv: list[str], capfd, monkeypatch) -> Result:
         code = 130
     except BaseException:  # escaped main(): the console script would print a traceback, exit 1
         code, exc = 1, traceback.format_exc()
+    finally:
+        lg.setLevel(level)
     o, e = capfd.readouterr()
     return Result(code, o, e, exc)
 

@@ -44,12 +44,20 @@ def test_the_printer_prints_text_as_it_is(capfd):
 
 def test_warnings_are_one_line_however_long(capfd, monkeypatch):
     """A logged warning longer than the terminal stays one line (rich would wrap it at 80 columns)."""
+    import warnings
+
     from lipscope.cli.common import setup_logging
 
+    lg = logging.getLogger("lipscope")
+    monkeypatch.setattr(lg, "handlers", list(lg.handlers))  # put back after the test (as run_inprocess does)
+    monkeypatch.setattr(lg, "propagate", lg.propagate)
+    level = lg.level
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     monkeypatch.setenv("COLUMNS", "40")
     setup_logging(False)
     capfd.readouterr()
     logging.getLogger("lipscope").warning("a long warning about `samples` %s", "x" * 120)
+    lg.setLevel(level)
     e = ANSI.sub("", capfd.readouterr().err)
     assert e.splitlines() == [f"warning: a long warning about --samples {'x' * 120}"], e
 

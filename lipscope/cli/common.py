@@ -187,9 +187,11 @@ def quiet_libraries(quiet: bool) -> None:
     (dlogging.disable_progress_bar if quiet else dlogging.enable_progress_bar)()
     (disable_progress_bars if quiet else enable_progress_bars)()
     logging.getLogger("huggingface_hub").setLevel(level)
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as tlog
-
+    if sys.modules.get("transformers") is not None:
+        try:
+            from transformers.utils import logging as tlog
+        except ImportError:  # a stand-in module (transformers not installed): nothing to quiet
+            return
         tlog.set_verbosity(level)
         (tlog.disable_progress_bar if quiet else tlog.enable_progress_bar)()
     elif quiet:
