@@ -51,7 +51,7 @@ from .errors import InputError
 from .etsdm import etsdm_of, with_etsdm
 from .families import family_of_model
 from .io import atomic_write_bytes, json_bytes
-from .lora import add_lora, check_lora, save_lora, trainable_parameters
+from .lora import add_lora, check_lora, check_lora_options, save_lora, trainable_parameters
 from .models import EpsModel
 from .objectives import WEIGHTINGS, diffusion_loss, draw_step, flow_grid, training_process
 from .processes import FlowProcess
@@ -145,20 +145,30 @@ class _TrainNet(torch.nn.Module):
         return self._call(x, c, **kw)
 
 
-def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tuple[Any, EpsModel]:
-    """The module to train (E-TSDM attached when asked, LoRA adapters added) and the EpsModel that calls it."""
+def check_trainable(model: EpsModel, cfg: TrainConfig) -> None:
+    """Refuse what training ``model`` with ``cfg`` cannot do, before anything is written (latents, checkpoints): a
+    model lipscope cannot train, one that holds a LoRA adapter or an E-TSDM map the options drop, LoRA for a family
+    without ``load_lora_weights``, targets that name no layer, a rank no targeted layer can use."""
     fam = family_of_model(model)
     if fam is None or model.module is None:
         raise InputError(f"`model` {model.name}: training needs a diffusers denoiser lipscope wraps")
-    denoiser = model.module
-    if getattr(denoiser, "peft_config", None):
+    if getattr(model.module, "peft_config", None):
         raise InputError(f"`model` {model.name} holds a LoRA adapter; fine-tune its base model (or a merged copy)")
-    if cfg.etsdm:  # in place: the run owns the loaded module; an E-TSDM model must carry this very map
-        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True)
-    elif etsdm_of(denoiser) is not None:
+    if not cfg.etsdm and etsdm_of(model.module) is not None:
         raise InputError("this model already carries an E-TSDM map; set `etsdm` to keep training it that way")
     if cfg.lora:
         check_lora(fam.name)
+        check_lora_options(model.module, cfg.lora_rank, cfg.lora_targets)
+
+
+def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tuple[Any, EpsModel]:
+    """The module to train (E-TSDM attached when asked, LoRA adapters added) and the EpsModel that calls it."""
+    check_trainable(model, cfg)
+    fam, denoiser = family_of_model(model), model.module
+    assert fam is not None and denoiser is not None
+    if cfg.etsdm:  # in place: the run owns the loaded module; an E-TSDM model must carry this very map
+        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True)
+    if cfg.lora:
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     built = fam.build(denoiser, model.scheduler_config, model.name, model.device, model.dtype)
     return denoiser, built
@@ -252,10 +262,11 @@ def _train(
     from diffusers.training_utils import EMAModel
 
     resume, progress, stop_after, save = flags
-    cks = checkpoints(out)
-    if resume and not cks:
-        raise InputError(f"`resume`: no checkpoint in {out}/checkpoints; start without `resume`")
-    if not resume and ((out / "loss.csv").exists() or cks):
+    cks = checkpoints(out)  # complete ones: a `.step-N.tmp` a kill left is no checkpoint (and is removed below)
+    if resume and not cks:  # a job script passes `resume` on every start: nothing to continue is a fresh start
+        log.warning("`resume`: %s holds no complete checkpoint to continue; starting at step 0", out)
+        resume = False
+    elif not resume and ((out / "loss.csv").exists() or cks):
         raise InputError(f"{out} already holds a run; pass `resume` to continue it or choose another `out_dir`")
     meta: dict[str, Any] = {"step": 0, "losses": []}
     if resume:

@@ -9,11 +9,10 @@ import signal
 import sys
 
 import typer
-from rich.markup import escape
 from typer.exceptions import TyperException
 
 from . import compare, probe, sample, theory, train
-from .common import Terminated, app, err
+from .common import Terminated, app, error, stopped
 
 
 @app.callback()
@@ -46,7 +45,7 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)
     except typer.Abort:
-        err.print("[red]interrupted[/]: no output was written")
+        stopped("no output was written")
         sys.exit(130)
     except TyperException as e:  # click's UsageError/BadParameter family (typer vendors click)
         fmt = getattr(e, "format_message", None)
@@ -55,7 +54,7 @@ def main() -> None:
         ctx, msg = getattr(e, "ctx", None), fmt()
         if msg:  # (an empty message: help was printed for a bare command)
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            err.print(f"[red]error:[/] {escape(msg)}{where}", highlight=False, soft_wrap=True)
+            error(f"{msg}{where}")
         sys.exit(int(getattr(e, "exit_code", 2)))
     sys.exit(rc if isinstance(rc, int) else 0)
 

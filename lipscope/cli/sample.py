@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .. import shard
-from .common import cli_errors, out, parse_list, setup_logging
+from .common import cli_errors, parse_list, say, setup_logging
 from .options import (
     CLASS_LABEL,
     DEVICE,
@@ -18,6 +18,7 @@ from .options import (
     PROMPT_EMBEDS,
     PROMPT_FILE,
     SAMPLER,
+    VERBOSE,
     conditioning_kwargs,
 )
 
@@ -41,7 +42,7 @@ def sample(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
     setup_logging(verbose)
@@ -61,7 +62,7 @@ def sample(
     )
     run_sample(opts)
     if shard.is_main():
-        out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
+        say(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
 
 
 @cli_errors
@@ -96,7 +97,7 @@ def evaluate(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, --features: the
     digits classifier by default), KID (same features; unbiased at small --num), sliced Wasserstein, FID
@@ -140,10 +141,10 @@ def evaluate(
             fid,
         )
     if shard.is_main():
-        out.print(tab)
+        say(tab)
         if res.paired is not None and len(res.paired):
-            out.print(_paired_table(res.paired))
-        out.print(f"note: {res.meta['comparability']}", highlight=False, soft_wrap=True)
+            say(_paired_table(res.paired))
+        say(f"note: {res.meta['comparability']}")
 
 
 def _paired_table(paired) -> Table:

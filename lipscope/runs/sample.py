@@ -98,6 +98,8 @@ class EvaluateResult:
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
+    reads = (opts.model, opts.baseline, opts.data, opts.features, opts.inception_weights, opts.conditioning_reads())
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
     for sch in opts.scheduler:
         if sch not in SAMPLERS:
             raise InputError(f"`scheduler` {sch!r} not known; use {', '.join(SAMPLERS)}")
@@ -112,12 +114,6 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise InputError(
                 "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
             ) from None
-    feature_reads = () if opts.features == "digits" or opts.features.startswith("py:") else (opts.features,)
-    out = check_out_dir(
-        opts.out,
-        overwrite=opts.overwrite,
-        inputs=(opts.model, *opts.baseline, opts.data, *feature_reads, *opts.conditioning_reads()),
-    )
     space = load_features(opts.features, trust_pickle=opts.trust_pickle, device=opts.device)
     with main_lock(out):
         specs = {"model": opts.model}
