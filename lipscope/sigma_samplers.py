@@ -12,16 +12,18 @@ pipeline that uses the scheduler runs it.
 * ``dpmsolver`` / ``dpmsolver++``: ``EDMDPMSolverMultistepScheduler``, DPM-Solver++(2M), as Playground v2.5 runs
   it in ``StableDiffusionXLPipeline``.
 
-An EDM model's ODE schedulers are built from its own config (σ range, σ_data, ramp, ρ, prediction type); a VE
-model's from its σ range with the ``exponential`` ramp, the geometric σ spacing its own SDE time visits. The
-schedulers take x̂0 from the :class:`~lipscope.models.EpsModel` (E-TSDM map, conditioning and guidance included):
-``EDMEulerScheduler.step`` directly (``pred_original_sample``), the DPM solver as the F that its own
-``precondition_outputs`` turns back into x̂0. Each σ a scheduler visits is fed at its (fractional) model step k(σ).
+An EDM model's ODE schedulers are built from its own config (σ range, σ_data, ramp, ρ, prediction type, final σ,
+…; ``dpmsolver`` is always second-order DPM-Solver++); a VE model's from its σ range with the ``exponential`` ramp,
+the geometric σ spacing its own SDE time visits. The schedulers take x̂0 from the :class:`~lipscope.models.EpsModel`
+(E-TSDM map, conditioning and guidance included): ``EDMEulerScheduler.step`` directly (``pred_original_sample``),
+the DPM solver as the F that its own ``precondition_outputs`` turns back into x̂0. Each σ a scheduler visits is fed
+at its (fractional) model step k(σ).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -40,17 +42,20 @@ def samplers_for(process: Any) -> tuple[str, ...]:
     return VE_SAMPLERS if isinstance(process, VEProcess) else EDM_SAMPLERS
 
 
-def ode_config(model: EpsModel) -> dict[str, Any]:
-    """The EDM-scheduler config an α = 1 model's ODE samplers use: an EDM model's own σ range, σ_data, ramp, ρ and
-    prediction type; a VE model's σ range on the exponential (geometric) ramp (its σ_data is then immaterial: x̂0 goes
-    through ``precondition_outputs`` and back)."""
+def ode_config(model: EpsModel, cls: Any) -> dict[str, Any]:
+    """The config of EDM scheduler class ``cls`` an α = 1 model's ODE sampler uses: an EDM model's own scheduler
+    config (every key ``cls`` takes: σ range, σ_data, ramp, ρ, prediction type, final σ, thresholding, …); a VE
+    model's σ range on the exponential (geometric) ramp (its σ_data is then immaterial: x̂0 goes through
+    ``precondition_outputs`` and back)."""
     p = model.schedule
     if isinstance(p, VEProcess):
         return {"sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "sigma_schedule": "exponential",
                 "num_train_timesteps": p.T, "prediction_type": "epsilon"}  # fmt: skip
     assert isinstance(p, EDMProcess)
-    return {"sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "sigma_data": p.sigma_data, "sigma_schedule": p.ramp,
-            "rho": p.rho, "num_train_timesteps": p.T, "prediction_type": p.prediction_type}  # fmt: skip
+    takes = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    own = {k: v for k, v in model.scheduler_config.items() if k in takes}
+    return {**own, "sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "sigma_data": p.sigma_data, "rho": p.rho,
+            "sigma_schedule": p.ramp, "num_train_timesteps": p.T, "prediction_type": p.prediction_type}  # fmt: skip
 
 
 def make_sigma_scheduler(name: str, model: EpsModel, steps: int) -> Any:
@@ -72,9 +77,10 @@ def make_sigma_scheduler(name: str, model: EpsModel, steps: int) -> Any:
         sched.set_sigmas(steps)
         return sched
     if name == "ddim":
-        sched = EDMEulerScheduler(**ode_config(model))
+        sched = EDMEulerScheduler(**ode_config(model, EDMEulerScheduler))
     else:  # "dpmsolver" is DPM-Solver++(2M), as for VP models
-        sched = EDMDPMSolverMultistepScheduler(**ode_config(model), algorithm_type="dpmsolver++", solver_order=2)
+        cfg = ode_config(model, EDMDPMSolverMultistepScheduler) | {"algorithm_type": "dpmsolver++", "solver_order": 2}
+        sched = EDMDPMSolverMultistepScheduler(**cfg)
     sched.set_timesteps(steps)
     return sched
 

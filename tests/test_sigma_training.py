@@ -262,3 +262,26 @@ def test_train_from_config_writes_a_score_sde_pipeline(folders, tmp_path):
     assert res["process"]["process"] == "ve" and np.isfinite(res["final_loss_mean_last_100"])
     index = json.loads((tmp_path / "r" / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "ScoreSdeVePipeline" and load_model(str(tmp_path / "r")).schedule.kind == "ve"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sdxl_edm_finetune_with_etsdm_full_and_lora(tmp_path, lora):
+    """Playground v2.5's layout (SDXL + ``EDMDPMSolverMultistepScheduler``) fine-tunes with the EDM loss, full or
+    LoRA, under E-TSDM; the map's EDM axis survives the save (the UNet's config, or the LoRA's metadata) and the
+    reloaded class maps the c_noise its pipeline feeds."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+    from text_fixtures import save_sd_text_pipeline
+
+    folder = save_sd_text_pipeline(tmp_path / "sdxl", xl=True)
+    EDMDPMSolverMultistepScheduler().save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps({**index, "scheduler": ["diffusers", "EDMDPMSolverMultistepScheduler"]})
+    )
+    cfg = TrainConfig(steps=2, batch_size=2, warmup_steps=0, etsdm=True, lora=lora, seed=1)
+    res = run_training(TrainOptions(model=str(folder), data="digits", out=str(tmp_path / "run"), training=cfg))
+    assert np.isfinite(res["final_loss_mean_last_100"]) and "EDMLoss" in res["loss"]["weighting"]
+    m = load_model(str(tmp_path / "run"))
+    assert m.etsdm == Etsdm(100.0, 5) and dict(m.module.config.etsdm_axis) == etsdm_axis(m.schedule)
+    c57, c40 = (m.schedule.condition(torch.tensor([k], dtype=torch.float64)).float() for k in (57.0, 40.0))
+    torch.testing.assert_close(m.module.condition(c57), c40, rtol=0, atol=0)
