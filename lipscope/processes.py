@@ -174,7 +174,7 @@ class EDMProcess(NoiseProcess):
         with it the λ(σ) = 1/c_out²-weighted denoiser loss λ‖D − x0‖² is the unit-weight ‖F − F*‖²."""
         s, sd = self.sigma(k), self.sigma_data
         norm = torch.sqrt(s * s + sd * sd) * (-1.0 if prediction_type == "v_prediction" else 1.0)
-        a, b = per_row(s / sd / norm, x0.ndim).to(x0.dtype), per_row(sd / norm, x0.ndim).to(x0.dtype)
+        a, b = (per_row(v, x0.ndim).to(x0.device, x0.dtype) for v in (s / sd / norm, sd / norm))
         return a * x0 - b * eps
 
     def describe(self) -> dict[str, Any]:

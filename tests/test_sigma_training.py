@@ -111,6 +111,22 @@ def test_time_densities(folders):
     assert abs(float(u.mean()) - 0.5) < 4 / 12**0.5 / n**0.5
 
 
+def test_map_below_zero_and_the_axes_round_trip(folders):
+    """k < 0 (an EDM σ below σ_min) is in the first sub-interval; fed → k → fed is the identity on every axis (float64,
+    k = −3 … 1500); an axis that is not a VE or EDM one is refused."""
+    from lipscope.etsdm import etsdm_map, fed_to_step, step_to_fed, with_etsdm
+    from lipscope.processes import EDMProcess, VEProcess
+
+    torch.testing.assert_close(etsdm_map(torch.tensor([-30.0, -0.5, 0.0, 19.9]), 100.0, 5), torch.zeros(4))
+    k = torch.tensor([-3.0, 0.0, 57.3, 999.0, 1500.0], dtype=torch.float64)
+    for p in (VEProcess(), EDMProcess(), EDMProcess(ramp="exponential"), EDMProcess(rho=3.0, sigma_max=10.0)):
+        axis = etsdm_axis(p)
+        torch.testing.assert_close(step_to_fed(k, axis), p.condition(k), rtol=1e-14, atol=0)  # what it is fed
+        torch.testing.assert_close(fed_to_step(step_to_fed(k, axis), axis), k, rtol=1e-11, atol=1e-9)
+    with pytest.raises(InputError, match="`axis`"):
+        with_etsdm(load_model(str(folders["edm"])).module, 100.0, 5, axis={"process": "vp", "T": 1000})
+
+
 # ---- fine-tunes ----------------------------------------------------------------------------------------------------
 
 
