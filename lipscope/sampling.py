@@ -46,7 +46,7 @@ def check_sampler(model: EpsModel, name: str) -> None:
     p = model.schedule
     allowed = SAMPLERS[:4] if isinstance(p, Schedule) else ("ddim",) if isinstance(p, FlowProcess) else samplers_for(p)
     if name not in allowed:
-        raise InputError(f"`scheduler` {name}: a {p.kind} model samples with {', '.join(allowed)}; use one of them")
+        raise InputError(f"`scheduler` {name}: this {p.kind} model samples with {', '.join(allowed)}; use one of them")
 
 
 def data_range_of(model: EpsModel) -> tuple[float, float] | None:

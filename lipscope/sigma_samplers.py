@@ -65,7 +65,7 @@ def make_sigma_scheduler(name: str, model: EpsModel, steps: int) -> Any:
     allowed = samplers_for(model.schedule)
     if name not in allowed:
         raise InputError(
-            f"`scheduler` {name}: a {model.schedule.kind} model samples with {', '.join(allowed)} "
+            f"`scheduler` {name}: this {model.schedule.kind} model samples with {', '.join(allowed)} "
             "(pc: score-SDE predictor-corrector; ddim: Euler in σ; dpmsolver: DPM-Solver++ 2M); use one of them"
         )
     if steps < 1 or steps > model.T:

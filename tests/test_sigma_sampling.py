@@ -165,11 +165,11 @@ def test_model_data_sample_and_evaluate(folders, tmp_path):
     res = run_evaluate(EvaluateOptions(model=str(folders["edm"]), baseline=(str(ve1),), scheduler=("ddim", "dpmsolver"),
                                        steps=(2,), num=6, seeds=1, device="cpu", out=str(tmp_path / "e")))  # fmt: skip
     assert len(res.table) == 4 and np.isfinite(res.table["fd_pixel"]).all()
-    with pytest.raises(InputError, match="`scheduler` pc: a edm model samples with ddim, dpmsolver"):
+    with pytest.raises(InputError, match="`scheduler` pc: this edm model samples with ddim, dpmsolver"):
         run_evaluate(EvaluateOptions(model=str(folders["edm"]), scheduler=("ddim", "pc"), steps=(2,), num=6, seeds=1,
                                      device="cpu", out=str(tmp_path / "e2")))  # fmt: skip
     assert not (tmp_path / "e2" / "eval.csv").exists()
-    with pytest.raises(InputError, match="`scheduler` ddpm: a ve model samples with pc, ddim"):
+    with pytest.raises(InputError, match="`scheduler` ddpm: this ve model samples with pc, ddim"):
         sample(load_model(str(ve1)), 2, scheduler="ddpm", steps=2)
 
 
