@@ -40,7 +40,7 @@ def evaluate_models(
 
     Every model is sampled with the same seeds (and its own conditioning), so model and baseline see the same
     initial noise. ``reference`` is the real data (n, C, H, W) in [−1, 1], its features computed once; a latent
-    model's samples are decoded by its autoencoder first.
+    model's samples are decoded by its autoencoder first, and pixels from another range (VE: [0, 1]) mapped to it.
     """
     space = features if features is not None else digits_space()
     fd_col, kid_col = f"fd_{space.name}", f"kid_{space.name}"
