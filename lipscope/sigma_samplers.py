@@ -6,7 +6,8 @@ pipeline that uses the scheduler runs it.
   result is the last predictor's mean). One deviation, so that a sample never depends on the batch it is drawn
   in: the corrector's step size (snr·‖z‖/‖score‖)²·2 uses norms averaged over the batch in diffusers and in
   score_sde, so ``step_correct`` is called on each sample alone (a batch of one, as the pipeline with
-  ``batch_size=1``); the network calls stay batched.
+  ``batch_size=1``); the network calls stay batched. Per-sample norms fluctuate by ~1/√(2D): fine for images,
+  not for data of few dimensions (measured in docs/probe.md, ``scripts/pc_corrector_batch.py``).
 * ``ddim``: the first-order probability-flow step, ``EDMEulerScheduler`` (for α = 1 it is DDIM's update
   x' = x̂0 + σ'ε̂, i.e. Euler in σ: Karras et al. 2022, Sec. 3).
 * ``dpmsolver`` / ``dpmsolver++``: ``EDMDPMSolverMultistepScheduler``, DPM-Solver++(2M), as Playground v2.5 runs
@@ -34,7 +35,6 @@ from .processes import EDMProcess, VEProcess
 
 VE_SAMPLERS = ("pc", "ddim", "dpmsolver", "dpmsolver++")
 EDM_SAMPLERS = ("ddim", "dpmsolver", "dpmsolver++")
-_EDM_KEYS = ("sigma_min", "sigma_max", "sigma_data", "sigma_schedule", "rho", "num_train_timesteps", "prediction_type")
 
 
 def samplers_for(process: Any) -> tuple[str, ...]:
@@ -52,10 +52,16 @@ def ode_config(model: EpsModel, cls: Any) -> dict[str, Any]:
         return {"sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "sigma_schedule": "exponential",
                 "num_train_timesteps": p.T, "prediction_type": "epsilon"}  # fmt: skip
     assert isinstance(p, EDMProcess)
+    return {**_own(model, cls), "sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "sigma_data": p.sigma_data,
+            "rho": p.rho, "sigma_schedule": p.ramp, "num_train_timesteps": p.T,
+            "prediction_type": p.prediction_type}  # fmt: skip
+
+
+def _own(model: EpsModel, cls: Any) -> dict[str, Any]:
+    """The keys of the model's scheduler config that scheduler class ``cls`` takes (none for a process built in
+    Python, whose config is only its description)."""
     takes = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    own = {k: v for k, v in model.scheduler_config.items() if k in takes}
-    return {**own, "sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "sigma_data": p.sigma_data, "rho": p.rho,
-            "sigma_schedule": p.ramp, "num_train_timesteps": p.T, "prediction_type": p.prediction_type}  # fmt: skip
+    return {k: v for k, v in model.scheduler_config.items() if k in takes}
 
 
 def make_sigma_scheduler(name: str, model: EpsModel, steps: int) -> Any:
@@ -70,9 +76,12 @@ def make_sigma_scheduler(name: str, model: EpsModel, steps: int) -> Any:
         )
     if steps < 1 or steps > model.T:
         raise InputError(f"`steps` {steps}: use 1..{model.T}")
-    if name == "pc":  # ScoreSdeVePipeline: set_timesteps, then set_sigmas, from the model's own scheduler config
-        cfg = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-        sched = ScoreSdeVeScheduler.from_config(cfg)
+    if name == "pc":  # ScoreSdeVePipeline: set_timesteps, then set_sigmas; snr, correct_steps from the model's config
+        p = model.schedule
+        assert isinstance(p, VEProcess)
+        process = {"num_train_timesteps": p.T, "sigma_min": p.sigma_min, "sigma_max": p.sigma_max,
+                   "sampling_eps": p.sampling_eps}  # fmt: skip
+        sched = ScoreSdeVeScheduler(**(_own(model, ScoreSdeVeScheduler) | process))
         sched.set_timesteps(steps)
         sched.set_sigmas(steps)
         return sched

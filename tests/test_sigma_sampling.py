@@ -106,6 +106,18 @@ def test_pc_samples_do_not_depend_on_the_batch(folders):
     assert (batch[:1] - one).abs().max() > 1e-3 * one.abs().max()
 
 
+def test_pc_follows_the_process_of_a_model_built_in_python():
+    """A VE process built in Python has no ScoreSdeVeScheduler config: PC takes σ range, T and eps from the process
+    (not the class defaults, σ_max = 1348); snr and correct_steps from a config that has them."""
+    g = GaussianMixture.gaussian(torch.zeros(2), torch.ones(2))
+    m = gaussian_eps_model(g, VEProcess(steps=1000, sigma_min=0.01, sigma_max=50.0, sampling_eps=1e-3))
+    s = make_sigma_scheduler("pc", m, 10)
+    assert (s.config.sigma_max, s.config.num_train_timesteps, s.config.sampling_eps) == (50.0, 1000, 1e-3)
+    assert s.init_noise_sigma == 50.0 and abs(float(s.sigmas[0]) - 50.0) < 1e-4
+    m2 = dataclasses.replace(m, scheduler_config={"_class_name": "ScoreSdeVeScheduler", "snr": 0.2, "correct_steps": 2})
+    assert make_sigma_scheduler("pc", m2, 10).config.correct_steps == 2
+
+
 GAUSS = {
     "ve": VEProcess(sigma_min=0.01, sigma_max=50.0),
     "edm-karras": EDMProcess(),
