@@ -189,7 +189,8 @@ def test_model_data_sample_and_evaluate(folders, tmp_path):
 def test_sdxl_with_an_edm_scheduler_samples_as_its_pipeline(tmp_path, name):
     """Playground v2.5's layout: ``StableDiffusionXLPipeline`` with ``EDMDPMSolverMultistepScheduler`` (its config:
     the class defaults) or ``EDMEulerScheduler``. lipscope's sampler with a prompt and CFG w = 3 equals the pipeline's
-    own ``__call__`` (``output_type="latent"``) from the same initial latents; tolerance as above."""
+    own ``__call__`` (``output_type="latent"``) from the same initial latents. Tolerance as above, times the guidance's
+    amplification of each branch's rounding, |1 − w| + |w| = 5 (measured ≤ 0.11 of it)."""
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, StableDiffusionXLPipeline
     from text_fixtures import save_sd_text_pipeline
 
@@ -212,4 +213,4 @@ def test_sdxl_with_an_edm_scheduler_samples_as_its_pipeline(tmp_path, name):
         ref = pipe(prompt=prompt, num_inference_steps=STEPS, guidance_scale=3.0, latents=x_unit.clone(),
                    output_type="latent").images  # fmt: skip
     diff, scale = (x - ref).abs().max().item(), ref.abs().max().item()
-    assert diff <= 16 * STEPS * U32 * scale, (diff, scale)
+    assert diff <= (abs(1 - 3.0) + 3.0) * 16 * STEPS * U32 * scale, (diff, scale)
