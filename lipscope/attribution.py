@@ -276,7 +276,8 @@ def attribution_table(
 ) -> pd.DataFrame:
     """attribution.csv: per grid t, one row per part (``K_part`` = mean ‖J_c‖ per unit τ, ``share`` =
     Σ⟨J_c, J⟩/Σ‖J‖²), the ``total`` (= the JVP row, to rounding; share 1) and each embedding module's mean ‖∂e/∂τ‖
-    (``kind`` embedding, share NaN). Shares are NaN where J = 0 (an E-TSDM network inside a sub-interval)."""
+    (``kind`` embedding, share NaN). Shares are NaN where J = 0 (an E-TSDM network inside a sub-interval).
+    ``attrs["share_samples"]``: the per-sample sums of the shares, for their bootstrap intervals."""
     P = len(parts)
     den = vals[:, :, 2 * P + 1].sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -292,4 +293,5 @@ def attribution_table(
     df = pd.DataFrame(rows, columns=["t", "part", "kind", "K_part", "share"])
     df.insert(1, "method", "jvp")
     df["granularity"] = granularity
+    df.attrs["share_samples"] = (vals[:, :, P : 2 * P], vals[:, :, 2 * P + 1])  # per sample ⟨J_c, J⟩, ‖J‖² (G, P)
     return df

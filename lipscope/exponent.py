@@ -13,6 +13,7 @@ given): where the singular range ends, as a grid point.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ class Exponent:
     t_hi: float = math.nan
     points: int = 0
     reason: str | None = None  # why p is n/a (None: measured)
+    ci_reason: str | None = None  # why the interval is n/a where p is measured
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,14 +104,44 @@ def fit_exponent(
     p, b = log_slopes(ltau, np.log(mean))
     n = K.shape[0]
     if n < 2:
-        return Exponent(float(p), math.nan, math.nan, float(b), lo, hi, pts, None)
-    counts = rng.bootstrap_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=boot)  # (boot, n) resampled rows
-    means = counts @ kk / n  # (boot, pts)
+        why = "one sample: there is nothing to resample for a bootstrap interval"
+        return Exponent(float(p), math.nan, math.nan, float(b), lo, hi, pts, None, why)
+    (means,) = resampled_sums(seed, kk / n, boot=boot)  # (boot, pts)
     ok = np.all(means > 0, axis=1)
     ps = log_slopes(ltau, np.log(np.where(means[ok] > 0, means[ok], 1.0)))[0]
+    low, high = percentile_interval(ps, confidence)
+    ci_why = None if ps.size else "K is 0 somewhere in the range in every resample"
+    return Exponent(float(p), float(low), float(high), float(b), lo, hi, pts, None, ci_why)
+
+
+def resampled_sums(seed: int, *x: np.ndarray, boot: int = BOOTSTRAP) -> list[np.ndarray]:
+    """Σᵢ cᵢ xᵢ for each per-sample array x (n, …), with the same B multinomial resamples c (B, n) of the n rows
+    for all of them (stream BOOTSTRAP): (B, …) each, the bootstrap of any statistic of sums over samples."""
+    n = x[0].shape[0]
+    counts = rng.bootstrap_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=boot).astype(np.float64)
+    return [(counts @ a.reshape(n, -1).astype(np.float64)).reshape(boot, *a.shape[1:]) for a in x]
+
+
+def percentile_interval(v: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile interval over the first axis (the resamples), ignoring NaN (a resample whose ratio is 0/0)."""
+    v = np.asarray(v, dtype=np.float64)
+    if not v.shape[0]:
+        return np.full(v.shape[1:], math.nan), np.full(v.shape[1:], math.nan)
     q = (1 - confidence) / 2
-    low, high = np.quantile(ps, [q, 1 - q]) if ps.size else (math.nan, math.nan)
-    return Exponent(float(p), float(low), float(high), float(b), lo, hi, pts, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its interval is NaN
+        low, high = np.nanquantile(v, [q, 1 - q], axis=0)
+    return low, high
+
+
+def ratio_interval(
+    num: np.ndarray, den: np.ndarray, seed: int = 0, confidence: float = CONFIDENCE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap interval over samples of the pooled ratio Σᵢ numᵢ / Σᵢ denᵢ (per-sample rows, shapes (n, …)):
+    the interval of a share Σ⟨a, b⟩/Σ‖b‖² or of a ratio of two means on the same samples. NaN where Σ den = 0."""
+    a, b = resampled_sums(seed, num, den)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return percentile_interval(np.where(b != 0, a / np.where(b != 0, b, 1.0), np.nan), confidence)
 
 
 def onset(

@@ -173,4 +173,5 @@ def ode_norms(
         noise_k = c * unit_roundoff(model.dtype) * vals[:, :, 5] / (pts.dt / model.T)[None, :]
         out["fd-ode"] = (pts, vals[:, :, :5], noise_k)
     stats.extra.update(ode_items=st.forwards, ode_seconds=st.seconds, ode_items_per_s=st.forwards_per_s)
+    stats.extra["ode_samples"] = {k: v[1] for k, v in out.items()}  # per sample, for the intervals of lipscope.explain
     return out

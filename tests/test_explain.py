@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 
 import lipscope
+from lipscope import rng
+from lipscope.attribution import attribution_table
 from lipscope.exponent import fit_exponent, onset
 
 
@@ -46,9 +48,8 @@ def test_explain_generates_each_number_from_the_table():
     assert s[1].startswith("jvp: onset t = 3 (K > 3× the median over t ≥ 100")
     assert s[2].startswith("fd-forward: exponent n/a, because K is 0 at 6 of 6 points in [1, 10]")
     assert s[3].startswith("fd-forward: onset n/a, because K at the smallest t (0) is 0")
-    assert (
-        s[-1].startswith("ref-empirical: at t = 0 the optimal denoiser's K = ") and "is 10× the network's (jvp" in s[-1]
-    )
+    assert s[-1].startswith("ref-empirical: at t = 0 the optimal denoiser's K = ")
+    assert "is 10× [10×, 10×] the network's (jvp" in s[-1]
     assert np.allclose(d["reference"]["ref-empirical"]["ratio"], 10.0)
 
 
@@ -59,7 +60,68 @@ def test_explain_of_a_table_read_back_has_no_interval():
     d = lipscope.explain(back)
     e = d["methods"]["jvp"]["exponent"]
     assert e["p"] == pytest.approx(d["exponent"]) and np.isnan(e["ci_low"]) and "no per-sample K" in e["ci_reason"]
-    assert "(no interval)" in d["sentences"][0]
+    assert "(interval n/a, because the table has no per-sample K (attrs K_samples) to resample)" in d["sentences"][0]
+
+
+def _loop_interval(stat, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """2.5/97.5 % quantiles of ``stat(rows)`` over the bootstrap's draws, written as a loop over resampled rows."""
+    counts = rng.bootstrap_rng(seed).multinomial(n, np.full(n, 1 / n), size=2000)
+    v = np.array([stat(np.repeat(np.arange(n), c)) for c in counts])
+    return np.nanquantile(v, 0.025, axis=0), np.nanquantile(v, 0.975, axis=0)
+
+
+def test_every_diagnosis_sentence_carries_its_interval():
+    """The ODE split's K_partial/K_total and t share, the attribution's mean shares and the reference's ratio each
+    come with a bootstrap interval over samples, equal to a loop over resampled rows computed here from the
+    per-sample values; where the value is 0/0 the sentence says n/a with the reason."""
+    n, t = 8, np.array([0.0, 1, 2, 3, 5, 10, 100, 300])
+    G = t.size
+    g = np.random.default_rng(3)
+    part = np.exp(g.normal(size=(n, G)))  # per-sample ‖∂ε/∂τ‖, ⟨∂ε/∂τ, dε/dτ⟩, ‖dε/dτ‖, ‖dε/dτ‖²
+    tot2 = np.exp(g.normal(size=(n, G))) + 1.0
+    inner = 0.3 * tot2 + 0.1 * g.normal(size=(n, G))
+    tot = np.sqrt(tot2)
+    ode = np.stack([tot, part, tot + part, inner, tot2], 2)
+    net = part.copy()
+    refk = 5 * net * np.exp(0.2 * g.normal(size=(n, G)))
+
+    def rows(name, k, **extra):
+        m = k.mean(0)
+        return pd.DataFrame({"t": t, "method": name, "K_mean": m, "K_ci_low": 0.9 * m, "K_ci_high": 1.1 * m, **extra})
+
+    ode_cols = {"K_partial": part.mean(0), "K_space": (tot + part).mean(0), "t_share": inner.sum(0) / tot2.sum(0)}
+    df = pd.concat([rows("jvp", net), rows("jvp-ode", tot, **ode_cols), rows("ref-empirical", refk)], ignore_index=True)
+    # two parts and outside: per sample ‖J_c‖, ⟨J_c, J⟩ of each, ‖J‖, ‖J‖² (no embedding), as attribution_norms
+    ip = np.stack([0.6 * tot2, 0.3 * tot2 + g.normal(size=(n, G)), 0.1 * tot2], 2)
+    ip[:, :, 2] = tot2 - ip[:, :, 0] - ip[:, :, 1]
+    vals = np.concatenate([np.abs(ip), ip, tot[:, :, None], tot2[:, :, None]], 2)
+    att = attribution_table(vals, t, ["down_blocks.0", "up_blocks.0", "outside"], [], "blocks")
+    df.attrs |= {"T": 1000, "K_samples": np.concatenate([net, tot, refk], 1), "ode_samples": {"jvp-ode": ode},
+                 "attribution": att}  # fmt: skip
+    d = lipscope.explain(df, seed=9)
+    lo, hi = _loop_interval(lambda r: inner[r].sum(0) / tot2[r].sum(0), n, 9)
+    assert np.allclose(d["ode"]["jvp-ode"]["t_share_ci"], [lo, hi], rtol=1e-12)
+    lo2, hi2 = _loop_interval(lambda r: part[r].sum(0) / tot[r].sum(0), n, 9)
+    assert np.allclose(d["ode"]["jvp-ode"]["K_partial_over_K_total_ci"], [lo2, hi2], rtol=1e-12)
+    s = next(x for x in d["sentences"] if x.startswith("jvp-ode: along the ODE at t = 1,"))
+    r1 = part[:, 1].mean() / tot[:, 1].mean()
+    assert f"(K_partial/K_total = {r1:.3g} [{lo2[1]:.3g}, {hi2[1]:.3g}])" in s
+    assert f"t itself carries {100 * ode_cols['t_share'][1]:.0f} % [{100 * lo[1]:.0f} %, {100 * hi[1]:.0f} %]" in s
+    low = t < 100  # the attribution's mean share over t < t̃, per part
+    la, ha = _loop_interval(lambda r: (ip[r][:, low].sum(0) / tot2[r][:, low].sum(0)[:, None]).mean(0), n, 9)
+    assert np.allclose(d["attribution"]["top_ci"], [[la[k], ha[k]] for k in (0, 1, 2)], rtol=1e-12)
+    sa = next(x for x in d["sentences"] if x.startswith("attribution:"))
+    assert f"down_blocks.0 {100 * d['attribution']['top'][0][1]:.0f} % [{100 * la[0]:.0f} %, {100 * ha[0]:.0f} %]" in sa
+    lr, hr = _loop_interval(lambda r: refk[r].sum(0) / net[r].sum(0), n, 9)
+    assert np.allclose(d["reference"]["ref-empirical"]["ratio_ci"], [lr, hr], rtol=1e-12)
+    assert (
+        f"{refk[:, 0].mean() / net[:, 0].mean():.3g}× [{lr[0]:.3g}×, {hr[0]:.3g}×] the network's" in d["sentences"][-1]
+    )
+    df.loc[df["method"] == "jvp-ode", "t_share"] = np.nan  # dε/dt = 0: n/a with the reason
+    df.loc[df["method"] == "jvp", "K_mean"] = 0.0
+    d = lipscope.explain(df, seed=9)
+    assert "t itself carries n/a, because dε/dt = 0 there" in next(x for x in d["sentences"] if "along the ODE" in x)
+    assert "is n/a times the network's, because the network's K is 0 there" in d["sentences"][-1]
 
 
 def _run(args, cwd=None, extra_path=None):
@@ -81,6 +143,12 @@ def test_probe_command_with_the_diagnosis(tmp_path, pipeline_dir):
     e = s["diagnosis"]["methods"]["jvp"]["exponent"]
     assert s["exponent"] == e["p"] and s["exponent_ci"] == [e["ci_low"], e["ci_high"]] and e["t_lo"] == 1
     assert "onset" in s and meta["reference"]["N"] == 1797
+    dg = s["diagnosis"]  # the intervals come from the per-sample values of this run (4 samples)
+    lo, hi = (np.array(v, dtype=float) for v in dg["ode"]["jvp-ode"]["t_share_ci"])
+    assert np.all(lo[1:] <= hi[1:]) and np.isfinite(lo[1:]).all()  # t > 0, where dε/dt ≠ 0
+    assert all(np.isfinite(v).all() for v in dg["attribution"]["top_ci"])
+    said = " ".join(dg["sentences"])
+    assert " %, " in said and "× [" in said and "K_partial/K_total = " in said
     df = pd.read_csv(out / "lipschitz.csv")
     assert set(df["method"]) == {"jvp", "jvp-ode", "ref-empirical", "ref-gaussian"}
     ode = df[df["method"] == "jvp-ode"]

@@ -11,6 +11,7 @@ from lipscope import rng
 from lipscope.errors import InputError
 from lipscope.gaussian import GaussianMixture, gaussian_eps_model, ode_samples
 from lipscope.probe import probe
+from lipscope.processes import CosineProcess
 from lipscope.targets import ode_velocity
 from lipscope.theory import make_process
 
@@ -18,7 +19,18 @@ U64 = 2.0**-53
 COV = torch.tensor([[0.3, 0.1, 0.0], [0.1, 1.5, 0.2], [0.0, 0.2, 0.01]], dtype=torch.float64)
 G = GaussianMixture.gaussian(torch.tensor([0.5, -0.25, 1.0]), COV)
 GRID = [0.5, 3.3, 50.5, 700.25]
-PROCESSES = [("vp", "linear"), ("vp", "vp-cosine"), ("ve", "linear"), ("edm", "linear"), ("flow", "linear")]
+PROCESSES = [
+    ("vp", "linear"),
+    ("vp", "vp-cosine"),
+    ("ve", "linear"),
+    ("edm", "linear"),
+    ("flow", "linear"),
+    ("cosine", None),  # v-diffusion (DanceDiffusion's IPNDMScheduler), a process of lipscope.processes only
+]
+
+
+def _process(proc, sched):
+    return CosineProcess(steps=1000) if proc == "cosine" else make_process(proc, sched)
 
 
 def _tolerance(p, grid) -> float:
@@ -32,7 +44,7 @@ def _tolerance(p, grid) -> float:
 
 @pytest.mark.parametrize("proc,sched", PROCESSES)
 def test_jvp_ode_equals_the_closed_form_along_the_exact_ode(proc, sched):
-    p = make_process(proc, sched)
+    p = _process(proc, sched)
     m = gaussian_eps_model(G, p)
     x0 = G.sample(6, 1)
     df = probe(m, x0, timesteps=GRID, method="jvp,jvp-ode", samples=6, data_range=None)
@@ -70,7 +82,7 @@ def _vectors(p, x0, grid):
 def test_fd_ode_converges_to_the_closed_form(proc, sched):
     """Central fd-ode with h and h/2 (steps): second order, so |K(h/2) − truth| ≤ |K(h) − K(h/2)| (the Richardson
     bound, error(h/2) ≈ ⅓|K(h) − K(h/2)|) plus float64 rounding of a difference over Δτ = h/T."""
-    p = make_process(proc, sched)
+    p = _process(proc, sched)
     m = gaussian_eps_model(G, p)
     x0 = G.sample(4, 2)
     noise = rng.noise(0, 4, (3,), dtype=torch.float64)

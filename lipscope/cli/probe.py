@@ -258,7 +258,7 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     tab.add_row("peak K", f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}")
 
     def num(v: float, fmt: str, why: str) -> str:
-        return f"{v:{fmt}}" if v == v else f"n/a ({why})"  # NaN: the grid has no point on that side
+        return f"{v:{fmt}}" if v == v else f"n/a, because {why}"  # NaN: the grid has no point on that side
 
     above, below = f"no grid point at t ≥ {s['t_split']:g}", f"no grid point below t = {s['t_split']:g}"
     tab.add_row(f"median K, t ≥ {s['t_split']:g}", num(s["median_K_above"], ".4g", above))

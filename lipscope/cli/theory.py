@@ -103,9 +103,23 @@ def exponent_lines(ex: dict) -> list[tuple[str, str]]:
     for m, e in ex.items():
         if m == "closed_form":
             continue
-        val = f"n/a ({e['reason']})" if e["reason"] else f"{e['p']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+        ci = (
+            f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}]"
+            if e["ci_low"] == e["ci_low"]
+            else f"(interval n/a, because {e.get('ci_reason')})"
+        )
+        val = f"n/a, because {e['reason']}" if e["reason"] else f"{e['p']:.3f} {ci}"
         rows.append((f"exponent ({m})", f"K ∝ τ^p, p = {val} over t ∈ [{e['t_lo']:g}, {e['t_hi']:g}]"))
     lo, hi = cf["band"]
-    band = f"[{lo:.3f}, {hi:.3f}] (exact RMS slope {cf['closed_form_rms']:.3f})" if lo == lo else "n/a"
-    rows.append(("closed-form band", f"{band}; limit t → 0: {cf['limit']:.3g} ({cf['limit_reason']})"))
+    band = (
+        f"[{lo:.3f}, {hi:.3f}] (exact RMS slope {cf['closed_form_rms']:.3f})"
+        if lo == lo
+        else f"n/a, because {cf.get('band_reason')}"
+    )
+    lim = (
+        f"{cf['limit']:.3g} ({cf['limit_reason']})"
+        if cf["limit"] == cf["limit"]
+        else f"n/a, because {cf['limit_reason']}"
+    )
+    rows.append(("closed-form band", f"{band}; limit t → 0: {lim}"))
     return rows
