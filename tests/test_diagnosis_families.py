@@ -4,6 +4,8 @@ the conversion's derivative for flow models), and fd-ode converges to jvp-ode, w
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +149,33 @@ def test_noise_is_the_probe_noise(nets):
     assert np.allclose(vals[:, 0, 2 * len(parts)], df.attrs["K_samples"][:, 0], rtol=1e-10)
     shares = att.loc[att["kind"].isin(["part", "outside"]), "share"]
     assert abs(shares.sum() - 1) < 1e-10
+
+
+def test_generic_pipeline_of_the_cosine_process(tmp_path):
+    """main's generic adapter and v-diffusion process (DanceDiffusion, IPNDMScheduler, a 1-D audio UNet fed τ):
+    jvp-ode's rows agree with central fd-ode as on the families (same bound), the summary's exponent and ODE sentence
+    come out, and --attribute is refused before any work (where a generic network consumes t is not known)."""
+    from generic_fixtures import TINY, save_tiny
+
+    from lipscope.errors import InputError
+    from lipscope.explain import explain
+    from lipscope.prompts import conditioning_for
+
+    name = "DanceDiffusionPipeline"
+    folder = save_tiny(name, tmp_path / "dance")
+    m = load_model(str(folder), dtype="float64", model_args=dict(TINY[name].call_args))
+    m = dataclasses.replace(m, conditioning=conditioning_for(m, str(folder)))  # the capture: sample shape, time map
+    assert m.schedule.kind == "cosine"
+    x0, grid, t = _x(m), [10.5], 10.5
+    kw = dict(timesteps=grid, samples=2, data_range=None)
+    jv = probe(m, x0, method="jvp,jvp-ode", **kw)
+    f1, f2 = (probe(m, x0, method="fd-ode", dt=h, scheme="central", **kw) for h in (0.02, 0.01))
+    k1, k2 = f1.attrs["K_samples"], f2.attrs["K_samples"]
+    kj = jv.attrs["K_samples"][:, 1:]
+    tol = 2 * np.abs(k1 - k2) + (2 * U32 * t / 0.01 + 1e-9) * np.abs(k2)
+    assert np.all(np.abs(kj - k2) <= tol) and np.all(kj > 0), (kj, k2, tol)
+    d = explain(jv)
+    assert any(s.startswith("jvp-ode: along the ODE at t = 10.5") for s in d["sentences"])
+    assert d["sentences"][0].startswith("jvp: exponent n/a, because 1 grid points")
+    with pytest.raises(InputError, match="`attribute`: where generic networks consume"):
+        probe(m, x0, method="jvp", attribute="blocks", **kw)
