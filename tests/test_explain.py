@@ -184,3 +184,15 @@ def test_bad_diagnosis_options_are_one_line(tmp_path, args, says):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert says in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr  # the error (and a model warning)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_grid_without_the_points_a_number_needs_prints_na_with_the_reason(tmp_path, pipeline_dir):
+    """Too few small-t points for the exponent and no point above t̃: the run goes on (exit 0), and each number it
+    cannot give is printed as "n/a, because …" (the summary's median/singularity ratio and the exponent)."""
+    r = _run(["probe", "--model", str(pipeline_dir), "--data", "digits", "--samples", "2", "--timesteps", "1,2",
+              "--method", "jvp", "--out", str(tmp_path / "o"), "--no-progress"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "n/a, because no grid point at t ≥ 100" in r.stdout
+    assert "exponent n/a, because 2 grid points in the first decade" in r.stdout
+    s = json.loads((tmp_path / "o" / "run.json").read_text())["summary"]
+    assert s["exponent"] is None and s["exponent_ci"] == [None, None] and s["onset"] is None
