@@ -39,3 +39,14 @@ def test_bench_families_quick(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["conditioning"] for r in rows] == ["cond", "cfg"]
     assert all(r["fd_over_raw"] > 0 and r["jvp_over_raw"] > 0 for r in rows)
+
+
+def test_bench_diagnosis_tiny(tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "d.json"
+    monkeypatch.setattr(sys, "argv", ["bench_diagnosis.py", "--tiny", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_diagnosis.py"), run_name="__main__")
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"fd", "jvp", "jvp-ode", "fd-ode", "attribution", "ref-empirical", "ref-gaussian"}
+    assert all(m["raw_forwards_per_item"] > 0 for m in res["methods"].values()) and res["attribution_groups"] == 5
