@@ -109,3 +109,17 @@ def test_lambda_plot_shows_noise_direction_and_split(fd_jvp, etsdm_model):
     assert any(np.allclose(ln.get_xdata(), lam) for ln in ax.get_lines())
     assert ax.get_ylabel() == "K per unit λ (what each method measured: legend)"
     assert split_marks(etsdm_model, 50.0) == {"t_split = 50": 50.0, "E-TSDM t̃ = 100": 100.0}
+
+
+def test_terminal_summary_prints_the_named_counts_and_the_zeros(fd_jvp, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from lipscope.cli import common
+    from lipscope.cli.probe import _print_summary
+    from lipscope.reduction import summary
+
+    monkeypatch.setattr(common, "out", con := Console(record=True, width=200))
+    _print_summary("m", summary(fd_jvp, 1000), fd_jvp, tmp_path, 1.0)
+    text = con.export_text()
+    assert f"{fd_jvp.attrs['jvp_items']} JVP evaluations" in text and "forwards/s" not in text
+    assert "K = 0 exactly" in text and "noise-limited" not in text
