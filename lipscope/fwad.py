@@ -26,6 +26,44 @@ def _group_norm_forward(mod: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+class _WeightOp(torch.autograd.Function):
+    """``op(x, weight, bias)`` (a linear map or convolution) whose forward-AD formula computes only the tangents that
+    exist: torch's own formula for ``addmm``/``convolution`` also multiplies the primal input by the weight's zero
+    tangent (a materialised zero: a second full matmul or convolution per layer in a JVP w.r.t. t)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op: Any, conv: bool) -> torch.Tensor:
+        return op(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.set_materialize_grads(False)  # absent tangents arrive as None instead of zeros
+        ctx.x, ctx.weight, _, ctx.op, ctx.conv = inputs
+        ctx.shape = output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, w_t: Any, b_t: Any, *_: Any) -> torch.Tensor:
+        # linear in (x, weight, bias): the tangent is op(x_t, W) + op(x, W_t) + b_t, each term only where it exists
+        x = ctx.x
+        out = torch.zeros(ctx.shape, dtype=x.dtype, device=x.device) if x_t is None else ctx.op(x_t, ctx.weight, None)
+        if w_t is not None:
+            out = out + ctx.op(x, w_t, None)
+        if b_t is not None:  # a convolution's bias is per channel (dim 1), a linear map's per feature (last dim)
+            out = out + (b_t.reshape(-1, *([1] * (out.ndim - 2))) if ctx.conv else b_t)
+        return out
+
+
+def _linear_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _WeightOp.apply(x, mod.weight, mod.bias, nn.functional.linear, False)
+
+
+def _conv_forward(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return nn.functional.conv2d(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+    return _WeightOp.apply(x, mod.weight, mod.bias, conv, True)
+
+
 def _moe_forward(mod: Any, x: torch.Tensor) -> torch.Tensor:
     """HiDream's mixture-of-experts in eval mode, its dispatch written with boolean masks (what its training branch
     does) instead of expert counts read through numpy, which torch.func's wrapped tensors cannot give."""
@@ -58,7 +96,20 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
     patched_gn: list[nn.Module] = []
     try:
         for mod in module.modules():
-            if isinstance(mod, nn.GroupNorm) and "forward" not in mod.__dict__:
+            if "forward" in mod.__dict__:
+                continue
+            if type(mod).forward is nn.Linear.forward and isinstance(mod, nn.Linear):
+                mod.forward = functools.partial(_linear_forward, mod)  # type: ignore[method-assign]
+                patched_gn.append(mod)
+            elif (
+                type(mod).forward is nn.Conv2d.forward
+                and isinstance(mod, nn.Conv2d)
+                and mod.padding_mode == "zeros"
+                and not isinstance(mod.padding, str)
+            ):
+                mod.forward = functools.partial(_conv_forward, mod)  # type: ignore[method-assign]
+                patched_gn.append(mod)
+            elif isinstance(mod, nn.GroupNorm):
                 # instance-level patch, undone by `del mod.forward` below; mypy forbids assigning to a method
                 mod.forward = functools.partial(_group_norm_forward, mod)  # type: ignore[method-assign]
                 patched_gn.append(mod)
