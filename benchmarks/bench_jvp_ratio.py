@@ -83,11 +83,12 @@ def networks(tiny: bool) -> dict:
 
 
 def jvp_call(model, x: torch.Tensor, t: torch.Tensor):
-    """One JVP evaluation as ``lipscope.jvp.jvp_norms`` makes it (the caller holds the patches)."""
+    """One JVP evaluation as ``lipscope.jvp.jvp_norms`` makes it, patches applied and undone around each call (the
+    raw forward it is compared with runs the stock network: fused attention, native norms)."""
     rows = torch.arange(x.shape[0])
 
     def call():
-        with torch.no_grad():
+        with torch.no_grad(), forward_ad_patches(model.module):
             return torch.func.jvp(lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
 
     return call
@@ -115,8 +116,7 @@ def measure(model, batch: int, reps: int) -> dict[str, float]:
         with torch.inference_mode():
             return model(x, t)
 
-    with forward_ad_patches(model.module):
-        med = interleaved({"forward": fwd, "jvp": jvp_call(model, x, t)}, reps)
+    med = interleaved({"forward": fwd, "jvp": jvp_call(model, x, t)}, reps)
     return {**med, "jvp_over_forward": med["jvp"] / med["forward"]}
 
 

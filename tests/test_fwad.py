@@ -1,5 +1,5 @@
-"""lipscope.fwad's linear/convolution patch: the tangents of torch's own forward-AD formulas (to rounding), the primal
-bit-exact, and one matmul or convolution per layer for the tangent instead of two (issue 22 item 1)."""
+"""lipscope.fwad's linear/convolution/GroupNorm patches: the tangents of torch's own forward-AD formulas (to rounding),
+the primal bit-exact, and one matmul or convolution per layer for the tangent instead of two (issue 22 item 1)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ LAYERS = {
     "linear-no-bias": (lambda: nn.Linear(6, 5, bias=False), (7, 6)),
     "conv": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
     "conv-strided-grouped": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 6, 6)),
+    "groupnorm": (lambda: _affine(nn.GroupNorm(2, 4)), (3, 4, 5, 5)),
+    "groupnorm-no-affine": (lambda: nn.GroupNorm(2, 4, affine=False), (3, 4, 5)),
 }
+HEAVY = [k for k in LAYERS if not k.startswith("groupnorm")]
+
+
+def _affine(gn: nn.GroupNorm) -> nn.GroupNorm:
+    nn.init.normal_(gn.weight)
+    nn.init.normal_(gn.bias)
+    return gn
 
 
 class Count(TorchDispatchMode):
@@ -67,7 +76,7 @@ def test_weight_and_bias_tangents_are_kept(name):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", HEAVY)
 def test_one_heavy_op_for_the_tangent(name):
     """Unpatched, torch's formula also multiplies x by the weight's materialised zero tangent: 3 heavy ops per JVP of
     one layer; patched: the primal and the tangent, 2."""
@@ -77,3 +86,22 @@ def test_one_heavy_op_for_the_tangent(name):
     with torch.no_grad(), forward_ad_patches(layer), Count() as c:
         torch.func.jvp(layer, (x,), (v,))
     assert c.n == 2
+
+
+def test_groupnorm_takes_non_contiguous_tangents():
+    """The native GroupNorm's forward AD rejects them; the patch matches the composite formula (float64)."""
+    torch.manual_seed(2)
+    gn = _affine(nn.GroupNorm(2, 4)).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    v = torch.randn(3, 4, 5, 5, dtype=torch.float64).transpose(2, 3)
+
+    def composite(xx):
+        xg = xx.reshape(3, 2, -1)
+        y = (xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + gn.eps)
+        return y.reshape(xx.shape) * gn.weight.reshape(1, -1, 1, 1) + gn.bias.reshape(1, -1, 1, 1)
+
+    with torch.no_grad():
+        ref = torch.func.jvp(composite, (x,), (v,))
+        with forward_ad_patches(gn):
+            got = torch.func.jvp(gn, (x,), (v,))
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
