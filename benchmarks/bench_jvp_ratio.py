@@ -30,6 +30,7 @@ from bench_probe import CIFAR10_DDPM, TINY  # noqa: E402
 from lipscope.families import EncodedPrompts, family_of_class  # noqa: E402
 from lipscope.fwad import forward_ad_patches  # noqa: E402
 from lipscope.models import from_unet  # noqa: E402
+from lipscope.probe import probe  # noqa: E402
 
 DIT_S2 = dict(num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=32, out_channels=8)
 SD3_S = dict(
@@ -57,6 +58,35 @@ SD3_TINY = dict(
     pooled_projection_dim=8,
     pos_embed_max_size=16,
 )
+PIXART_S = dict(
+    num_attention_heads=6,
+    attention_head_dim=64,
+    num_layers=12,
+    sample_size=32,
+    out_channels=8,
+    cross_attention_dim=384,
+    caption_channels=512,
+    use_additional_conditions=False,
+)
+FLUX_S = dict(
+    in_channels=64,
+    num_layers=4,
+    num_single_layers=8,
+    attention_head_dim=64,
+    num_attention_heads=6,
+    joint_attention_dim=512,
+    pooled_projection_dim=256,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 28, 28),
+)
+SD_S = dict(
+    sample_size=32,
+    block_out_channels=(128, 256, 256),
+    cross_attention_dim=384,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
 DDPM = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
@@ -79,6 +109,24 @@ def networks(tiny: bool) -> dict:
         "pooled_prompt_embeds": torch.randn(1, cfg["pooled_projection_dim"]),
     }
     out["sd3-s"] = dataclasses.replace(m, conditioning=fam.conditioning(m, prompt_embeds=EncodedPrompts(emb)))
+    if tiny:
+        return out
+    for name, cls, cfg, text, pooled in (
+        ("pixart-s", "PixArtTransformer2DModel", PIXART_S, (120, 512), 0),
+        ("flux-s", "FluxTransformer2DModel", FLUX_S, (128, 512), 256),
+        ("sd-s", "UNet2DConditionModel", SD_S, (77, 384), 0),
+    ):
+        fam = family_of_class(cls)
+        m = fam.build(getattr(diffusers, cls)(**cfg), FLOW if cls.startswith("Flux") else DDPM, name, "cpu", "float32")
+        if cls.startswith("Flux"):
+            m = dataclasses.replace(m, sample_shape=(16, 32, 32))
+        emb = {
+            "prompt_embeds": torch.randn(1, *text),
+            "prompt_attention_mask": torch.ones(1, text[0], dtype=torch.long),
+        }
+        if pooled:
+            emb["pooled_prompt_embeds"] = torch.randn(1, pooled)
+        out[name] = dataclasses.replace(m, conditioning=fam.conditioning(m, prompt_embeds=EncodedPrompts(emb)))
     return out
 
 
@@ -107,7 +155,7 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure(model, batch: int, reps: int) -> dict[str, float]:
+def measure(model, batch: int, reps: int, with_fd: bool = True) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     t = torch.linspace(10.0, 900.0, batch)
@@ -116,8 +164,24 @@ def measure(model, batch: int, reps: int) -> dict[str, float]:
         with torch.inference_mode():
             return model(x, t)
 
-    med = interleaved({"forward": fwd, "jvp": jvp_call(model, x, t)}, reps)
-    return {**med, "jvp_over_forward": med["jvp"] / med["forward"]}
+    x0 = torch.randn(batch, *model.sample_shape, generator=g)
+
+    runner: list[float] = []
+
+    def fd():  # batch samples × 2 grid points: 4 runner batches of `batch` forwards
+        df = probe(model, x0, method="fd", timesteps="20,600", samples=batch, batch_size=batch, data_range=None)
+        runner.append(df.attrs["forwards_per_s"])
+        return df
+
+    fns = {"forward": fwd, "jvp": jvp_call(model, x, t)} | ({"fd": fd} if with_fd else {})
+    med = interleaved(fns, reps)
+    out = {**med, "jvp_over_forward": med["jvp"] / med["forward"]}
+    if with_fd:
+        # the hot path: forwards/s of the FD runner (noising, conversion to ε, norms, conditioning rows: per batch)
+        # ÷ forwards/s of the raw call; and of the whole probe call (+ per-run work: data, the FD noise estimate)
+        out["fd_over_raw"] = statistics.median(runner[1:]) / (batch / med["forward"])
+        out["fd_call_over_raw"] = (med["forward"] / batch) / (med["fd"] / fd().attrs["forwards"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma list of cifar10-unet, dit-s2, sd3-s")
+    p.add_argument("--no-fd", action="store_true", help="JVP only")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.tiny:
@@ -136,9 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in networks(a.tiny).items():
         if a.only and name not in a.only.split(","):
             continue
-        r = measure(model, a.batch, a.reps)
+        r = measure(model, a.batch, a.reps, not a.no_fd)
         res["rows"][name] = r
-        print(f"{name:13s} forward {r['forward']:.4f}s  jvp {r['jvp']:.4f}s  JVP ÷ forward {r['jvp_over_forward']:.2f}")
+        fd = f"  FD ÷ raw {r['fd_over_raw']:.3f}" if "fd_over_raw" in r else ""
+        print(
+            f"{name:13s} forward {r['forward']:.4f}s  jvp {r['jvp']:.4f}s  JVP ÷ forward {r['jvp_over_forward']:.2f}"
+            + fd,
+            flush=True,
+        )
     if a.json:
         from lipscope.io import atomic_write_text
 
