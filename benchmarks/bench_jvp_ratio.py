@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma list of cifar10-unet, dit-s2, sd3-s")
     p.add_argument("--no-fd", action="store_true", help="JVP only")
+    p.add_argument("--merge", action="store_true", help="keep the other rows of an existing --json file")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.tiny:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in networks(a.tiny).items():
         if a.only and name not in a.only.split(","):
             continue
-        r = measure(model, a.batch, a.reps, not a.no_fd)
+        r = {**measure(model, a.batch, a.reps, not a.no_fd), "batch": a.batch, "reps": a.reps}
         res["rows"][name] = r
         fd = f"  FD ÷ raw {r['fd_over_raw']:.3f}" if "fd_over_raw" in r else ""
         print(
@@ -211,6 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if a.json:
         from lipscope.io import atomic_write_text
+
+        if a.merge and Path(a.json).exists():  # rows of earlier runs (--only) kept, each with its own settings
+            old = json.loads(Path(a.json).read_text())
+            res["rows"] = {
+                **old.get("rows", {}),
+                **{k: {**v, "batch": a.batch, "reps": a.reps} for k, v in res["rows"].items()},
+            }
 
         atomic_write_text(a.json, json.dumps(res, indent=2) + "\n")
     return res
