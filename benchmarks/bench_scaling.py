@@ -87,6 +87,7 @@ def slope(x: list[float], y: list[float]) -> float:
 
 def plot(res: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -114,6 +115,7 @@ def plot(res: dict, path: str) -> None:
         title=f"model size ({FIXED_WORK[0]}×{FIXED_WORK[1]} points)",
     )
     for a in ax:
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping minor labels on log axes
         a.legend()
         a.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
