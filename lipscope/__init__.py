@@ -6,6 +6,7 @@ Yang et al., "Lipschitz Singularities in Diffusion Models", ICLR 2024 (arXiv 230
 from .data import load_data
 from .errors import InputError, ModelOutputError
 from .etsdm import Etsdm
+from .explain import explain
 from .loading import load_model
 from .models import EpsModel, from_callable, from_unet
 from .probe import probe
@@ -29,6 +30,7 @@ __all__ = [
     "conditioning_for",
     "default_schedule",
     "encode_prompts",
+    "explain",
     "from_callable",
     "from_unet",
     "load_data",

@@ -1,15 +1,18 @@
 """Forward-mode AD through diffusers networks (DESIGN.md, "Exact derivative"): the patches that give every
-layer a forward-AD formula, applied inside a context manager that restores the module exactly."""
+layer a forward-AD formula, applied inside a context manager that restores the module exactly, and the one JVP call
+every exact estimator (JVP, along the ODE, attribution) goes through, with its one-line refusals."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import InputError
 
 
 class _GroupNorm(torch.autograd.Function):
@@ -146,3 +149,48 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
     finally:
         for mod in patched_gn:
             del mod.forward
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def jvp(name: str, fn: Callable[..., torch.Tensor], primals: tuple, tangents: tuple) -> tuple[torch.Tensor, ...]:
+    """(fn(*primals), its JVP along ``tangents``) by ``torch.func.jvp``, without autograd; a network that forward AD
+    cannot go through is one line naming ``name`` (an out-of-memory error goes to the batched runner's back-off)."""
+    try:
+        with torch.no_grad():
+            # torch types jvp's result as a 2- or 3-tuple (no overload on has_aux); without has_aux it is 2
+            out, tangent = torch.func.jvp(fn, primals, tangents)  # type: ignore[misc]
+    except (NotImplementedError, RuntimeError) as e:  # only the JVP itself: not the runner, not the gather
+        if _is_oom(e):
+            raise
+        raise InputError(
+            f"{name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
+            "use `method` fd"
+        ) from e
+    return out, tangent
+
+
+def refuse_learned_embedding(name: str, config: dict) -> None:
+    """A learned embedding table looks t up: ε is not differentiable in t."""
+    if config.get("time_embedding_type") == "learned":
+        raise InputError(
+            f"{name} looks timesteps up in a learned embedding table: ε is not differentiable in t; use `method` fd"
+        )
+
+
+def check_tangent_reaches(model: Callable, name: str, x: torch.Tensor, tt: torch.Tensor, tangent: torch.Tensor,
+                          rows: torch.Tensor) -> None:  # fmt: skip
+    """A zero tangent where a one-step difference of ``model(x, t, rows)`` moves means t reaches the network through
+    an integer cast or a table: forward AD would silently report 0."""
+    if tangent.abs().max() > 0:
+        return
+    with torch.inference_mode():
+        lo = torch.clamp(tt - 1, min=0)
+        d = model(x, lo + 1, rows) - model(x, lo, rows)
+    if d.abs().max() > 0:
+        raise InputError(
+            f"{name}: the timestep does not reach the network differentiably (d/dt is 0 but ε changes "
+            "between steps: an integer cast or embedding table); use `method` fd"
+        )

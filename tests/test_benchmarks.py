@@ -60,3 +60,14 @@ def test_bench_scaling_tiny(tmp_path):
     res = bench_scaling.main(["--tiny", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
     assert [r["points"] for r in res["work"] if r["method"] == "fd"] == [4, 8]
     assert all(np.isfinite(v) for v in res["slopes"].values()) and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_bench_diagnosis_tiny(tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "d.json"
+    monkeypatch.setattr(sys, "argv", ["bench_diagnosis.py", "--tiny", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_diagnosis.py"), run_name="__main__")
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"fd", "jvp", "jvp-ode", "fd-ode", "attribution", "ref-empirical", "ref-gaussian"}
+    assert all(m["raw_forwards_per_item"] > 0 for m in res["methods"].values()) and res["attribution_groups"] == 5

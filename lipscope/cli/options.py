@@ -15,7 +15,7 @@ import typer
 
 from ..models import DTYPES
 from ..precision import PRECISIONS
-from ..probe import SCHEMES
+from ..probe import METHODS, SCHEMES
 from ..sampling import SAMPLERS
 from ..speed import COMPILE_MODES
 from ..targets import TARGETS
@@ -54,7 +54,27 @@ def batch_size(v: str) -> str:
     return str(n)
 
 
-METHOD = choice("fd", "jvp", "fd,jvp", "jvp,fd")
+def method(v: str) -> str:
+    """fd, jvp, jvp-ode, fd-ode or a comma list of them (lipscope.probe.METHODS)."""
+    parts = [p.strip() for p in v.split(",") if p.strip()]
+    if not parts or any(p not in METHODS for p in parts):
+        raise typer.BadParameter(f"{v!r}: use {', '.join(METHODS)} or a comma list of them (e.g. fd,jvp)")
+    return ",".join(parts)
+
+
+METHOD = method
+ATTRIBUTE = choice("blocks", "layers")
+
+
+def reference(v: str) -> str:
+    """empirical, gaussian or both (a comma list)."""
+    parts = [p.strip() for p in v.split(",") if p.strip()]
+    if not parts or any(p not in ("empirical", "gaussian") for p in parts):
+        raise typer.BadParameter(f"{v!r}: use empirical, gaussian or empirical,gaussian")
+    return ",".join(parts)
+
+
+REFERENCE = reference
 SCHEME = choice(*SCHEMES)
 SPACE = choice("time", "condition")
 TARGET = choice(*TARGETS)
