@@ -3,6 +3,7 @@
 Yang et al., "Lipschitz Singularities in Diffusion Models", ICLR 2024 (arXiv 2306.11251).
 """
 
+from .budget import step_budget
 from .data import load_data
 from .errors import InputError, ModelOutputError
 from .etsdm import Etsdm
@@ -39,5 +40,6 @@ __all__ = [
     "probe",
     "process_from_config",
     "schedule_from_config",
+    "step_budget",
     "summary",
 ]
