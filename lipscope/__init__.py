@@ -16,6 +16,15 @@ from .prompts import conditioning_for, encode_prompts
 from .reduction import summary
 from .schedules import NoiseProcess, Schedule, default_schedule, parse_grid, schedule_from_config
 
+
+def report(runs, out, evals=(), fmt: str = "html"):
+    """Write one page (HTML, or markdown with ``fmt="md"``) of probe ``runs`` and evaluate runs ``evals`` to ``out``
+    (``lipscope report``; docs/report.md); returns the path and the verdict lines."""
+    from .runs.report import report as _report
+
+    return _report(runs, out, evals, fmt)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -38,6 +47,7 @@ __all__ = [
     "load_model",
     "parse_grid",
     "probe",
+    "report",
     "process_from_config",
     "schedule_from_config",
     "step_budget",

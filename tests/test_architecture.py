@@ -32,6 +32,7 @@ LAYERS = {
     "budget": 1,
     "coverage": 1,
     "budgetplot": 1,
+    "reportpage": 1,
     "explain": 2,
     "schedules": 2,
     "etsdm": 2,
