@@ -287,3 +287,32 @@ def test_probe_bad_sampler_one_line(args, mentions, tmp_path, capfd, monkeypatch
                         capfd, monkeypatch)  # fmt: skip
     assert_one_line_refusal(res, mentions)
     assert not out.exists()
+
+
+def test_finetune_records_its_draws_and_probe_uses_them(tmp_path, pipeline_dir, monkeypatch):
+    """timesteps.npy holds exactly the t the loop drew (recorded through draw_step here), and a probe of that run
+    takes its coverage from them unless told otherwise."""
+    import lipscope.training as training
+    from lipscope.runs import ProbeOptions, TrainOptions, run_probe, run_training
+    from lipscope.training import TrainConfig
+
+    seen: list[np.ndarray] = []
+    real = training.draw_step
+
+    def spy(*a, **kw):
+        b = real(*a, **kw)
+        seen.append(b.t.numpy().copy())
+        return b
+
+    monkeypatch.setattr(training, "draw_step", spy)
+    cfg = TrainConfig(steps=3, batch_size=4, grad_accum=2, warmup_steps=0, checkpoint_every=3)
+    run_training(TrainOptions(model=str(pipeline_dir), data="digits", out=str(tmp_path / "ft"), training=cfg))
+    drawn = np.load(tmp_path / "ft" / "timesteps.npy")
+    np.testing.assert_array_equal(drawn, np.concatenate(seen))
+    assert drawn.shape == (3 * 2 * 4,)
+    res = run_probe(ProbeOptions(model=str(tmp_path / "ft" / "pipeline"), data="digits", samples=2,
+                                 timesteps="0,1,10,100,500", out=str(tmp_path / "p"), device="cpu"))  # fmt: skip
+    cov = res.summary["coverage"]
+    assert cov["spec"] == str(tmp_path / "ft" / "timesteps.npy")
+    if cov["onset"] is not None:
+        assert cov["mass_below_onset"] == pytest.approx(float((drawn <= cov["onset"]).mean()), rel=1e-12)

@@ -28,7 +28,7 @@ from ..speed import Speed, accelerated
 from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
 from .common import ConditioningOptions, ModelOptions, check_out_dir, main_lock, model_info, write_on_main
-from .steps import check_specs, steps_and_coverage
+from .steps import check_specs, default_train_timesteps, steps_and_coverage
 
 log = logging.getLogger("lipscope")
 
@@ -93,6 +93,7 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError(f"`plot_x` {opts.plot_x!r}: use t or lambda")
     if opts.target not in TARGETS:
         raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
+    opts = dataclasses.replace(opts, train_timesteps=default_train_timesteps(opts.train_timesteps, opts.model))
     check_specs(opts.sampler, opts.train_timesteps)
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,23 @@ def check_specs(sampler: str | None, train_timesteps: str | None) -> None:
         parse_samplers(sampler)
     if train_timesteps is not None:
         parse_train_timesteps(train_timesteps)
+
+
+def default_train_timesteps(spec: str | None, model: str) -> str | None:
+    """A fine-tune run's drawn timesteps (its ``timesteps.npy``): what ``train_timesteps`` means by default when
+    ``model`` is that run (its folder or its pipeline/lora inside), and what a run folder given as
+    ``train_timesteps`` stands for."""
+    if spec is not None and Path(spec).is_dir():
+        if not (Path(spec) / "timesteps.npy").is_file():
+            raise InputError(f"`train_timesteps` {spec}: a folder without timesteps.npy; give a finetune run")
+        return str(Path(spec) / "timesteps.npy")
+    if spec is not None or model.startswith(("builtin:", "py:")):
+        return spec
+    for run in (Path(model), Path(model).parent):
+        if (run / "timesteps.npy").is_file() and (run / "train.json").is_file():
+            log.warning("training coverage from the timesteps the fine-tune %s drew (%s)", run, run / "timesteps.npy")
+            return str(run / "timesteps.npy")
+    return None
 
 
 def budgets(df: pd.DataFrame, m: EpsModel, sampler: str) -> pd.DataFrame:
