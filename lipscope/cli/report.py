@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import cli_errors, out, setup_logging
+from .common import cli_errors, say, setup_logging
 
 
 @cli_errors
@@ -27,7 +27,7 @@ def report(
     from ..runs.report import report as make_report
 
     res = make_report(list(runs), out_file, list(eval_runs or ()), format)
-    out.print("[bold]verdict[/]")
+    say("verdict:")
     for line in res.verdict:
-        out.print(f"  • {line}", highlight=False, markup=False)
-    out.print(f"written {res.path}")
+        say(f"  • {line}")
+    say(f"written {res.path}")

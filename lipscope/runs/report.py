@@ -336,14 +336,14 @@ def report(runs: Sequence[str | Path], out: str | Path, evals: Sequence[str | Pa
             raise InputError(f"`eval` {ev['path']} evaluates {', '.join(_eval_specs(ev).values())}, none of the probed "
                              f"models ({', '.join(probed)}); pass evaluations of these models")  # fmt: skip
     out = Path(out)
-    check_out_dir(out.parent, resume=True)
+    check_out_dir(out.parent, resume=True, whole=False)  # a file beside others: only "writable"
     sections: list[Section] = []
     verdict: list[Text] = []
     for r in loaded:
         n = len(r["meta"]["summary"].get("step_budget_sentences", []))
-        verdict += [[quote(r, f"summary.step_budget_sentences.{i}")] for i in range(n)]
+        verdict += [[f"{r['name']}: ", quote(r, f"summary.step_budget_sentences.{i}")] for i in range(n)]
         if r["meta"]["summary"].get("coverage"):
-            verdict.append([quote(r, "summary.coverage.sentence")])
+            verdict.append([f"{r['name']}: ", quote(r, "summary.coverage.sentence")])
     if len(loaded) > 1:
         cs, v = compare_section(loaded)
         sections.append(cs)
