@@ -12,7 +12,7 @@ import sys
 import typer
 from typer.exceptions import TyperException
 
-from . import compare, probe, sample, theory, train
+from . import compare, probe, report, sample, theory, train
 from .common import Terminated, app, error, stopped
 
 
@@ -30,6 +30,7 @@ for _command in (
     sample.sample,
     sample.evaluate,
     compare.compare,
+    report.report,
     compare.models,
 ):
     app.command()(_command)

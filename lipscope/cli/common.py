@@ -105,6 +105,7 @@ FLAGS: dict[str, str] = {
     "model_args": "--model-arg",
     "class_labels": "--class-label",
     "data": "--data",
+    "runs": "RUN",  # lipscope report's arguments
 }
 # Python-API parameters no command exposes: shown as they are, never as an invented flag
 API_ONLY = frozenset(

@@ -187,6 +187,18 @@ def probe(
         parser=PLOT_X,
         help="lipschitz.png against t, or K per unit log-SNR against λ (lambda): compares noise processes.",
     ),
+    sampler: str | None = typer.Option(
+        None,
+        "--sampler",
+        help="NAME:STEPS[,…] (default, ddim, ddpm, dpmsolver++, dpmsolver, euler, euler-a, heun, unipc, lms, "
+        "flow-euler; built from the model's scheduler config): each step's share of ∫K dτ (steps.csv, plot markers).",
+    ),
+    train_timesteps: str | None = typer.Option(
+        None,
+        "--train-timesteps",
+        help="uniform, logit-normal:M,S, mode:S, shift:S or FILE.npy (e.g. a finetune run's timesteps.npy): the "
+        "training mass at t ≤ the onset and per sampler step (run.json, shaded on the plot).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
     resume: bool = typer.Option(
@@ -240,6 +252,8 @@ def probe(
             plot_x=plot_x,
             attribute=attribute,
             reference=reference,
+            sampler=sampler,
+            train_timesteps=train_timesteps,
             **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
             allow_noise_limited=allow_noise_limited,
         ),
@@ -280,5 +294,6 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())
         tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
     extra = ", attribution.csv, attribution.png" if df.attrs.get("attribution") is not None else ""
+    extra += ", steps.csv" if s.get("step_budget") else ""
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png{extra}")
     say(tab)

@@ -17,6 +17,7 @@ import torch
 
 from .. import io as lio
 from .. import labels, shard
+from ..budgetplot import mark_steps
 from ..data import check_data_range
 from ..errors import InputError, short_error
 from ..etsdm import Etsdm
@@ -39,6 +40,7 @@ from .common import (
     model_info,
     write_on_main,
 )
+from .steps import check_specs, default_train_timesteps, steps_and_coverage
 
 log = logging.getLogger("lipscope")
 
@@ -73,6 +75,8 @@ class ProbeOptions(ConditioningOptions, ModelOptions):
     attribute: str | None = None  # blocks or layers: ∂ε/∂t split over the time-embedding consumers (attribution.csv)
     reference: str | None = None  # empirical and/or gaussian: the optimal denoisers' rows (comma list)
     plot_x: str = "t"  # lipschitz.png against t, or K per unit λ against log-SNR λ ("lambda")
+    sampler: str | None = None  # NAME:STEPS[,…]: the step budget of each sampler (steps.csv; lipscope.budget)
+    train_timesteps: str | None = None  # a training timestep distribution: its mass where K is singular
 
     def resolved(self) -> ProbeOptions:
         """Defaults filled in: ``data`` becomes the built-in's data set or ``model``."""
@@ -101,6 +105,8 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
         raise InputError(f"`plot_x` {opts.plot_x!r}: use t or lambda")
     if opts.target not in TARGETS:
         raise InputError(f"`target` {opts.target!r} not known; use one of {', '.join(TARGETS)}")
+    opts = dataclasses.replace(opts, train_timesteps=default_train_timesteps(opts.train_timesteps, opts.model))
+    check_specs(opts.sampler, opts.train_timesteps)
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
@@ -128,7 +134,8 @@ def _continues(opts: ProbeOptions, out: Path) -> None:
 
 
 # options that do not change the numbers: a resumed run may change them
-RESUMABLE = ("out", "overwrite", "resume", "batch_size", "t_split", "plot_x", "allow_noise_limited")
+RESUMABLE = ("out", "overwrite", "resume", "batch_size", "t_split", "plot_x", "allow_noise_limited", "sampler",
+             "train_timesteps")  # fmt: skip
 
 
 def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
@@ -160,6 +167,9 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     summ = summary(df, m.T, opts.t_split)
     diag = explain(df, m.T, opts.t_split, opts.seed)  # exponent, onset, ODE split, attribution, references
     summ |= {k: diag.get(k) for k in ("exponent", "exponent_ci", "onset")} | {"diagnosis": diag}
+    extra, more, lines, (steps, density) = steps_and_coverage(df, m, diag, opts.sampler, opts.train_timesteps)
+    summ |= more
+    diag["sentences"] = diag["sentences"] + lines
     wall = time.time() - start
     meta = {
         "command": "probe",
@@ -190,8 +200,10 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     }
     fig = plot_lipschitz(df, labels.title(m.name, opts.samples, df), x=opts.plot_x, fits=diag["methods"],
                          marks=split_marks(m, summ["t_split"], opts.plot_x))  # fmt: skip
+    if opts.plot_x == "t":
+        mark_steps(fig, steps, density, str(opts.train_timesteps))
     png = figure_png(fig)
-    files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
+    files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png, **extra}
     if isinstance(att := df.attrs.get("attribution"), pd.DataFrame):
         files |= {"attribution.csv": lio.csv_bytes(att), "attribution.png": figure_png(plot_attribution(att, m.name))}
     write_on_main(out, files, opts.overwrite or bool(journal.started_with("_overwrite")))

@@ -4,6 +4,7 @@ the run folder; captions encoded once by the pipeline's own frozen text encoders
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import io as lio
@@ -83,7 +85,27 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
             if main and fresh and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
             raise
+        if main and "stopped_at" not in res:  # every t the loop drew: a probe's default training coverage
+            buf = io.BytesIO()
+            np.save(buf, drawn_timesteps(m, td, cfg, int(res.get("processes", 1))), allow_pickle=False)
+            lio.atomic_write_bytes(out / "timesteps.npy", buf.getvalue())
         return {**res, "samples": int(td.x0.shape[0])}
+
+
+def drawn_timesteps(m: EpsModel, td: TrainData, cfg: TrainConfig, processes: int = 1) -> Any:
+    """Every model step the training loop drew (item s·accum + j of each process's TRAINING stream, as
+    :func:`lipscope.objectives.draw_step` draws it): ``timesteps.npy``, the default training coverage of a probe of
+    this run (``lipscope probe --train-timesteps``)."""
+    from ..objectives import draw_step, flow_grid, training_process
+    from ..processes import FlowProcess
+
+    process = training_process(m.scheduler_config)
+    grid = flow_grid(m.scheduler_config) if isinstance(process, FlowProcess) else None
+    shape = tuple(td.x0.shape[1:])
+    draws = [draw_step(len(td.x0), shape, i, cfg.batch_size, process, cfg.seed, rank=r, weighting=cfg.weighting,
+                       grid=grid, dropout=cfg.caption_dropout).t.numpy()
+             for r in range(processes) for i in range(cfg.steps * cfg.grad_accum)]  # fmt: skip
+    return np.concatenate(draws).astype(np.float64)
 
 
 def _family(m: EpsModel) -> str:
