@@ -84,7 +84,7 @@ def zero_line(df: pd.DataFrame) -> str | None:
     counts = [f"{int((zero & (m == k)).sum())} of {int((m == k).sum())} {k} rows" for k in dict.fromkeys(m[zero])]
     return (
         f"{', '.join(counts)} (t = {_span(df.loc[zero, 't'])}): the network is fed one condition at both points, "
-        "∂ε/∂τ = 0 there (an E-TSDM sub-interval); a finding, not rounding noise"
+        "∂ε/∂τ = 0 there (e.g. inside an E-TSDM sub-interval); a finding, not rounding noise"
     )
 
 
