@@ -123,3 +123,34 @@ def test_terminal_summary_prints_the_named_counts_and_the_zeros(fd_jvp, tmp_path
     text = con.export_text()
     assert f"{fd_jvp.attrs['jvp_items']} JVP evaluations" in text and "forwards/s" not in text
     assert "K = 0 exactly" in text and "noise-limited" not in text
+
+
+def test_jvp_at_etsdm_boundaries_is_zero_not_refused(etsdm_model):
+    # ε jumps between t = 19 and 20 because the map does, not because t is cast to an integer: ∂ε/∂τ = 0 exactly
+    df = probe(etsdm_model, "digits", samples=2, timesteps="20,40", method="jvp", batch_size=2)
+    assert (df["K_max"] == 0).all()
+
+
+def test_tangent_check_still_refuses_an_integer_cast():
+    from lipscope.errors import InputError
+    from lipscope.fwad import check_tangent_reaches
+
+    x, rows = torch.ones(2, 3), torch.arange(2)
+    cast = lambda x, t, rows: x * torch.floor(t)[:, None]  # noqa: E731  t through an integer cast: d/dt = 0 wrongly
+    with pytest.raises(InputError, match="does not reach the network differentiably"):
+        check_tangent_reaches(cast, "m", x, torch.tensor([5.0, 20.0]), torch.zeros(2, 3), rows)
+
+    class Mapped:  # E-TSDM: ε = x·f(t), f piecewise constant; only the row at the boundary t = 20 moves
+        etsdm = Etsdm(100.0, 5)
+
+        def __call__(self, x, t, rows):
+            return x * self.etsdm.map(t)[:, None]
+
+    check_tangent_reaches(Mapped(), "m", x, torch.tensor([5.0, 20.0]), torch.zeros(2, 3), rows)
+
+    class MappedCast(Mapped):  # and a cast of f(t): caught above t̃, where f is the identity
+        def __call__(self, x, t, rows):
+            return x * torch.floor(self.etsdm.map(t))[:, None]
+
+    with pytest.raises(InputError, match="does not reach the network differentiably"):
+        check_tangent_reaches(MappedCast(), "m", x, torch.tensor([150.0, 20.0]), torch.zeros(2, 3), rows)
