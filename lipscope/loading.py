@@ -66,15 +66,23 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     model_args: Mapping[str, Any] | Iterable[str] | None = None,
+    prediction_type: str | None = None,
 ) -> EpsModel:
     """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel.
 
-    ``model_args``: keyword arguments of a ``py:`` factory (a mapping, or ``key=value`` strings)."""
+    ``model_args``: keyword arguments of a ``py:`` factory (a mapping, or ``key=value`` strings);
+    ``prediction_type``: what a ``py:`` network outputs where its process does not say (a contradiction is refused;
+    other specs take it from their scheduler config)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     kwargs = parse_model_args(model_args)
     sched_cfg = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
     if spec.startswith("py:"):
-        return load_py(spec, sched_cfg, dev, dt, kwargs)
+        return load_py(spec, sched_cfg, dev, dt, kwargs, prediction_type)
+    if prediction_type is not None:
+        raise InputError(
+            f"`prediction_type` is for py: models; `model` {spec} takes it from its scheduler config (give another "
+            "`scheduler_config` to change it)"
+        )
     if kwargs:
         raise InputError(
             f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec; drop `model_args`"

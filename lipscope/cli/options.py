@@ -18,7 +18,7 @@ from ..precision import PRECISIONS
 from ..probe import SCHEMES
 from ..sampling import SAMPLERS
 from ..speed import COMPILE_MODES
-from ..targets import TARGETS
+from ..targets import PREDICTION_TYPES, TARGETS
 
 
 def choice(*values: str) -> Callable[[str], str]:
@@ -61,6 +61,7 @@ TARGET = choice(*TARGETS)
 PLOT_X = choice("t", "lambda")
 DTYPE = choice(*DTYPES)
 PRECISION = choice(*PRECISIONS)
+PREDICTION_TYPE = choice(*PREDICTION_TYPES)
 COMPILE = choice(*COMPILE_MODES)
 SAMPLER = choice(*SAMPLERS)
 MIXED_PRECISION = choice("no", "fp16", "bf16")
@@ -71,7 +72,10 @@ BATCH_SIZE = batch_size
 
 # conditioning flags shared by probe, sample and evaluate (lipscope.runs.ConditioningOptions)
 CLASS_LABEL = typer.Option(
-    None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."
+    None,
+    "--class-label",
+    help="Class to condition a class-conditional model on (DiT, or a py: network taking class_labels; repeatable; "
+    "cycled).",
 )
 PROMPT = typer.Option(
     None,

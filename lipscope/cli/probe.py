@@ -22,6 +22,7 @@ from .options import (
     NEGATIVE_PROMPT,
     PLOT_X,
     PRECISION,
+    PREDICTION_TYPE,
     PROMPT,
     PROMPT_EMBEDS,
     PROMPT_FILE,
@@ -64,6 +65,14 @@ def probe(
     ),
     model_arg: list[str] | None = typer.Option(
         None, "--model-arg", help="key=value keyword argument of a py: factory (repeatable; values parsed as JSON)."
+    ),
+    prediction_type: str | None = typer.Option(
+        None,
+        "--prediction-type",
+        parser=PREDICTION_TYPE,
+        help="What a py: network outputs (epsilon, v_prediction, sample, score, flow_prediction) where its process "
+        "does not say; default: its process's own (a flow process: flow_prediction), else epsilon. A contradiction "
+        "is refused.",
     ),
     data: str | None = typer.Option(
         None,
@@ -190,6 +199,7 @@ def probe(
         ProbeOptions(
             model=model,
             model_args=tuple(model_arg or ()),
+            prediction_type=prediction_type,
             config=_s(config),
             scheduler_config=_s(scheduler_config),
             revision=revision,
