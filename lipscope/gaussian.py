@@ -16,6 +16,7 @@ s_k' = −U_k (z_k'/c_k − z_k c_k'/c_k²). Derivations in docs/theory.md. All 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -160,7 +161,7 @@ def gaussian_eps_model(g: GaussianMixture, schedule: Schedule | None = None, nam
 
     return from_callable(
         eps,
-        schedule,
+        dataclasses.replace(schedule, prediction_type="epsilon"),  # ε* under any process
         sample_shape=g.shape,
         name=name,
         dtype="float64",

@@ -40,7 +40,7 @@ from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
 from .lora import lora_run_base
 from .models import SUPPORTED_CLASSES, EpsModel, from_unet, resolve_device, resolve_dtype
-from .pyspec import load_py, parse_model_args
+from .pyspec import load_py, parse_model_args, refuse_py_options
 from .weights import read_state_dict
 
 if TYPE_CHECKING:
@@ -78,15 +78,7 @@ def load_model(
     sched_cfg = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
     if spec.startswith("py:"):
         return load_py(spec, sched_cfg, dev, dt, kwargs, prediction_type)
-    if prediction_type is not None:
-        raise InputError(
-            f"`prediction_type` is for py: models; `model` {spec} takes it from its scheduler config (give another "
-            "`scheduler_config` to change it)"
-        )
-    if kwargs:
-        raise InputError(
-            f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec; drop `model_args`"
-        )
+    refuse_py_options(spec, kwargs, prediction_type)
     if spec.startswith("builtin:"):
         return _load_builtin(spec.split(":", 1)[1], dev, dt)
     path = Path(spec).expanduser()

@@ -9,6 +9,7 @@ into EpsModels by :mod:`lipscope.loading`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -318,6 +319,8 @@ def from_callable(
             scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
         schedule = process_from_config(scheduler_config)
     pred = resolve_prediction_type(schedule, prediction_type, stated)
+    if pred != schedule.prediction_type:  # one prediction type on record: the model's is its process's
+        schedule = dataclasses.replace(schedule, prediction_type=pred)  # type: ignore[type-var]
     module = fn if isinstance(fn, nn.Module) else None
     if module is not None:
         module.to(device=dev, dtype=dt).eval()

@@ -103,6 +103,31 @@ def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
     return 0.0, T - 1 - dt
 
 
+def check_target_defined(model: EpsModel, t: np.ndarray) -> None:
+    """x0, v and velocity divide by α, the score by σ: refuse a grid that evaluates them where that is 0."""
+    zero = {"score": ("σ", model.schedule.sigma), "x0": ("α", model.schedule.alpha)}
+    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
+    if model.target not in zero:
+        return
+    name, fn = zero[model.target]
+    tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
+    bad = tt[fn(tt) == 0]
+    if bad.numel():
+        raise InputError(
+            f"`target` {model.target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
+            "`timesteps` (e.g. start the grid at 1)"
+        )
+
+
+def is_explicit(spec: str) -> bool:
+    """Whether a `timesteps` spec lists its points (a list or range:, taken as given) rather than generating a grid
+    (clipped to the valid range)."""
+    s = spec.strip()
+    return s.startswith("range:") or not any(
+        s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # rounding noise of an FD difference (docs/probe.md, "Precision")
 # ---------------------------------------------------------------------------------------------

@@ -25,13 +25,15 @@ import pandas as pd
 import torch
 
 from . import rng
-from .batching import RunStats, check_finite, check_memory, run_batched
+from .batching import RunStats, check_memory
 from .conditioning import Conditioning
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
 from .families import resolve_conditioning
+from .fd import fd_checks
+from .fd import fd_norms as fd_norms  # re-exported, as jvp_norms: the Python API's lower level
 from .journal import Journal
-from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower level
+from .jvp import jvp_norms as jvp_norms
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
@@ -39,11 +41,12 @@ from .points import (
     FDPoints,
     check_dt,
     check_noise,
+    check_target_defined,
     condition_points,
     crosses_boundary,
     fd_noise,
-    fd_pair,
     fd_points,
+    is_explicit,
     noise_columns,
     valid_range,
 )
@@ -59,45 +62,11 @@ from .precision import (
     sample_rel_err,
 )
 from .reduction import summarize_samples
+from .resolution import check_time_resolution
 from .sampling import model_samples
 from .schedules import parse_grid
 
 log = logging.getLogger("lipscope")
-
-
-# ---------------------------------------------------------------------------------------------
-# runner
-# ---------------------------------------------------------------------------------------------
-
-
-def fd_norms(
-    model: EpsModel,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    pts: FDPoints,
-    batch_size: int | str = "auto",
-    progress: bool = False,
-    stats: RunStats | None = None,
-    journal: Journal | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ and ‖ε(x_t, t_a)‖₂ + ‖ε(x_t, t_b)‖₂ (the scale of its rounding noise,
-    :func:`fd_noise`) for every (sample i, grid point j): two float64 (n, G).
-
-    Items are ordered grid-major (j, i) and packed P pairs per batch, whatever j they belong to:
-    the P inputs at t_a, then the same P inputs at t_b, in one call.
-    """
-    n, G = x0.shape[0], len(pts.t)
-    t_a, t_b = torch.as_tensor(pts.t_a), torch.as_tensor(pts.t_b)
-
-    def compute(idx: torch.Tensor) -> torch.Tensor:
-        m = idx.numel()
-        eps = fd_pair(model, x0, noise, pts, idx)
-        check_finite([eps[:m], eps[m:]], t_a[idx // n], t_b[idx // n], "output")
-        scale = torch.linalg.vector_norm(eps.reshape(2, m, -1).double(), dim=2).sum(0)
-        return torch.stack([torch.linalg.vector_norm((eps[m:] - eps[:m]).reshape(m, -1).double(), dim=1), scale], 1)
-
-    out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "fd", journal)
-    return out[:, 0].reshape(G, n).T.contiguous(), out[:, 1].reshape(G, n).T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +240,7 @@ def probe(
     lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
     if timesteps is None or isinstance(timesteps, str):
         grid = parse_grid(timesteps, T, t_max=hi)
-        if timesteps is None or not _is_explicit(timesteps):
+        if timesteps is None or not is_explicit(timesteps):
             grid = grid[grid >= lo]
     else:
         grid = parse_grid(",".join(repr(float(v)) for v in np.asarray(timesteps).ravel()), T)
@@ -285,7 +254,7 @@ def probe(
     auto = isinstance(data_range, str) and data_range.strip().lower() == "auto"
     default = model.schedule.default_data_range if isinstance(model.data_range, str) else model.data_range
     data_range = resolve_data_range(data_range, default)
-    _check_target_defined(model, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
+    check_target_defined(model, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
     scaling: DataScaling
     if (
         isinstance(data, torch.Tensor)
@@ -326,8 +295,11 @@ def probe(
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
         with cast(model, ref) as mref:
             K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None, tabulate=False)[1]
-    with cast(model, low) as m:  # as it is without `precision`
+    with cast(model, low) as m:  # as it is without `precision`; the FD rows' time resolution and truncation checked
+        tres = None if pts is None else check_time_resolution(m, noise, pts.t_a, pts.t_b, pts.conditions)
         tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
+        K_fd = Ks[0] if pts is not None else None
+        stats.extra |= fd_checks(m, x0, noise, pts, tables, K_fd, tres, scheme, stats.batch_size)
     for i, tab in enumerate(tables):
         tab["K_rel_err_est"] = rel_err(Ks[i][guard], K_ref[i]) if guard is not None else np.nan
     if guard is not None:
@@ -375,26 +347,3 @@ def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, j
         if "fd" not in methods:
             stats.forwards, stats.seconds, stats.batch_size = jst.forwards, jst.seconds, jst.batch_size
     return tables, Ks
-
-
-def _check_target_defined(model: EpsModel, t: np.ndarray) -> None:
-    """x0, v and velocity divide by α, the score by σ: refuse a grid that evaluates them where that is 0."""
-    zero = {"score": ("σ", model.schedule.sigma), "x0": ("α", model.schedule.alpha)}
-    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
-    if model.target not in zero:
-        return
-    name, fn = zero[model.target]
-    tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
-    bad = tt[fn(tt) == 0]
-    if bad.numel():
-        raise InputError(
-            f"`target` {model.target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
-            "`timesteps` (e.g. start the grid at 1)"
-        )
-
-
-def _is_explicit(spec: str) -> bool:
-    s = spec.strip()
-    return s.startswith("range:") or not any(
-        s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
-    )

@@ -60,6 +60,19 @@ def parse_model_args(args: Mapping[str, Any] | Iterable[str] | None) -> dict[str
     return out
 
 
+def refuse_py_options(spec: str, model_args: dict[str, Any], prediction_type: str | None) -> None:
+    """`model_args` and `prediction_type` are for py: specs only (other specs read theirs from their configs)."""
+    if model_args:
+        raise InputError(
+            f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec; drop `model_args`"
+        )
+    if prediction_type is not None:
+        raise InputError(
+            f"`prediction_type` is for py: models; `model` {spec} takes it from its scheduler config (give another "
+            "`scheduler_config` to change it)"
+        )
+
+
 def class_label_spec(obj: Any, spec: str) -> dict[str, Any] | None:
     """How a network takes class labels, when its call has a ``class_labels`` parameter: ``num_classes`` and
     ``null_class`` (its ``num_classes`` and ``null_class_label`` attributes, or None) and whether a label is

@@ -79,7 +79,7 @@ def test_py_module_carrying_a_flow_process_is_honoured(pyflow, caplog):
 
 def test_prediction_type_given_and_contradictions_refused(pyflow, tmp_path):
     vp = load_model("py:pyflow_fixtures:make", prediction_type="v_prediction")  # the DDPM default states none
-    assert vp.prediction_type == "v_prediction" and vp.schedule.kind == "vp-discrete"
+    assert vp.prediction_type == "v_prediction" == vp.schedule.prediction_type and vp.schedule.kind == "vp-discrete"
     flow = {"scheduler_config": FLOW_SCHEDULER_CONFIG}
     same = load_model("py:pyflow_fixtures:make", **flow, prediction_type="flow_prediction")
     assert same.prediction_type == "flow_prediction"

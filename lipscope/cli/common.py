@@ -65,7 +65,9 @@ def render_error(message: str) -> str:
 
 class _OneLine(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(f"[yellow]{record.levelname.lower()}:[/] {record.getMessage()}", highlight=False)
+        err.print(
+            f"[yellow]{record.levelname.lower()}:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True
+        )
 
 
 def setup_logging(verbose: bool) -> None:

@@ -243,12 +243,13 @@ def _s(p: Path | None) -> str | None:
 
 def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     tab = Table(title=f"lipscope probe — {name}", show_header=False, title_justify="left")
-    tab.add_row("peak K", f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}")
 
     def num(v: float, fmt: str, why: str) -> str:
-        return f"{v:{fmt}}" if v == v else f"n/a ({why})"  # NaN: the grid has no point on that side
+        return f"{v:{fmt}}" if v == v else f"n/a ({why})"  # NaN: the grid has no (usable) point on that side
 
-    above, below = f"no grid point at t ≥ {s['t_split']:g}", f"no grid point below t = {s['t_split']:g}"
+    peak = f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}" if s["peak_K"] == s["peak_K"] else "n/a (no usable row)"
+    tab.add_row("peak K", peak)
+    above, below = f"no usable grid point at t ≥ {s['t_split']:g}", f"no usable grid point below t = {s['t_split']:g}"
     tab.add_row(f"median K, t ≥ {s['t_split']:g}", num(s["median_K_above"], ".4g", above))
     tab.add_row(f"mean K, t < {s['t_split']:g}", num(s["mean_K_below"], ".4g", below))
     tab.add_row("singularity ratio", num(s["singularity_ratio"], ".3g", "needs points on both sides of t_split"))
@@ -260,5 +261,11 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     if flagged:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())
         tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
+    if s.get("excluded_rows"):
+        tab.add_row(
+            "left out", f"{s['excluded_rows']} unusable rows (usable = False: noise- or time-resolution-limited)"
+        )
+    if trunc := int(df["fd_trunc_limited"].sum()) if "fd_trunc_limited" in df else 0:
+        tab.add_row("truncation", f"{trunc} FD rows over 10 % (fd_trunc_limited; a smaller --dt or --method jvp)")
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
     out.print(tab)
