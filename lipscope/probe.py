@@ -27,7 +27,7 @@ import torch
 from . import rng
 from .batching import RunStats, check_memory
 from .conditioning import Conditioning
-from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
+from .data import DataScaling, array_digest, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
 from .families import resolve_conditioning
 from .fd import fd_checks
@@ -63,7 +63,7 @@ from .precision import (
 )
 from .reduction import summarize_samples
 from .resolution import check_time_resolution
-from .sampling import model_samples
+from .sampling import model_samples_with_source
 from .schedules import parse_grid
 
 log = logging.getLogger("lipscope")
@@ -200,7 +200,8 @@ def probe(
 
     ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size), the
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``) and the
-    ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`).
+    ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`: its ``source`` names the sample cache read
+    for ``data="model"`` and the sha256 of x0 as fed).
 
     ``precision`` (bf16, fp16, fp32, fp64; :mod:`lipscope.precision`): the network's arithmetic for this run
     (weights cast, restored afterwards); every row gets ``K_rel_err_est`` against a reference precision on a
@@ -265,8 +266,8 @@ def probe(
         x0 = data  # used as given (dtype, device); its range is still checked and reported
         scaling = scale_array(data.detach().float().cpu().numpy(), "`data` tensor", data_range)[1]
     elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
-        x0 = model_samples(model, samples, seed, cache_dir=cache_dir)  # several processes: sampled together
-        scaling = DataScaling("model samples", "samples of the model, kept as generated")
+        x0, src = model_samples_with_source(model, samples, seed, cache_dir)  # several processes: sampled together
+        scaling = DataScaling("model samples", "samples of the model, kept as generated", src)
     elif model.latent is not None:  # images through the pipeline's autoencoder, or precomputed latents
         x0, scaling = latent_x0(model.latent, data, samples, seed, data_range, model.sample_shape)
         if scaling.source_kind == "latents" and not auto:
@@ -285,6 +286,7 @@ def probe(
             f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
         )
     x0 = x0.contiguous()  # memory layout changes kernels and so float32 rounding: one layout for every source
+    scaling = dataclasses.replace(scaling, source=scaling.source | {"x0_sha256": array_digest(x0)})  # as fed
     noise = rng.noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
     stats = RunStats()
     low = PRECISIONS[precision] if precision is not None else model.dtype

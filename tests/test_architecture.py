@@ -23,6 +23,7 @@ LAYERS = {
     "targets": 1,
     "fwad": 1,
     "conditioning": 1,
+    "ranges": 1,
     "weights": 1,
     "reduction": 1,
     "metrics": 1,
