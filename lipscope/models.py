@@ -115,8 +115,15 @@ class EpsModel:
         out = self._net(torch.cat([x_in, x_in]), torch.cat([c, c]), cat_kwargs(kw_c, kw_u))
         b = x.shape[0]
         # targets are affine in the output at fixed (x, t): no round trip through ε (none at a flow's σ = 1)
-        return guided(self._convert(out[:b], x, t, self.target), self._convert(out[b:], x, t, self.target),
-                      cond.guidance_scale)  # fmt: skip
+        e_c, e_u = self._convert(out[:b], x, t, self.target), self._convert(out[b:], x, t, self.target)
+        res = guided(e_c, e_u, cond.guidance_scale)
+        if not bool(torch.isfinite(res).all()) and bool(torch.isfinite(e_c).all() & torch.isfinite(e_u).all()):
+            raise InputError(
+                f"`guidance_scale` {cond.guidance_scale:g} overflows: ε_u + w·(ε_c − ε_u) is beyond "
+                f"{str(res.dtype).removeprefix('torch.')}'s range where both branches are finite; use a smaller "
+                "`guidance_scale`"
+            )
+        return res
 
     def _net(self, x: torch.Tensor, c: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         try:

@@ -297,7 +297,9 @@ def probe(
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
         with cast(model, ref) as mref:
             K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None, tabulate=False)[1]
-    with cast(model, low) as m:  # as it is without `precision`; the FD rows' time resolution and truncation checked
+    with cast(
+        model, low, precision
+    ) as m:  # as it is without `precision`; the FD rows' time resolution and truncation checked
         tres = None if pts is None else check_time_resolution(m, noise, pts.t_a, pts.t_b, pts.conditions)
         tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
         K_fd = Ks[0] if pts is not None else None
@@ -308,7 +310,7 @@ def probe(
         worst = max(sample_rel_err(Ks[i][guard], K_ref[i]) for i in range(len(tables)))
         stats.extra["precision"] = report(model.name, precision, ref, guard, tables, precision_tolerance, worst)
     df = pd.concat(tables, ignore_index=True)
-    check_noise(df, low, allow_noise_limited)
+    check_noise(df, low, allow_noise_limited, precision)
     df.attrs.update(
         {
             "forwards": stats.forwards,
