@@ -297,9 +297,7 @@ def probe(
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
         with cast(model, ref) as mref:
             K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None, tabulate=False)[1]
-    with cast(
-        model, low, precision
-    ) as m:  # as it is without `precision`; the FD rows' time resolution and truncation checked
+    with cast(model, low, precision) as m:  # as it is without `precision`; the FD rows' resolution, truncation checked
         tres = None if pts is None else check_time_resolution(m, noise, pts.t_a, pts.t_b, pts.conditions)
         tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
         K_fd = Ks[0] if pts is not None else None

@@ -14,7 +14,7 @@ point's time is off by up to about 2·ulp(max(|u|, 1)) and K by up to
 (≥ 1: the two points may be fed as one, K = 0). Measured against the JVP on ``builtin:digits-ddpm`` in float64
 (t = 3…900, Δt = 10⁻²…3·10⁻⁵): |K_FD − K_JVP|/K_JVP stayed within this bound (at most 0.52 of it) wherever the
 truncation was negligible (docs/probe.md). :func:`time_resolution` finds the coarsest precision the network rounds
-its time input to by probing it (outputs bitwise equal under a sub-ulp change of u), and
+its time input to by probing it (its output moves in steps of that precision's ulp in u), and
 :func:`check_time_resolution` flags the FD rows above :data:`TIME_LIMIT` and refuses a run where every row is.
 """
 
@@ -35,7 +35,8 @@ log = logging.getLogger("lipscope")
 CANDIDATES = (torch.bfloat16, torch.float16, torch.float32)  # coarse to fine
 TIME_LIMIT = 0.1  # as the rounding-noise flag (points.NOISE_LIMIT): a row whose K may be off by more is unusable
 PROBE_POINT = 0.64  # where the probe looks, as a fraction of the model-step axis
-STEPS = 16  # probe inputs per ulp
+STEPS = 32  # probe inputs per ulp
+CHUNK = 8  # probe inputs per network call (a large network's batch of 66 may not fit)
 
 
 def _name(dtype: torch.dtype | None) -> str:
@@ -70,23 +71,27 @@ def _preimage(model: EpsModel, u: torch.Tensor) -> torch.Tensor:
 
 
 def _rounding(model: EpsModel, x: torch.Tensor, candidates: tuple[torch.dtype, ...]) -> torch.dtype | None:
-    """The coarsest of ``candidates`` the network rounds its time input to, in one batch: for each, over one ulp in
-    16 steps (from a value it holds, at 0.64·T) the output changes at most 3 times (a network that resolves 8× finer
-    changes ≥ 7 times, even with its own scaling of t within a factor 2, as Flux's t/1000), while 4 ulp away it
-    differs (it depends on t at all)."""
+    """The coarsest of ``candidates`` the network rounds its time input to: for each, over one ulp in 32 steps (from
+    a value it holds, at 0.64·T) the output changes at most 3 times (a network that rounds to it changes once, or up
+    to 3 times after its own scaling of t by up to a factor 2, as Flux's t/1000; one that resolves 4× finer changes
+    at least 4 times, float16 against bfloat16 8 times), while 4 ulp away it differs (it depends on t at all).
+    Candidates the network's input overflows are skipped."""
     if not candidates:
         return None
     c0 = torch.tensor([PROBE_POINT * (model.T - 1)], dtype=torch.float64)
     steps = torch.cat([torch.arange(STEPS, dtype=torch.float64) / STEPS, torch.tensor([4.0])])
-    u = []
-    for d in candidates:
-        u0 = network_input(model, c0).to(d).to(torch.float64)  # held exactly by d
-        u.append(u0 + steps * spacing(u0, d))
-    c = _preimage(model, torch.cat(u))
-    rows = torch.zeros(len(c), dtype=torch.long)
+    held = {d: network_input(model, c0).to(d).to(torch.float64) for d in candidates}  # held exactly by d
+    held = {d: u0 for d, u0 in held.items() if bool(torch.isfinite(u0).all())}
+    if not held:
+        return None
+    c = _preimage(model, torch.cat([u0 + steps * spacing(u0, d) for d, u0 in held.items()]))
+    xs, outs = x.repeat(CHUNK, *([1] * (x.ndim - 1))), []
     with torch.no_grad():  # one true t: only the condition differs
-        out = model.at_condition(x.repeat(len(c), *([1] * (x.ndim - 1))), c, c0.expand(len(c)), rows)
-    for d, row in zip(candidates, out.reshape(len(candidates), len(steps), -1), strict=True):
+        for i in range(0, len(c), CHUNK):
+            ci = c[i : i + CHUNK]
+            rows = torch.zeros(len(ci), dtype=torch.long)
+            outs.append(model.at_condition(xs[: len(ci)], ci, c0.expand(len(ci)), rows).reshape(len(ci), -1))
+    for d, row in zip(held, torch.cat(outs).reshape(len(held), len(steps), -1), strict=True):
         changes = sum(not torch.equal(row[k], row[k + 1]) for k in range(STEPS - 1))
         if changes <= 3 and not torch.equal(row[0], row[-1]):
             return d
@@ -98,6 +103,8 @@ def time_resolution(model: EpsModel, x: torch.Tensor) -> tuple[torch.dtype | Non
     float16, float32 it rounds to on input ``x`` (one sample), at least float32 where lipscope feeds float32 t;
     None: float64."""
     floor = None if model.dtype == torch.float64 else torch.float32
+    if model.rounds_timesteps:  # found at load; FD pairs are then whole steps (models.check_fractional_dt)
+        return floor, "not probed: the adapter rounds t to whole steps, and the FD pairs are whole steps"
     cands = CANDIDATES[: CANDIDATES.index(floor)] if floor is not None else CANDIDATES
     found = _rounding(model, x[:1], cands)
     if found is not None:

@@ -4,6 +4,7 @@ FD step's truncation (issue 23), and the summary over usable rows only; each che
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from lipscope.loading import load_model
 from lipscope.models import from_callable, from_unet
 from lipscope.probe import probe
 from lipscope.reduction import summary
-from lipscope.resolution import spacing, time_resolution
+from lipscope.resolution import CHUNK, STEPS, spacing, time_resolution
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -66,6 +67,44 @@ def test_time_resolution_is_probed():
         for dt in ("float32", "float64"):
             m = from_callable(_cast_to(d), sample_shape=(1, 8, 8), dtype=dt)
             assert time_resolution(m, _x(m))[0] == d, (d, dt)
+    # Flux casts t/1000 to bfloat16 and multiplies back: a scaling of t does not hide the rounding
+    flux = from_callable(
+        lambda x, t: _smooth(x, (t / 1000).to(torch.bfloat16).to(t.dtype) * 1000), sample_shape=(1, 8, 8)
+    )
+    assert time_resolution(flux, _x(flux))[0] == torch.bfloat16
+    # whole steps are 4× finer than bfloat16 at 0.64·T (its ulp is 4 there), coarser than float16 (0.5): float16
+    whole = from_callable(lambda x, t: _smooth(x, t.round()), sample_shape=(1, 8, 8), dtype="float64")
+    assert time_resolution(whole, _x(whole))[0] == torch.float16
+
+
+def test_time_resolution_probe_survives_overflow_batches_and_whole_steps():
+    """A float16 the network's input overflows (T = 200000: u = 128000 > 65504) is skipped, not taken for a network
+    that rounds to float16; the probe feeds the network at most CHUNK inputs per call (a large network's batch of 99
+    may not fit); an adapter found to round t to whole steps is not probed (its FD pairs are whole steps)."""
+    cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": 200000}
+
+    def slow(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * torch.sin(t / 30000).to(x.dtype).view(-1, 1, 1, 1)
+
+    sizes: list[int] = []
+
+    def exact(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(x))
+        return slow(x, t)
+
+    m = from_callable(exact, sample_shape=(1, 8, 8), dtype="float64", scheduler_config=cfg)
+    assert time_resolution(m, _x(m))[0] is None
+    assert max(sizes) <= CHUNK and sum(sizes) == 2 * (STEPS + 1), sizes  # bf16 and fp32; fp16 skipped
+    f32 = from_callable(
+        lambda x, t: slow(x, t.to(torch.float32).to(x.dtype)),
+        sample_shape=(1, 8, 8),
+        dtype="float64",
+        scheduler_config=cfg,
+    )
+    assert time_resolution(f32, _x(f32))[0] == torch.float32
+    whole = dataclasses.replace(from_callable(_cast_to(torch.bfloat16), sample_shape=(1, 8, 8)), rounds_timesteps=True)
+    assert time_resolution(whole, _x(whole)) == (torch.float32, time_resolution(whole, _x(whole))[1])
+    assert time_resolution(whole, _x(whole))[1].startswith("not probed: the adapter rounds t to whole steps")
 
 
 def test_spacing_is_the_ulp():
