@@ -60,12 +60,8 @@ def parse_model_args(args: Mapping[str, Any] | Iterable[str] | None) -> dict[str
     return out
 
 
-def refuse_py_options(spec: str, model_args: dict[str, Any], prediction_type: str | None) -> None:
-    """`model_args` and `prediction_type` are for py: specs only (other specs read theirs from their configs)."""
-    if model_args:
-        raise InputError(
-            f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec; drop `model_args`"
-        )
+def refuse_prediction_type(spec: str, prediction_type: str | None) -> None:
+    """`prediction_type` is for py: specs only (other specs read theirs from their configs)."""
     if prediction_type is not None:
         raise InputError(
             f"`prediction_type` is for py: models; `model` {spec} takes it from its scheduler config (give another "

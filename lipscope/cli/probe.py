@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .. import shard
-from .common import cli_errors, out, setup_logging
+from .common import cli_errors, say, setup_logging
 from .options import (
     BATCH_SIZE,
     CLASS_LABEL,
@@ -29,6 +29,7 @@ from .options import (
     SCHEME,
     SPACE,
     TARGET,
+    VERBOSE,
     conditioning_kwargs,
 )
 
@@ -64,7 +65,10 @@ def probe(
         help="hub id, pipeline/unet folder, weights file (+ --config), py:module:factory or builtin:NAME.",
     ),
     model_arg: list[str] | None = typer.Option(
-        None, "--model-arg", help="key=value keyword argument of a py: factory (repeatable; values parsed as JSON)."
+        None,
+        "--model-arg",
+        help="key=value keyword argument of a py: factory, or a generic pipeline's __call__ size for its capture "
+        "(height, width, num_frames; repeatable; values parsed as JSON).",
     ),
     prediction_type: str | None = typer.Option(
         None,
@@ -181,15 +185,15 @@ def probe(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue the interrupted probe of --out (same options; any process count): finished items are kept "
-        "beside --out, in .<out>.partial, as the probe goes.",
+        help="Continue the interrupted probe of --out (same options and model; any process count), or start it when "
+        "there is none: finished items are kept beside --out, in .<out>.partial, as the probe goes.",
     ),
     allow_noise_limited: bool = typer.Option(
         False,
         "--allow-noise-limited",
         help="Keep a float16/bfloat16 FD run whose rows are limited by rounding noise (flagged in fd_noise_limited).",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
     setup_logging(verbose)
@@ -268,4 +272,4 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     if trunc := int(df["fd_trunc_limited"].sum()) if "fd_trunc_limited" in df else 0:
         tab.add_row("truncation", f"{trunc} FD rows over 10 % (fd_trunc_limited; a smaller --dt or --method jvp)")
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
-    out.print(tab)
+    say(tab)
