@@ -14,6 +14,7 @@ from PIL import Image
 
 from lipscope.data import DataScaling, choose_indices, digits_array, load_data, load_data_with_scaling
 from lipscope.errors import InputError
+from lipscope.processes import VEProcess
 
 
 def test_digits_scaling_and_resize():
@@ -325,6 +326,10 @@ def test_probe_names_the_sample_cache_it_read(tmp_path):
     assert plain.attrs["data_scaling"].source["cache"].startswith("not cached")
     digits = probe(m, "digits", timesteps=[1], samples=3).attrs["data_scaling"].source
     assert len(digits["x0_sha256"]) == 16
+    ve = from_callable(_Scale(0.5), VEProcess(steps=100, sigma_min=0.01, sigma_max=5.0), sample_shape=(1, 4, 4))
+    src = probe(ve, "model", timesteps=[1], samples=2, data_range=(-1, 1)).attrs["data_scaling"].source
+    assert src["sampler"] == "Euler in sigma, 50 steps"  # the sampler that drew them, not DDIM
+    assert first["sampler"] == "DDIM, 50 steps, eta 0"
 
 
 def test_cli_run_json_records_the_sample_cache(tmp_path, pipeline_dir, monkeypatch):
