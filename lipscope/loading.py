@@ -8,8 +8,7 @@ Specs:
   * a single weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``) with ``config=``;
   * ``py:package.module:factory``: a function (called with ``model_args``) returning an ``EpsModel``,
     an ``nn.Module`` or any callable ``eps(x, t)`` (:mod:`lipscope.pyspec`);
-  * ``builtin:NAME``: the zoo's pipeline folders (:mod:`lipscope.zoo`) and the closed-form
-    ``digits-gaussian`` (:mod:`lipscope.gaussian`).
+  * ``builtin:NAME``: the zoo's pipelines (:mod:`lipscope.zoo`), the closed form ``digits-gaussian`` (:mod:`.gaussian`).
 
 The scheduler config is searched for in one way for every spec (:func:`find_scheduler_config`).
 """
@@ -40,7 +39,7 @@ from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
 from .lora import lora_run_base
 from .models import SUPPORTED_CLASSES, EpsModel, from_unet, resolve_device, resolve_dtype
-from .pyspec import load_py, parse_model_args
+from .pyspec import load_py, parse_model_args, refuse_prediction_type
 from .weights import read_state_dict
 
 if TYPE_CHECKING:
@@ -66,15 +65,17 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     model_args: Mapping[str, Any] | Iterable[str] | None = None,
+    prediction_type: str | None = None,
 ) -> EpsModel:
-    """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel.
-
-    ``model_args``: keyword arguments of a ``py:`` factory (a mapping, or ``key=value`` strings)."""
+    """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel;
+    ``model_args``: keyword arguments of a ``py:`` factory or a generic pipeline's call (mapping or ``key=value``);
+    ``prediction_type``: a ``py:`` network's output where its process does not say (others: their config's)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     kwargs = parse_model_args(model_args)
     sched_cfg = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
     if spec.startswith("py:"):
-        return load_py(spec, sched_cfg, dev, dt, kwargs)
+        return load_py(spec, sched_cfg, dev, dt, kwargs, prediction_type)
+    refuse_prediction_type(spec, prediction_type)
     path = Path(spec).expanduser()
     no_call_args(kwargs if spec.startswith("builtin:") or path.is_file() else None, spec)
     if spec.startswith("builtin:"):

@@ -103,6 +103,15 @@ def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
     return 0.0, T - 1 - dt
 
 
+def is_explicit(spec: str) -> bool:
+    """Whether a `timesteps` spec lists its points (a list or range:, taken as given) rather than generating a grid
+    (clipped to the valid range)."""
+    s = spec.strip()
+    return s.startswith("range:") or not any(
+        s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # rounding noise of an FD difference (docs/probe.md, "Precision")
 # ---------------------------------------------------------------------------------------------
@@ -132,17 +141,20 @@ def noise_columns(K: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, 
     return rel, rel > NOISE_LIMIT
 
 
-def check_noise(df: pd.DataFrame, dtype: torch.dtype, allow: bool) -> None:
-    """Refuse a low-precision FD table with rows limited by rounding noise, unless ``allow``."""
+def check_noise(df: pd.DataFrame, dtype: torch.dtype, allow: bool, precision: str | None = None) -> None:
+    """Refuse a low-precision FD table with rows limited by rounding noise, unless ``allow``; the message names the
+    option that set the precision (``precision``, else ``dtype``)."""
     name = str(dtype).removeprefix("torch.")
     bad = df["fd_noise_limited"].to_numpy(dtype=bool)
     if allow or name not in LOW_PRECISION or not bad.any():
         return
     fd = int(df["method"].astype(str).str.startswith("fd").sum())
     worst = float(df.loc[bad, "fd_noise_rel"].max())
+    who, fix = (f"`precision` {precision}", "`precision` fp32") if precision else (f"`dtype` {name}", "`dtype` float32")
+    jvp = "`method` jvp alone (its JVP rows have no cancellation)" if (df["method"] == "jvp").any() else "`method` jvp"
     raise InputError(
-        f"`dtype` {name}: {int(bad.sum())} of {fd} FD rows are limited by rounding noise (up to {100 * worst:.3g} % "
-        "of ‖Δε‖); use `method` jvp, a larger `dt`, or `dtype` float32 (or `allow_noise_limited` to keep them)"
+        f"{who}: {int(bad.sum())} of {fd} FD rows are limited by rounding noise (up to {100 * worst:.3g} % of ‖Δε‖); "
+        f"use {jvp}, a larger `dt`, or {fix} (or `allow_noise_limited` to keep them)"
     )
 
 

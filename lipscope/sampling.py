@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -199,7 +201,17 @@ def weights_digest(module: torch.nn.Module) -> str:
 def model_samples(
     model: EpsModel, n: int, seed: int, cache_dir: str | Path | None = None, steps: int = 50
 ) -> torch.Tensor:
-    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``.
+    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``
+    (:func:`model_samples_with_source`)."""
+    return model_samples_with_source(model, n, seed, cache_dir, steps)[0]
+
+
+def model_samples_with_source(
+    model: EpsModel, n: int, seed: int, cache_dir: str | Path | None = None, steps: int = 50
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``, and which cache
+    file it was read from or written to (``cache_file``, its ``cache_sha256``; ``cache``: read, written, or why
+    not), for run.json.
 
     The cache key is the content of the weights (:func:`weights_digest`), the configs, the E-TSDM
     settings, the dtype and every sampling option, so two models that share a config never share
@@ -208,6 +220,14 @@ def model_samples(
     from .io import atomic_write_bytes, npz_bytes
 
     path = None
+    how = (
+        f"Euler in sigma, {steps} steps"
+        if isinstance(model.schedule, VEProcess | EDMProcess)
+        else f"DDIM, {steps} steps, eta 0"
+    )
+    src: dict[str, Any] = {"sampler": how, "cache": "not cached: no cache folder given"}
+    if model.module is None:
+        src["cache"] = "not cached: the model has no weights to hash"
     if cache_dir is not None and model.module is not None:
         key = hashlib.sha256(
             "|".join(
@@ -226,28 +246,36 @@ def model_samples(
         shard.barrier()  # several processes: all see the cache as it was, then sample together (or none does)
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as z:
+                raw = path.read_bytes()
+                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                     x0 = torch.from_numpy(z["x0"])
                 if x0.shape == (n, *(model.sample_shape or ())) and torch.isfinite(x0).all():
-                    return x0
+                    return x0, src | {"cache": "read", "cache_file": str(path), "cache_sha256": _sha256(raw)}
             except (OSError, ValueError, KeyError):
                 pass
             log.warning("ignoring the unreadable sample cache %s; drawing the samples again", path)
     check_sampleable(model)  # refuse before announcing the work
     log.warning(
-        "drawing %d x0 samples from the model itself (ddim: %s, %d steps); "
-        "pass real data (digits, a folder or an array file) to probe on it",
+        "drawing %d x0 samples from the model itself (ddim: %s); pass real data (digits, a folder or an array file) "
+        "to probe on it",
         n,
-        "Euler in sigma" if isinstance(model.schedule, VEProcess | EDMProcess) else "DDIM",
-        steps,
+        how,
     )
     x0 = ddim_sample(model, n, seed, steps)
-    if path is not None and shard.is_main():
+    if path is not None:
+        blob = npz_bytes(x0=x0.numpy())
+        src |= {"cache": "written", "cache_file": str(path), "cache_sha256": _sha256(blob)}
         try:
-            atomic_write_bytes(path, npz_bytes(x0=x0.numpy()))
+            if shard.is_main():
+                atomic_write_bytes(path, blob)
         except InputError as e:  # a cache that cannot be written is not worth failing the probe
             log.warning("could not cache the samples (%s)", e)
-    return x0
+            src |= {"cache": f"not written ({e})", "cache_file": None}
+    return x0, src
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:

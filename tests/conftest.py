@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,16 @@ CONTRACT = [
     "alpha",
     "sigma",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _lipscope_logger():
+    """Each test sees the "lipscope" logger as it was: a CLI command run in-process (typer's CliRunner, cli.main)
+    gives it its one-line handler and turns propagation off, which hid every later warning from ``caplog``."""
+    lg = logging.getLogger("lipscope")
+    state = (list(lg.handlers), lg.level, lg.propagate)
+    yield
+    lg.handlers[:], lg.level, lg.propagate = state[0], state[1], state[2]
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:

@@ -63,7 +63,7 @@ def interrupted(tmp_path, monkeypatch, one_thread):
 
 def _fail_at_call(monkeypatch, n: int, exc) -> None:
     """The probe's FD pair evaluation raises ``exc`` from its n-th call on (after n − 1 finished batches)."""
-    mod = sys.modules["lipscope.probe"]  # the module (`lipscope.probe` is the function)
+    mod = sys.modules["lipscope.fd"]  # the FD runner's module
     real, calls = mod.fd_pair, [0]
 
     def failing(*a, **k):
@@ -99,7 +99,7 @@ def test_a_failing_run_leaves_nothing(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise InputError("`model` broken")
 
-    monkeypatch.setattr(sys.modules["lipscope.probe"], "fd_pair", broken)
+    monkeypatch.setattr(sys.modules["lipscope.fd"], "fd_pair", broken)
     with pytest.raises(InputError, match="broken"):
         run_probe(_opts(tmp_path, "bad"))
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()

@@ -18,7 +18,7 @@ from ..precision import PRECISIONS
 from ..probe import METHODS, SCHEMES
 from ..sampling import SAMPLERS
 from ..speed import COMPILE_MODES
-from ..targets import TARGETS
+from ..targets import PREDICTION_TYPES, TARGETS
 
 
 def choice(*values: str) -> Callable[[str], str]:
@@ -81,6 +81,7 @@ TARGET = choice(*TARGETS)
 PLOT_X = choice("t", "lambda")
 DTYPE = choice(*DTYPES)
 PRECISION = choice(*PRECISIONS)
+PREDICTION_TYPE = choice(*PREDICTION_TYPES)
 COMPILE = choice(*COMPILE_MODES)
 SAMPLER = choice(*SAMPLERS)
 MIXED_PRECISION = choice("no", "fp16", "bf16")
@@ -103,7 +104,10 @@ RESUME_TRAINING = typer.Option(
 
 # conditioning flags shared by probe, sample and evaluate (lipscope.runs.ConditioningOptions)
 CLASS_LABEL = typer.Option(
-    None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."
+    None,
+    "--class-label",
+    help="Class to condition a class-conditional model on (DiT, or a py: network taking class_labels; repeatable; "
+    "cycled).",
 )
 PROMPT = typer.Option(
     None,
