@@ -28,6 +28,7 @@ LAYERS = {
     "metrics": 1,
     "plots": 1,
     "patches": 1,
+    "cards": 1,
     "schedules": 2,
     "etsdm": 2,
     "data": 2,

@@ -38,7 +38,7 @@ def compare(
 @cli_errors
 def models() -> None:
     """List the built-in models with their provenance (model cards)."""
-    from ..zoo import card, list_builtins
+    from ..cards import card, list_builtins
 
     tab = Table(title="lipscope built-in models", title_justify="left")
     for col in (

@@ -7,29 +7,34 @@ Python API has no such boundary).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ..models import DTYPES
-from ..precision import PRECISIONS
-from ..probe import SCHEMES
-from ..sampling import SAMPLERS
-from ..speed import COMPILE_MODES
-from ..targets import TARGETS
 
-
-def choice(*values: str) -> Callable[[str], str]:
-    """A parser accepting exactly ``values``."""
+def choice(*values: str | Callable[[], tuple[str, ...] | list[str]]) -> Callable[[str], str]:
+    """A parser accepting exactly ``values``; a callable among them returns more values when a value is first
+    parsed (the library's own list, imported then, so ``--help`` does not import torch)."""
 
     def parse(v: str) -> str:
-        if v not in values:
-            raise typer.BadParameter(f"{v!r} is not one of {', '.join(values)}")
+        allowed = [x for val in values for x in (val() if callable(val) else (val,))]
+        if v not in allowed:
+            raise typer.BadParameter(f"{v!r} is not one of {', '.join(allowed)}")
         return v
 
     return parse
+
+
+def _library(module: str, name: str) -> Callable[[], tuple[str, ...]]:
+    """The library's list ``lipscope.<module>.<name>`` of choices, imported when a value is first parsed."""
+
+    def values() -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(f"lipscope.{module}"), name))
+
+    return values
 
 
 def device(v: str) -> str:
@@ -55,14 +60,14 @@ def batch_size(v: str) -> str:
 
 
 METHOD = choice("fd", "jvp", "fd,jvp", "jvp,fd")
-SCHEME = choice(*SCHEMES)
+SCHEME = choice(_library("points", "SCHEMES"))
 SPACE = choice("time", "condition")
-TARGET = choice(*TARGETS)
+TARGET = choice(_library("targets", "TARGETS"))
 PLOT_X = choice("t", "lambda")
-DTYPE = choice(*DTYPES)
-PRECISION = choice(*PRECISIONS)
-COMPILE = choice(*COMPILE_MODES)
-SAMPLER = choice(*SAMPLERS)
+DTYPE = choice(_library("devices", "DTYPES"))
+PRECISION = choice(_library("precision", "PRECISIONS"))
+COMPILE = choice(_library("speed", "COMPILE_MODES"))
+SAMPLER = choice(_library("sampling", "SAMPLERS"))
 MIXED_PRECISION = choice("no", "fp16", "bf16")
 SCHEDULE = choice("linear", "scaled_linear", "cosine", "sigmoid", "vp-linear", "vp-cosine")
 DEVICE = device

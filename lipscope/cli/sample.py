@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .. import shard
 from .common import cli_errors, parse_list, say, setup_logging
 from .options import (
     CLASS_LABEL,
@@ -46,6 +45,7 @@ def sample(
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
     setup_logging(verbose)
+    from .. import shard
     from ..runs import SampleOptions, run_sample
 
     opts = SampleOptions(
@@ -104,6 +104,7 @@ def evaluate(
     when Inception weights are available, and the per-seed differences model − baseline with t intervals.
     Writes eval.csv, eval_summary.csv, eval_paired.csv (with a baseline), eval.png."""
     setup_logging(verbose)
+    from .. import shard
     from ..runs import EvaluateOptions, run_evaluate
 
     res = run_evaluate(
