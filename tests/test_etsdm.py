@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_unet
+from conftest import HANG_S, TINY, tiny_unet
 
 from lipscope import load_model, probe
 from lipscope.errors import InputError
@@ -114,7 +114,7 @@ def test_plain_diffusers_does_not_drop_the_map_silently(etsdm_dir):
         f"    DDPMPipeline.from_pretrained({str(etsdm_dir)!r})\n"
         "except ValueError as e:\n    print('REFUSED', e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert "etsdm_t_tilde" in r.stderr and "will be ignored" in r.stderr  # plain UNet2DModel warns
     assert "REFUSED" in r.stdout and "lipscope.etsdm" in r.stdout  # the pipeline refuses without lipscope
 
@@ -204,7 +204,7 @@ def test_two_process_accelerate_run(tmp_path):
         str(tmp_path / "run"),
         "--no-progress",
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((tmp_path / "run" / "train.json").read_text())
     assert meta["processes"] == 2

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 from rich.table import Table
 from test_bad_inputs import ANSI
 
@@ -118,11 +119,11 @@ def test_a_clean_no_progress_run_prints_only_lipscope_lines(tmp_path):
     env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(lipscope.__file__).parents[1]), "COLUMNS": "80"}
     base = [sys.executable, "-m", "lipscope", "probe", "--model", str(pipe), "--prompt", "a cat", "--samples", "2"]
     base += ["-t", "0,1", "--batch-size", "4", "--device", "cpu", "--no-progress"]
-    r = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in ANSI.sub("", r.stderr).splitlines() if ln.strip()]
     assert lines and all(ln.startswith(("warning: ", "info: ")) for ln in lines), lines
     v = subprocess.run([*base, "--verbose", "--out", str(tmp_path / "b")], capture_output=True, text=True, env=env,
-                       timeout=600)  # fmt: skip
+                       timeout=HANG_S)  # fmt: skip
     assert v.returncode == 0, v.stderr[-3000:]
     assert len(v.stderr.splitlines()) > len(lines)  # the libraries' own lines, with --verbose
