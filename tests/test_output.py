@@ -63,6 +63,25 @@ def test_warnings_are_one_line_however_long(capfd, monkeypatch):
     assert e.splitlines() == [f"warning: a long warning about --samples {'x' * 120}"], e
 
 
+def test_a_command_run_in_process_puts_the_logging_state_back(tmp_path, monkeypatch, caplog):
+    """setup_logging's changes (no propagation, its handler, the warning printer) end with the command: a command
+    run in this process (no test helper putting anything back) then a caplog check, in that order, in one test."""
+    import warnings
+
+    from lipscope.cli import main
+
+    lg = logging.getLogger("lipscope")
+    before = (list(lg.handlers), lg.level, lg.propagate, warnings.showwarning)
+    monkeypatch.setattr(sys, "argv", ["lipscope", "probe", "--timesteps", "nope", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as ex:
+        main()
+    assert ex.value.code == 2  # the command ran (setup_logging first) and refused the grid
+    assert (list(lg.handlers), lg.level, lg.propagate, warnings.showwarning) == before
+    with caplog.at_level(logging.WARNING, logger="lipscope"):
+        logging.getLogger("lipscope.probe").warning("seen by caplog")
+    assert "seen by caplog" in caplog.text
+
+
 def test_no_command_prints_around_the_printer():
     """The cli modules print only through the printer: no other Console, no markup strings, no print()."""
     bad = []
