@@ -140,6 +140,8 @@ def lora_metadata(denoiser: Any) -> dict[str, Any]:
         cfg = denoiser.config
         meta |= {"etsdm_t_tilde": float(cfg.etsdm_t_tilde), "etsdm_n": int(cfg.etsdm_n)}
         meta["etsdm_class"] = type(denoiser).__name__
+        if getattr(cfg, "etsdm_axis", None) is not None:  # VE / EDM: the axis the map is written on
+            meta["etsdm_axis"] = dict(cfg.etsdm_axis)
     return meta
 
 

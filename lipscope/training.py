@@ -9,8 +9,7 @@ accumulation and multi-GPU through accelerate (``accelerate launch -m lipscope f
 Reproducibility: step s's draws come from a generator seeded by (seed, s, process index) alone: a resumed run
 replays the steps an uninterrupted run takes (bit-exact on CPU).
 
-Run folder: ``loss.csv`` (step, loss, lr), ``train.json``, ``checkpoints/step-N/`` (:mod:`lipscope.checkpoints`),
-and the model: ``pipeline/`` (written by the caller's ``save``), or ``lora/`` for LoRA runs.
+Run folder: ``loss.csv``, ``train.json``, ``checkpoints/step-N/``, the model (``pipeline/``, or ``lora/`` for LoRA).
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ from .families import family_of_model
 from .io import atomic_write_bytes, json_bytes
 from .lora import add_lora, check_lora, check_lora_options, save_lora, trainable_parameters
 from .models import EpsModel
-from .objectives import WEIGHTINGS, diffusion_loss, draw_step, flow_grid, training_process
-from .processes import FlowProcess
+from .objectives import WEIGHTINGS, diffusion_loss, draw_step, flow_grid, loss_description, training_process
+from .processes import FlowProcess, etsdm_axis
 
 log = logging.getLogger("lipscope")
 
@@ -167,7 +166,7 @@ def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tupl
     fam, denoiser = family_of_model(model), model.module
     assert fam is not None and denoiser is not None
     if cfg.etsdm:  # in place: the run owns the loaded module; an E-TSDM model must carry this very map
-        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True)
+        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True, axis=etsdm_axis(model.schedule))
     if cfg.lora:
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     built = fam.build(denoiser, model.scheduler_config, model.name, model.device, model.dtype)
@@ -226,7 +225,9 @@ def train_loop(
     if cfg.etsdm and not t_tilde < process.T:
         raise InputError(f"`t_tilde` {t_tilde:g} must be below T = {process.T} (E-TSDM maps the steps t < t̃)")
     if cfg.weighting != "none" and not isinstance(process, FlowProcess):
-        raise InputError(f"`weighting` {cfg.weighting} is for flow-matching models; {model.name} is VP: leave it out")
+        raise InputError(
+            f"`weighting` {cfg.weighting} is for flow-matching models; {model.name} is {process.kind}: leave it out"
+        )
     if cfg.caption_dropout > 0 and td.empty_row is None:
         raise InputError("`caption_dropout` needs a text-conditioned model trained on captions; leave it at 0")
     with rng.isolated_torch_rng(cfg.seed):  # LoRA's initial A matrices: a function of the seed alone
@@ -353,6 +354,7 @@ def _train(
         result |= {"config": asdict(cfg), "source": run["source"], "data": run["data"], "class": type(final).__name__}
         result |= {"train_seconds_this_session": time.time() - t0, "processes": acc.num_processes}
         result |= {"device": str(acc.device), "prediction_type": pred_type, "process": process.describe()}
+        result |= {"loss": loss_description(process, cfg.weighting)}
         result |= {"mixed_precision": acc.mixed_precision}
         result |= {"trained": "LoRA adapters" if cfg.lora else "every weight", **td.info}
         if etsdm is not None:
@@ -377,7 +379,7 @@ def _train(
 def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dict[str, Any] | None = None) -> Path:
     """Save a DDPM pipeline folder of a ``UNet2DModel`` (E-TSDM: its class from ``lipscope.etsdm``) atomically, with
     the scheduler its config names (DDPM when it names none; a flow model keeps its ``FlowMatchEulerDiscreteScheduler``,
-    whose ``step`` DDPMPipeline's loop calls the same way)."""
+    whose ``step`` DDPMPipeline's loop calls the same way; a VE model is a ``ScoreSdeVePipeline``)."""
     import diffusers
 
     name = scheduler_config.get("_class_name") or "DDPMScheduler"
@@ -388,7 +390,8 @@ def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dic
         unet.save_pretrained(tmp / "unet")
         sched_cls.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
         lib = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
-        index = {"_class_name": "DDPMPipeline", "unet": [lib, type(unet).__name__]}
+        pipe = "ScoreSdeVePipeline" if sched_cls.__name__ == "ScoreSdeVeScheduler" else "DDPMPipeline"
+        index = {"_class_name": pipe, "unet": [lib, type(unet).__name__]}
         index["scheduler"] = ["diffusers", sched_cls.__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if extra:

@@ -335,7 +335,9 @@ class Case:
     mentions: str | tuple[str, ...]
     setup: Setup | None = None
     base: bool = True  # prepend BASE[cmd]; options given in ``args`` replace the base's
-    skip_root: bool = False
+    # root ignores permission bits: as root the kernel's answer to a user (os.access denies writing to mode 0555
+    # folders) is given in its place, so the refusal is still exercised
+    as_user: bool = False
     marks: list = field(default_factory=list)
 
     def argv(self, tmp: Path, pipe: Path) -> list[str]:
@@ -360,11 +362,11 @@ class Case:
         return [a.format(tmp=tmp, pipe=pipe) for a in argv]
 
 
-def C(id, cmd, *args, mentions, setup=None, base=True, skip_root=False):
+def C(id, cmd, *args, mentions, setup=None, base=True, as_user=False):
     args = list(args)
     if any(a.startswith("py:") for a in args) and cmd == "probe":  # no "no schedule given" warning
         args += ["--scheduler-config", "{pipe}/scheduler/scheduler_config.json"]
-    return Case(id, cmd, args, mentions, setup, base, skip_root)
+    return Case(id, cmd, args, mentions, setup, base, as_user)
 
 
 PYNET = "import torch\n"
@@ -471,7 +473,7 @@ CASES: list[Case] = [
     # ---- out folders -----------------------------------------------------------------------------
     C("probe-out-is-a-file", "probe", "--out", "{tmp}/out", mentions="--out", setup=_write("out", "i am a file")),
     C("probe-out-under-a-file", "probe", "--out", "{tmp}/f/out", mentions="--out", setup=_write("f", "i am a file")),
-    C("probe-out-readonly-parent", "probe", "--out", "{tmp}/ro/out", mentions="--out", setup=_readonly_parent, skip_root=True),
+    C("probe-out-readonly-parent", "probe", "--out", "{tmp}/ro/out", mentions="--out", setup=_readonly_parent, as_user=True),
     C("probe-out-foreign-nonempty-folder", "probe", "--out", "{tmp}/out", mentions="--out", setup=_foreign_folder),
     C("theory-out-is-a-file", "theory", "--out", "{tmp}/out", mentions="--out", setup=_write("out", "i am a file")),
     C("theory-out-under-a-file", "theory", "--out", "{tmp}/f/out", mentions="--out", setup=_write("f", "i am a file")),
@@ -566,10 +568,10 @@ CASES: list[Case] = [
     C("probe-scheduler-flow-inverted", "probe", "--scheduler-config", "{tmp}/s.json", mentions="invert_sigmas", setup=_write("s.json", json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}))),
     C("probe-scheduler-edm-sigmas-swapped", "probe", "--scheduler-config", "{tmp}/s.json", mentions="sigma_min", setup=_write("s.json", json.dumps({"_class_name": "EDMEulerScheduler", "sigma_min": 80.0, "sigma_max": 0.002}))),
     C("probe-scheduler-ve-negative-sigma", "probe", "--scheduler-config", "{tmp}/s.json", mentions="sigma_min", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_min": -0.01}))),
-    C("probe-ve-data-model", "probe", "--data", "model", "--scheduler-config", "{tmp}/s.json", mentions="--data", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 50.0}))),
-    C("sample-edm", "sample", "--model", "{tmp}/edm", mentions="edm", setup=_edm_folder),
-    C("train-ve-scheduler", "train", "--scheduler-config", "{tmp}/s.json", mentions="VP", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler"}))),
-    C("finetune-flow-folder", "finetune", "--model", "{tmp}/edm", mentions="VP", setup=_edm_folder),
+    C("probe-cosine-data-model", "probe", "--data", "model", "--scheduler-config", "{tmp}/s.json", mentions="--data", setup=_write("s.json", json.dumps({"_class_name": "IPNDMScheduler"}))),
+    C("sample-edm-ddpm", "sample", "--model", "{tmp}/edm", "--scheduler", "ddpm", mentions="edm", setup=_edm_folder),
+    C("train-cosine-scheduler", "train", "--scheduler-config", "{tmp}/s.json", mentions="VP", setup=_write("s.json", json.dumps({"_class_name": "IPNDMScheduler"}))),
+    C("finetune-edm-weighting", "finetune", "--model", "{tmp}/edm", "--weighting", "logit_normal", mentions="--weighting", setup=_edm_folder),
     # ---- paths the file system cannot hold, runs that would destroy what they read, special files ----
     C("probe-out-name-too-long", "probe", "--out", "{tmp}/" + "a" * 300, mentions="shorter path"),
     C("probe-model-name-too-long", "probe", "--model", "{tmp}/" + "b" * 300, mentions="shorter path"),
@@ -611,8 +613,17 @@ def _out_path(argv: list[str], tmp: Path) -> Path:
 
 
 def _prepare(case: Case, tmp: Path, pipe: Path, monkeypatch) -> tuple[list[str], Path]:
-    if case.skip_root and hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root ignores permission bits")
+    if case.as_user and hasattr(os, "geteuid") and os.geteuid() == 0:
+        import lipscope.io
+
+        access = os.access
+
+        def user_access(path, mode, **kw):  # a user's answer: no write to a folder without its write bit
+            if mode & os.W_OK and Path(path).is_dir() and not Path(path).stat().st_mode & 0o200:
+                return False
+            return access(path, mode, **kw)
+
+        monkeypatch.setattr(lipscope.io.os, "access", user_access)
     work = tmp / "w"
     work.mkdir()
     monkeypatch.chdir(work)  # relative paths (./nope, runs/…) and compare.png land here

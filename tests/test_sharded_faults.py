@@ -154,3 +154,35 @@ def test_a_terminated_torchrun_is_one_line_and_the_run_resumes(tmp_path):
     r = _torchrun(tmp_path, *LONG, "--resume", "--out", "o")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("lipscope probe") == 1 and (tmp_path / "o" / "lipschitz.csv").is_file()
+
+
+SHUT_DOWN = """
+import atexit, os, signal, sys, time
+import lipscope.cli.common as common, lipscope.runs as runs
+from lipscope.cli import main
+def term(*_a, **_k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+{patch}
+sys.argv = ["lipscope", "theory", "--dim", "2", "--out", "o", "-t", "1,2"]
+main()
+"""
+PATCHES = {
+    # the command finished; torchrun's SIGTERM arrives while the interpreter runs its atexit callbacks (CI's case)
+    "at-exit": "atexit.register(term)",
+    # a SIGTERM interrupts the run and a second one arrives during the first one's clean-up
+    "twice": "left = common.what_is_left\n"
+    "common.what_is_left = lambda out: (term(), left(out))[1]\n"
+    "runs.run_theory = term",
+}
+
+
+@pytest.mark.parametrize("when", PATCHES)
+def test_a_sigterm_during_shut_down_prints_no_traceback(tmp_path, when):
+    """torchrun SIGTERMs every worker when a peer dies: one arriving while a worker already exits, or a second one
+    during the first one's clean-up, ends the process with 143 and no traceback from lipscope."""
+    code = SHUT_DOWN.format(patch=PATCHES[when])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert "Traceback" not in r.stderr and "lipscope/" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])
+    assert (tmp_path / "o" / "run.json").is_file() == (when == "at-exit")

@@ -5,6 +5,7 @@ Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal error, 130 interr
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -35,13 +36,29 @@ for _command in (
 
 
 def _terminate(signum: int, frame: object) -> None:
+    # one interrupt: a second SIGTERM (torchrun sends one to every worker when a peer stops) must not raise inside
+    # the clean-up the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """SIGTERM after the command returned (interpreter shut-down, atexit): nothing is left to clean, exit 143 with
+    no traceback (raising here would print one from inside an atexit callback)."""
+    os._exit(128 + signum)
 
 
 def main() -> None:
     """Entry point: usage errors (unknown flag, wrong type, value out of range) become one line, exit 2;
     SIGTERM interrupts like Ctrl-C (the run's clean-up runs; exit 143)."""
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run()
+    finally:
+        signal.signal(signal.SIGTERM, _exit_now)
+
+
+def _run() -> None:
     try:
         rc = app(standalone_mode=False)
     except typer.Abort:

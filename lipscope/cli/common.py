@@ -109,7 +109,7 @@ FLAGS: dict[str, str] = {
 # Python-API parameters no command exposes: shown as they are, never as an invented flag
 API_ONLY = frozenset(
     {"keep_checkpoints", "weight_decay", "lr_schedule", "stop_after", "component", "confidence", "grid", "images"}
-)
+) | {"axis"}  # with_etsdm's VE / EDM axis
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 

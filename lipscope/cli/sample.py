@@ -26,7 +26,10 @@ from .options import (
 def sample(
     model: str = typer.Option(..., "--model", "-m"),
     scheduler: str = typer.Option(
-        "ddim", "--scheduler", parser=SAMPLER, help="ddpm, ddim, dpmsolver (DPM-Solver++ 2M)."
+        "ddim",
+        "--scheduler",
+        parser=SAMPLER,
+        help="ddpm, ddim, dpmsolver (DPM-Solver++ 2M), pc (score-SDE VE predictor-corrector); VE/EDM: ddim is Euler.",
     ),
     steps: int = typer.Option(50, "--steps"),
     num: int = typer.Option(64, "--num", "-n", min=1),
@@ -72,7 +75,7 @@ def evaluate(
         [], "--baseline", "-b", help="Model(s) to compare with, same seeds (repeatable)."
     ),
     data: str = typer.Option("digits", "--data", "-d", help="Reference data."),
-    scheduler: str = typer.Option("ddim,dpmsolver", "--scheduler", help="Comma list: ddpm, ddim, dpmsolver."),
+    scheduler: str = typer.Option("ddim,dpmsolver", "--scheduler", help="Comma list: ddpm, ddim, dpmsolver, pc (VE)."),
     steps: str = typer.Option("5,10,20,50", "--steps", help="Comma list of sampling step counts."),
     num: int = typer.Option(500, "--num", "-n", min=3, help="Samples per (model, scheduler, steps, seed)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds (0..S−1): the spread of each metric."),

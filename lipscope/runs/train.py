@@ -23,6 +23,7 @@ from ..families import family_of_model, pipeline_denoiser
 from ..loading import check_unet_config, load_model, read_json, read_scheduler_config, unet_class
 from ..models import EpsModel, from_unet
 from ..prompts import conditioning_for, pipeline_source
+from ..sampling import data_range_of
 from ..schedules import DEFAULT_SCHEDULER_CONFIG
 from ..training import TrainConfig, TrainData, check_trainable, train_loop
 from .common import check_out_dir, main_lock
@@ -97,7 +98,8 @@ def _train_data(opts: TrainOptions, m: EpsModel, out: Path) -> TrainData:
     pixel = tuple(m.latent.pixel_shape) if m.latent is not None else tuple(m.sample_shape or ())
     if opts.captions is not None and (fam is None or fam.conditioned_on != "text"):
         raise InputError(f"`captions`: {opts.model or opts.config} is not text-conditioned; leave out `captions`")
-    x = load_data(opts.data, None, cfg.seed, pixel)
+    span = data_range_of(m) if m.latent is None else None  # pixels in the model's range (VE: [0, 1])
+    x = load_data(opts.data, None, cfg.seed, pixel, span or (-1.0, 1.0))
     info: dict[str, Any] = {}
     if opts.model is not None:  # what a LoRA run is applied to: a local path made absolute, a hub id at its revision
         local = Path(opts.model).expanduser()
