@@ -150,6 +150,26 @@ def test_resume_equals_uninterrupted(tmp_path, etsdm):
     assert json.loads((tmp_path / "a" / "train.json").read_text())["config"]["etsdm"] == etsdm
 
 
+def test_short_run_shortens_the_warmup_and_records_the_map(tmp_path, caplog):
+    """Issue 25 item 10: `steps` 4 with the default warm-up (100) would never reach `lr` (the scheduler's own
+    factor after 4 of 100 warm-up steps is 0.04): the warm-up is cut to a tenth of the steps with one warning, and
+    train.json records the map an E-TSDM run used (t̃ = 0.1·T = 100, not null) and how many losses the final mean
+    averaged."""
+    import logging
+
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, checkpoint_every=4, etsdm=True, seed=3)
+    assert cfg.warmup_steps == 100 and cfg.t_tilde is None
+    with caplog.at_level(logging.WARNING, logger="lipscope"):
+        res = train_loop(tiny_unet(seed=7), DEFAULT_SCHEDULER_CONFIG, _tiny_data(), cfg, tmp_path / "r")
+    assert [r.getMessage() for r in caplog.records if "warm-up shortened to 0" in r.getMessage()], caplog.text
+    meta = json.loads((tmp_path / "r" / "train.json").read_text())
+    assert meta["config"]["warmup_steps"] == 0 and meta["config"]["t_tilde"] == 100.0
+    assert meta["etsdm"]["t_tilde_steps"] == 100.0 and meta["etsdm"]["n"] == 5
+    assert res["final_loss_mean_of_steps"] == 4
+    lrs = [float(ln.split(",")[2]) for ln in (tmp_path / "r" / "loss.csv").read_text().splitlines()[1:]]
+    assert max(lrs) > 0.5 * cfg.lr, lrs  # cosine from lr, not 4 % of it
+
+
 def test_training_refusals(tmp_path):
     data = _tiny_data()  # (`resume` with no checkpoint starts at step 0: tests/test_training_faults.py)
     train_loop(tiny_unet(), DEFAULT_SCHEDULER_CONFIG, data, _cfg(steps=1), tmp_path / "y")
