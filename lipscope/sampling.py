@@ -11,15 +11,18 @@ not depend on the batch size. Samples are x0 in the model's own space: pixels cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import rng, shard
+from .batching import progress_bar
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
 from .processes import EDMProcess, FlowProcess, VEProcess
@@ -135,10 +138,12 @@ def sample(
     steps: int = 50,
     seed: int = 0,
     batch_size: int = 256,
-    progress: bool = False,
+    progress: bool | Callable[[float], None] = False,
 ) -> torch.Tensor:
     """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to the
-    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped."""
+    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped.
+
+    ``progress``: a progress bar with ETA (True), or ``advance(k)`` called as the work goes, ``steps`` in all."""
     check_sampler(model, scheduler)
     span = data_range_of(model) if model.latent is None else None
     clip = span is not None
@@ -155,14 +160,19 @@ def sample(
         raise InputError(f"`num` and `batch_size` must be ≥ 1 (got {n} and {batch_size})")
     out = []
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
-    with torch.inference_mode():
-        for s in shard.split(torch.arange(0, n, batch_size), 1).tolist():  # several processes: whole batches each
+    mine = shard.split(torch.arange(0, n, batch_size), 1).tolist()  # several processes: whole batches each
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        advance = progress if callable(progress) else stack.enter_context(
+            progress_bar(bool(progress) and shard.is_main(), steps, f"sample {model.name} {scheduler} seed {seed}")
+        )  # fmt: skip
+        for s in mine:
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
             rows = torch.arange(s, s + xb.shape[0])  # sample s + r gets the conditioning of row s + r
             dev = "cpu" if sigma else model.device  # ScoreSdeVeScheduler.step_correct draws on the CPU
             gens = [rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=dev) for i in range(xb.shape[0])]
             if sigma:
                 xb = sigma_sample(model, scheduler, steps, xb, rows, gens)
+                advance(steps / len(mine))
             else:  # multistep solvers keep per-run state: one scheduler per batch
                 sched = (
                     flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
@@ -171,6 +181,7 @@ def sample(
                     tt = torch.full((xb.shape[0],), float(t), device=model.device)
                     # ε, or the velocity u = ε − x0 at σ = t/T for flow
                     xb = sched.step(model(xb, tt, rows), t, xb, generator=gens).prev_sample
+                    advance(steps / len(sched.timesteps) / len(mine))
             bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
             if bad.any():
                 raise ModelOutputError(

@@ -153,3 +153,36 @@ def test_cli_bad_features_one_line_exit_2(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --features 'inception'") and "py:module:factory" in lines[0]
     assert not out.exists()
+
+
+def test_progress_counts_every_sampling_step(monkeypatch):
+    """Issue 25 item 7: sample's progress advances once per model step and batch, `steps` in all, without changing
+    a sample; evaluate's one bar has the total of every (model, scheduler, steps, seed) and names the one under way."""
+    import contextlib
+
+    import torch
+
+    import lipscope.evaluate as ev
+    from lipscope.data import load_data
+    from lipscope.loading import load_model
+    from lipscope.sampling import sample
+
+    m = load_model("builtin:digits-ddpm", device="cpu")
+    seen: list[float] = []
+    x = sample(m, 5, scheduler="ddim", steps=3, batch_size=2, progress=seen.append)
+    assert len(seen) == 3 * 3 and math.isclose(sum(seen), 3.0)  # 3 batches × 3 steps, each a third of a step
+    assert torch.equal(x, sample(m, 5, scheduler="ddim", steps=3, batch_size=2))
+    bars: list[tuple[int, list]] = []
+
+    @contextlib.contextmanager
+    def recording_bar(enabled, total, label):
+        done: list = []
+        bars.append((total, done))
+        yield lambda k, info=None: done.append((k, info))
+
+    monkeypatch.setattr(ev, "progress_bar", recording_bar)
+    ref = load_data("digits", 12, 0, (1, 8, 8))
+    ev.evaluate_models({"model": m}, ref, schedulers=["ddim"], steps=[1, 2], num=3, seeds=[0, 1], progress=True)
+    ((total, done),) = bars
+    assert total == 2 * (1 + 2) and math.isclose(sum(k for k, _ in done), total)
+    assert [i for _, i in done][-1] == "model ddim 2 steps seed 1"

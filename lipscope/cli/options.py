@@ -74,6 +74,7 @@ DEVICE = device
 BATCH_SIZE = batch_size
 
 
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="A progress bar with ETA (on a terminal).")
 VERBOSE = typer.Option(
     False,
     "--verbose",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -13,6 +14,7 @@ from .options import (
     DEVICE,
     GUIDANCE_SCALE,
     NEGATIVE_PROMPT,
+    PROGRESS,
     PROMPT,
     PROMPT_EMBEDS,
     PROMPT_FILE,
@@ -44,6 +46,7 @@ def sample(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
+    progress: bool = PROGRESS,
     verbose: bool = VERBOSE,
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
@@ -63,7 +66,7 @@ def sample(
         overwrite=overwrite,
         **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
     )
-    run_sample(opts)
+    run_sample(opts, progress=progress and sys.stderr.isatty())
     if shard.is_main():
         say(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
 
@@ -100,6 +103,7 @@ def evaluate(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
+    progress: bool = PROGRESS,
     verbose: bool = VERBOSE,
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, --features: the
@@ -126,7 +130,8 @@ def evaluate(
             out=str(out_dir),
             overwrite=overwrite,
             **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
-        )
+        ),
+        progress=progress and sys.stderr.isatty(),
     )
     name = res.features.name if res.features is not None else "digits"
     tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")
