@@ -384,6 +384,7 @@ def test_finetune_sample_evaluate_compare(tmp_path, pipeline_dir):
     assert not ev["fid_available"].any() and ev["fd_digits"].gt(0).all()
     summ = pd.read_csv(tmp_path / "e" / "eval_summary.csv")
     assert {"fd_digits_mean", "fd_digits_std", "kid_digits_mean", "swd_pixel_mean"} <= set(summ.columns)
+    assert dict(zip(summ["model"], summ["spec"], strict=False)) == dict(zip(ev["model"], ev["spec"], strict=False))
     assert ev["kid_digits"].notna().all() and ev["kid_digits_subset_std"].ge(0).all()
     assert json.loads((tmp_path / "e" / "run.json").read_text())["fid"].startswith("unavailable")
     for name, model in (("pb", str(pipeline_dir)), ("pe", str(ft))):

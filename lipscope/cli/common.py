@@ -52,9 +52,11 @@ def launched_rank() -> int:
 
 
 def say(*renderables: Any) -> None:
-    """Print results (text or tables) on stdout, as they are; from the main process only."""
+    """Print results (text or tables) on stdout, as they are; from the main process only. Text is never wrapped
+    (a path stays one line); a table is laid out to the terminal's width (its cells wrap between words)."""
     if launched_rank() == 0:
-        out.print(*renderables)
+        for r in renderables:
+            out.print(r, soft_wrap=isinstance(r, str | Text))
 
 
 def one_line(text: str) -> str:

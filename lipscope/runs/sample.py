@@ -155,6 +155,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = False) -> EvaluateResul
         )
         df.insert(1, "spec", df["model"].map(specs))
         summ = summarize_eval(df)
+        summ.insert(1, "spec", summ["model"].map(specs))  # eval_summary.csv says which model each row measured
         paired = paired_differences(df, "baseline") if opts.baseline else None
         fid_ok = bool(df["fid_available"].any())
         meta = {
