@@ -274,11 +274,17 @@ def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return grid
 
 
-def png_bytes(grid: np.ndarray, scale: int = 4) -> bytes:
+MIN_PNG_SIDE = 512  # px: a grid of small images (8×8 digits) is enlarged to be seen at once
+
+
+def png_bytes(grid: np.ndarray, scale: int | None = None) -> bytes:
+    """The grid as PNG, each pixel repeated ``scale`` times (default: the smallest scale that makes the longer side
+    at least :data:`MIN_PNG_SIDE` px; 1 for grids that are that large already)."""
     import io
 
     from PIL import Image
 
+    scale = scale if scale is not None else max(1, -(-MIN_PNG_SIDE // max(grid.shape[:2])))
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()

@@ -186,3 +186,19 @@ def test_progress_counts_every_sampling_step(monkeypatch):
     ((total, done),) = bars
     assert total == 2 * (1 + 2) and math.isclose(sum(k for k, _ in done), total)
     assert [i for _, i in done][-1] == "model ddim 2 steps seed 1"
+
+
+@pytest.mark.parametrize(("n", "side", "want"), [(16, 8, 37 * 14), (64, 8, 73 * 8), (4, 300, 603)])
+def test_samples_png_is_large_enough_to_see(n, side, want):
+    """Issue 25 item 11: 16 digits (8×8) were a 148 px image; a grid is enlarged by whole pixels (nearest) until
+    its longer side is at least 512 px, and never shrunk (a grid of 300 px images keeps its size)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from lipscope.sampling import image_grid, png_bytes
+
+    grid = image_grid(torch.zeros(n, 1, side, side))
+    img = Image.open(io.BytesIO(png_bytes(grid)))
+    assert img.size == (want, want) and max(img.size) >= 512

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -368,6 +369,16 @@ def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch, no_network):
     msg = str(info.value)
     assert "\n" not in msg and "no network: cannot reach huggingface.co:443 (no answer within 3 s)" in msg, msg
     assert "not in the Hugging Face cache" in msg and seen == [("huggingface.co", 443)]
+
+
+def test_hub_id_neither_reachable_nor_cached_is_one_error(tmp_path, monkeypatch, no_network, caplog):
+    """Issue 25 item 11: no network and not in the cache: the error says both, and no warning repeats its text."""
+    _no_proxies(monkeypatch)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr("socket.create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    with caplog.at_level(logging.WARNING, logger="lipscope"), pytest.raises(InputError, match="no network"):
+        load_model("someone/some-model")
+    assert not [r for r in caplog.records if "no network" in r.getMessage()], caplog.text
 
 
 def test_hub_endpoint_is_read_from_hf_endpoint(tmp_path, monkeypatch, no_network):
