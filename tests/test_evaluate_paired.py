@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -140,7 +141,9 @@ def test_cli_features_flag(tmp_path):
     ]
     r = _cli([*args, "--num", "4", "--seeds", "2", "--device", "cpu", "--features", str(folder), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "FD dinov2" in r.stdout and "paired by seed" in r.stdout and "kid_dinov2" in r.stdout
+    # the summary's headers are two lines each ("FD" over "dinov2"), so the table reads at 80 columns
+    assert re.search(r"FD +KID +FD.*\n.*dinov2 +dinov2 +pixel", r.stdout), r.stdout
+    assert "paired by seed" in r.stdout and "kid_dinov2" in r.stdout
     assert "note: FD/KID here use dinov2 features" in r.stdout
     assert set(pd.read_csv(out / "eval_paired.csv")["metric"]) == {"fd_pixel", "fd_dinov2", "kid_dinov2", "swd_pixel"}
     assert json.loads((out / "run.json").read_text())["features"]["name"] == "dinov2"
