@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .data import load_data
     from .errors import InputError, ModelOutputError
     from .etsdm import Etsdm
+    from .explain import explain
     from .loading import load_model
     from .models import EpsModel, from_callable, from_unet
     from .probe import probe
@@ -33,6 +34,7 @@ _WHERE = {
     "InputError": "errors",
     "ModelOutputError": "errors",
     "Etsdm": "etsdm",
+    "explain": "explain",
     "load_model": "loading",
     "EpsModel": "models",
     "from_callable": "models",
@@ -93,6 +95,7 @@ __all__ = [
     "conditioning_for",
     "default_schedule",
     "encode_prompts",
+    "explain",
     "from_callable",
     "from_unet",
     "load_data",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from . import shard
+from .devices import machine_memory
 from .errors import InputError, ModelOutputError
 from .journal import Journal
 from .models import EpsModel
@@ -288,12 +288,8 @@ def check_memory(samples: int, shape: tuple[int, ...] | None) -> None:
     """Refuse, before allocating, a probe whose samples alone would not fit in memory."""
     if shape is None:
         return
-    need = samples * math.prod(shape) * 4 * 3  # x0, ε and x_t in float32
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > ram // 2:
+    need, ram = samples * math.prod(shape) * 4 * 3, machine_memory()  # x0, ε and x_t in float32
+    if ram is not None and need > ram // 2:
         raise InputError(
             f"`samples` {samples:,} of shape {tuple(shape)} need {need / 2**30:.3g} GiB, over half of this machine's "
             f"{ram / 2**30:.3g} GiB; use fewer samples"

@@ -1,29 +1,95 @@
 """Forward-mode AD through diffusers networks (DESIGN.md, "Exact derivative"): the patches that give every
-layer a forward-AD formula, applied inside a context manager that restores the module exactly."""
+layer a forward-AD formula, applied inside a context manager that restores the module exactly, and the one JVP call
+every exact estimator (JVP, along the ODE, attribution) goes through, with its one-line refusals."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import InputError
+
+
+class _GroupNorm(torch.autograd.Function):
+    """GroupNorm by the native kernel, with a forward-AD formula written out: x̂ = (x − μ)·r per group, and
+    x̂_t = r·(c − x̂·mean(x̂·c)) with c = x_t − mean(x_t); y_t = x̂_t·γ (+ x̂·γ_t + β_t where those exist). The native
+    formula rejects non-contiguous tangents, and the composite one (reshape, mean, var) costs a dozen passes."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: Any, bias: Any, groups: int, eps: float) -> torch.Tensor:
+        return nn.functional.group_norm(x, groups, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.x, ctx.weight, _, ctx.groups, ctx.eps = inputs
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, w_t: Any, b_t: Any, *_: Any) -> torch.Tensor:
+        x, g = ctx.x, ctx.groups
+        xg = x.reshape(x.shape[0], g, -1)
+        var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
+        r = torch.rsqrt(var + ctx.eps)
+        xhat = (xg - mean) * r
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        out = torch.zeros_like(x)
+        if x_t is not None:
+            c = x_t.reshape(xg.shape)
+            c = c - c.mean(-1, keepdim=True)
+            dxhat = (c - xhat * (xhat * c).mean(-1, keepdim=True)) * r
+            out = dxhat.reshape(x.shape) * (1.0 if ctx.weight is None else ctx.weight.reshape(shape))
+        if w_t is not None:
+            out = out + xhat.reshape(x.shape) * w_t.reshape(shape)
+        if b_t is not None:
+            out = out + b_t.reshape(shape)
+        return out
+
 
 def _group_norm_forward(mod: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm from reshape/mean/var: same maths as the fused kernel, with a forward-AD formula
-    that accepts the non-contiguous tangents the native one rejects."""
-    b = x.shape[0]
-    xg = x.reshape(b, mod.num_groups, -1)
-    mean = xg.mean(-1, keepdim=True)
-    var = xg.var(-1, unbiased=False, keepdim=True)
-    y = ((xg - mean) * torch.rsqrt(var + mod.eps)).reshape(x.shape)
-    if mod.affine:
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = y * mod.weight.reshape(shape) + mod.bias.reshape(shape)
-    return y
+    return _GroupNorm.apply(x, mod.weight, mod.bias, mod.num_groups, mod.eps)
+
+
+class _WeightOp(torch.autograd.Function):
+    """``op(x, weight, bias)`` (a linear map or convolution) whose forward-AD formula computes only the tangents that
+    exist: torch's own formula for ``addmm``/``convolution`` also multiplies the primal input by the weight's zero
+    tangent (a materialised zero: a second full matmul or convolution per layer in a JVP w.r.t. t)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, op: Any, conv: bool) -> torch.Tensor:
+        return op(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.set_materialize_grads(False)  # absent tangents arrive as None instead of zeros
+        ctx.x, ctx.weight, _, ctx.op, ctx.conv = inputs
+        ctx.shape = output.shape
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, w_t: Any, b_t: Any, *_: Any) -> torch.Tensor:
+        # linear in (x, weight, bias): the tangent is op(x_t, W) + op(x, W_t) + b_t, each term only where it exists
+        x = ctx.x
+        out = torch.zeros(ctx.shape, dtype=x.dtype, device=x.device) if x_t is None else ctx.op(x_t, ctx.weight, None)
+        if w_t is not None:
+            out = out + ctx.op(x, w_t, None)
+        if b_t is not None:  # a convolution's bias is per channel (dim 1), a linear map's per feature (last dim)
+            out = out + (b_t.reshape(-1, *([1] * (out.ndim - 2))) if ctx.conv else b_t)
+        return out
+
+
+def _linear_forward(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _WeightOp.apply(x, mod.weight, mod.bias, nn.functional.linear, False)
+
+
+def _conv_forward(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return nn.functional.conv2d(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+    return _WeightOp.apply(x, mod.weight, mod.bias, conv, True)
 
 
 def _moe_forward(mod: Any, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +124,20 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
     patched_gn: list[nn.Module] = []
     try:
         for mod in module.modules():
-            if isinstance(mod, nn.GroupNorm) and "forward" not in mod.__dict__:
+            if "forward" in mod.__dict__:
+                continue
+            if type(mod).forward is nn.Linear.forward and isinstance(mod, nn.Linear):
+                mod.forward = functools.partial(_linear_forward, mod)  # type: ignore[method-assign]
+                patched_gn.append(mod)
+            elif (
+                type(mod).forward is nn.Conv2d.forward
+                and isinstance(mod, nn.Conv2d)
+                and mod.padding_mode == "zeros"
+                and not isinstance(mod.padding, str)
+            ):
+                mod.forward = functools.partial(_conv_forward, mod)  # type: ignore[method-assign]
+                patched_gn.append(mod)
+            elif isinstance(mod, nn.GroupNorm):
                 # instance-level patch, undone by `del mod.forward` below; mypy forbids assigning to a method
                 mod.forward = functools.partial(_group_norm_forward, mod)  # type: ignore[method-assign]
                 patched_gn.append(mod)
@@ -70,3 +149,48 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
     finally:
         for mod in patched_gn:
             del mod.forward
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def jvp(name: str, fn: Callable[..., torch.Tensor], primals: tuple, tangents: tuple) -> tuple[torch.Tensor, ...]:
+    """(fn(*primals), its JVP along ``tangents``) by ``torch.func.jvp``, without autograd; a network that forward AD
+    cannot go through is one line naming ``name`` (an out-of-memory error goes to the batched runner's back-off)."""
+    try:
+        with torch.no_grad():
+            # torch types jvp's result as a 2- or 3-tuple (no overload on has_aux); without has_aux it is 2
+            out, tangent = torch.func.jvp(fn, primals, tangents)  # type: ignore[misc]
+    except (NotImplementedError, RuntimeError) as e:  # only the JVP itself: not the runner, not the gather
+        if _is_oom(e):
+            raise
+        raise InputError(
+            f"{name} cannot be differentiated in t with forward-mode AD ({str(e).splitlines()[0][:160]}); "
+            "use `method` fd"
+        ) from e
+    return out, tangent
+
+
+def refuse_learned_embedding(name: str, config: dict) -> None:
+    """A learned embedding table looks t up: ε is not differentiable in t."""
+    if config.get("time_embedding_type") == "learned":
+        raise InputError(
+            f"{name} looks timesteps up in a learned embedding table: ε is not differentiable in t; use `method` fd"
+        )
+
+
+def check_tangent_reaches(model: Callable, name: str, x: torch.Tensor, tt: torch.Tensor, tangent: torch.Tensor,
+                          rows: torch.Tensor) -> None:  # fmt: skip
+    """A zero tangent where a one-step difference of ``model(x, t, rows)`` moves means t reaches the network through
+    an integer cast or a table: forward AD would silently report 0."""
+    if tangent.abs().max() > 0:
+        return
+    with torch.inference_mode():
+        lo = torch.clamp(tt - 1, min=0)
+        d = model(x, lo + 1, rows) - model(x, lo, rows)
+    if d.abs().max() > 0:
+        raise InputError(
+            f"{name}: the timestep does not reach the network differentiably (d/dt is 0 but ε changes "
+            "between steps: an integer cast or embedding table); use `method` fd"
+        )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .models import EpsModel, from_callable
-from .schedules import Schedule, default_schedule
+from .schedules import NoiseProcess, default_schedule
 from .targets import noisy
 
 
@@ -70,6 +70,25 @@ class GaussianMixture:
         mu = flat.mean(0)
         c = flat - mu
         return cls.gaussian(mu, c.T @ c / flat.shape[0], tuple(x0.shape[1:]))
+
+    @classmethod
+    def low_rank(
+        cls, dim: int, variances, floor: float, mean=None, k: int = 1, seed: int = 0, spread: float = 2.0
+    ) -> GaussianMixture:
+        """Data near an r-dimensional set: r = len(``variances``) directions of those variances, the other D − r at
+        ``floor``² (s ≪ the variances: a thickened r-dimensional subspace). k = 1: the first r coordinate axes, mean
+        ``mean`` (default 0); k ≥ 2: a seeded mixture of k such components, each on its own random r-dimensional
+        subspace, means ~ N(0, spread²I), equal weights."""
+        lam = torch.full((dim,), float(floor) ** 2, dtype=torch.float64)
+        var = torch.as_tensor(variances, dtype=torch.float64).reshape(-1)
+        lam[: var.numel()] = var
+        if k == 1:
+            mu = torch.zeros(dim, dtype=torch.float64) if mean is None else torch.as_tensor(mean, dtype=torch.float64)
+            return cls.gaussian(mu, lam)
+        g = torch.Generator().manual_seed(seed)
+        means = spread * torch.randn(k, dim, generator=g, dtype=torch.float64)
+        qs = torch.linalg.qr(torch.randn(k, dim, dim, generator=g, dtype=torch.float64)).Q
+        return cls(torch.full((k,), 1.0 / k, dtype=torch.float64), means, lam.expand(k, dim).clone(), qs, (dim,))
 
     @classmethod
     def random(cls, k: int, dim: int, seed: int = 0, spread: float = 2.0) -> GaussianMixture:
@@ -145,13 +164,13 @@ class GaussianMixture:
 # ---- schedule-level helpers (k in model steps, float64) ---------------------------------------
 
 
-def _coeffs(schedule: Schedule, k: torch.Tensor):
+def _coeffs(schedule: NoiseProcess, k: torch.Tensor):
     k = torch.as_tensor(k, dtype=torch.float64)
     return schedule.alpha(k), schedule.sigma(k), schedule.dalpha_dtau(k), schedule.dsigma_dtau(k)
 
 
-def gaussian_eps_model(g: GaussianMixture, schedule: Schedule | None = None, name: str = "gaussian") -> EpsModel:
-    """The exact ε* as an EpsModel (float64), differentiable in t, so FD and JVP probes run on it."""
+def gaussian_eps_model(g: GaussianMixture, schedule: NoiseProcess | None = None, name: str = "gaussian") -> EpsModel:
+    """The exact ε* as an EpsModel (float64) under any process, differentiable in t, so FD and JVP probes run on it."""
     schedule = schedule or default_schedule()
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -179,7 +198,7 @@ def _gauss_only(g: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor]:
     return m, g.eigvals[0]
 
 
-def fd_exact_ms(g: GaussianMixture, schedule: Schedule, t, t_a, t_b) -> np.ndarray:
+def fd_exact_ms(g: GaussianMixture, schedule: NoiseProcess, t, t_a, t_b) -> np.ndarray:
     """E‖ε*(x_t, t_b) − ε*(x_t, t_a)‖² in closed form (x_t drawn at t).
 
     In the eigenbasis y = Uᵀx ~ N(α_t m, diag(c_t)) with independent coordinates, and
@@ -199,19 +218,23 @@ def fd_exact_ms(g: GaussianMixture, schedule: Schedule, t, t_a, t_b) -> np.ndarr
     return (var + mean * mean).sum(-1).numpy()
 
 
-def dtau_exact_ms(g: GaussianMixture, schedule: Schedule, t) -> np.ndarray:
-    """E‖∂ε*/∂τ (x_t, t)‖² in closed form: coordinates g'(y − αm) − gα'm with y ~ N(αm, c)."""
+def _dtau_ms(g: GaussianMixture, schedule: NoiseProcess, k: torch.Tensor) -> torch.Tensor:
+    """E‖∂ε*/∂τ (x_t, t)‖² at steps k (G,), torch float64: coordinates g'(y − αm) − gα'm with y ~ N(αm, c)."""
     m, lam = _gauss_only(g)
-    k = torch.as_tensor(np.atleast_1d(t), dtype=torch.float64)[:, None]
-    a, s, da, ds = _coeffs(schedule, k)
+    a, s, da, ds = _coeffs(schedule, k.reshape(-1, 1))
     c = a * a * lam + s * s
     dc = 2 * a * da * lam + 2 * s * ds
     gk = s / c
     dg = ds / c - s * dc / (c * c)
-    return (dg * dg * c + gk * gk * da * da * m * m).sum(-1).numpy()
+    return (dg * dg * c + gk * gk * da * da * m * m).sum(-1)
 
 
-def terms_exact_ms(g: GaussianMixture, schedule: Schedule, t) -> tuple[np.ndarray, np.ndarray]:
+def dtau_exact_ms(g: GaussianMixture, schedule: NoiseProcess, t) -> np.ndarray:
+    """E‖∂ε*/∂τ (x_t, t)‖² in closed form: coordinates g'(y − αm) − gα'm with y ~ N(αm, c)."""
+    return _dtau_ms(g, schedule, torch.as_tensor(np.atleast_1d(t), dtype=torch.float64)).numpy()
+
+
+def terms_exact_ms(g: GaussianMixture, schedule: NoiseProcess, t) -> tuple[np.ndarray, np.ndarray]:
     """E‖term1‖² and E‖term2‖² of Theorem 3.1 (Gaussian), each linear in y like ∂ε*/∂τ."""
     m, lam = _gauss_only(g)
     k = torch.as_tensor(np.atleast_1d(t), dtype=torch.float64)[:, None]
@@ -224,7 +247,7 @@ def terms_exact_ms(g: GaussianMixture, schedule: Schedule, t) -> tuple[np.ndarra
     return t1.sum(-1).numpy(), t2.sum(-1).numpy()
 
 
-def closed_form_samples(g: GaussianMixture, schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, grid):
+def closed_form_samples(g: GaussianMixture, schedule: NoiseProcess, x0: torch.Tensor, noise: torch.Tensor, grid):
     """Per-sample closed-form ‖∂ε*/∂τ‖, ‖term1‖, ‖term2‖ at x_t = α x0 + σ ε: three (n, G) arrays."""
     n = x0.shape[0]
     out = np.zeros((3, n, len(grid)))
@@ -236,3 +259,73 @@ def closed_form_samples(g: GaussianMixture, schedule: Schedule, x0: torch.Tensor
         for r, v in enumerate((t1 + t2, t1, t2)):
             out[r, :, j] = torch.linalg.vector_norm(v.reshape(n, -1), dim=1).numpy()
     return out
+
+
+# ---- along the probability-flow ODE, and the exponent the closed form gives ------------------------------------
+
+
+def ode_samples(g: GaussianMixture, schedule: NoiseProcess, x0: torch.Tensor, noise: torch.Tensor, grid) -> np.ndarray:
+    """Per-sample closed forms along the exact probability-flow ODE of one Gaussian at x_t = αx0 + σε: (3, n, G) of
+    ‖dε*/dτ‖ (total), ‖∂ε*/∂τ‖ (partial) and ‖∇ₓε*·dx/dτ‖ (space).
+
+    In the eigenbasis z = Uᵀ(x − αμ) the ODE's solution is z(τ) = √(c(τ)/c(τ₀)) z(τ₀), c = α²λ + σ² (DESIGN.md), and
+    ε* = (σ/c) z, so along it dε*/dτ = (σ'/c − σc'/(2c²)) z; at fixed x, ∂ε*/∂τ = (σ'/c − σc'/c²) z − (σα'/c) Uᵀμ;
+    the space part is their difference, (σc'/(2c²)) z + (σα'/c) Uᵀμ. Derived from the ODE's solution, not the
+    chain rule.
+    """
+    m, lam = _gauss_only(g)
+    n = x0.shape[0]
+    flat0, flatn = x0.reshape(n, -1).double() @ g.eigvecs[0], noise.reshape(n, -1).double() @ g.eigvecs[0]
+    out = np.zeros((3, n, len(np.atleast_1d(grid))))
+    for j, t in enumerate(np.atleast_1d(np.asarray(grid, dtype=np.float64))):
+        a, s, da, ds = _coeffs(schedule, torch.tensor(float(t), dtype=torch.float64))
+        c, dc = a * a * lam + s * s, 2 * a * da * lam + 2 * s * ds
+        z = a * flat0 + s * flatn - a * m
+        total = (ds / c - s * dc / (2 * c * c)) * z
+        partial = (ds / c - s * dc / (c * c)) * z - (s * da / c) * m
+        for r, v in enumerate((total, partial, total - partial)):
+            out[r, :, j] = torch.linalg.vector_norm(v, dim=1).numpy()
+    return out
+
+
+def rms_band(g: GaussianMixture, schedule: NoiseProcess, t) -> tuple[float, float, float]:
+    """(p, lo, hi) of the closed form over grid points ``t`` (one Gaussian): p the least-squares slope of
+    log √E‖∂ε*/∂τ‖² against log τ, and [lo, hi] the range of the slopes between neighbouring points.
+
+    A least-squares slope is a weighted mean of the pairwise secant slopes, and each of those a weighted mean of the
+    neighbouring ones, so p ∈ [lo, hi]: the band a fitted exponent of this curve on this grid must fall in
+    (docs/theory.md derives where it tends near t = 0 for each process and data rank)."""
+    tt = np.sort(np.asarray(t, dtype=np.float64))
+    if tt.size < 2 or tt[0] <= 0:
+        raise ValueError("the band needs ≥ 2 grid points, all t > 0")
+    x = np.log(tt / schedule.T)
+    y = 0.5 * np.log(dtau_exact_ms(g, schedule, tt))
+    sec = np.diff(y) / np.diff(x)
+    xc = x - x.mean()
+    return float((xc * y).sum() / (xc * xc).sum()), float(sec.min()), float(sec.max())
+
+
+def exponent_limit(process: NoiseProcess, g: GaussianMixture, t_lo: float, t_hi: float) -> tuple[float, str]:
+    """(p₀, regime): the exponent the closed form tends to as t → 0 in the regime the fit range [t_lo, t_hi] is in
+    (docs/theory.md, "Exponent bands"), NaN where the range sits between regimes.
+
+    Per eigen-direction of variance λ, K² gathers σ′²/λ where σ² ≪ α²λ and σ′²/σ² where σ² ≫ α²λ. With
+    σ ∝ τ^a near 0 (a = ½ continuous VP, 1 flow): every direction above the noise (full rank) gives p₀ = a − 1; the
+    directions below it (a floor s ≪ σ) dominate with p₀ = −1 while σ ≫ s. σ(0) > 0 (discrete VP, VE, EDM): K is
+    finite at t = 0, p₀ = 0 in both."""
+    k = torch.tensor([float(t_lo), float(t_hi)], dtype=torch.float64)
+    a, s = process.alpha(k), process.sigma(k)
+    lam = g.eigvals.reshape(-1)
+    lo_var, hi_var = float(lam.min()), float(lam.max())
+    if float(s[1] ** 2) <= 1e-2 * float(a[1] ** 2) * lo_var:
+        regime, floor = "full rank (σ² ≪ α²λ in every direction)", False
+    elif float(s[0] ** 2) >= 1e2 * float(a[0] ** 2) * lo_var and float(s[1] ** 2) <= 1e-2 * float(a[1] ** 2) * hi_var:
+        regime, floor = "low rank (s² ≪ σ² ≪ α²λ: the directions under the noise dominate)", True
+    else:
+        return math.nan, "between regimes: σ² crosses a data variance inside the fit range (see the band)"
+    s0 = float(process.sigma(torch.tensor(0.0, dtype=torch.float64)))
+    if s0 > 0:
+        return 0.0, f"{regime}; σ(0) = {s0:.3g} > 0, so K is finite at t = 0"
+    t1 = torch.tensor([1e-9, 2e-9], dtype=torch.float64) * process.T
+    expo = float(torch.log(process.sigma(t1[1]) / process.sigma(t1[0])) / math.log(2.0))
+    return (-1.0 if floor else round(expo, 6) - 1.0), f"{regime}; σ ∝ τ^{expo:.3g} near t = 0"

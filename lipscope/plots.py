@@ -41,11 +41,15 @@ def _t_axes(ax) -> None:
 
 
 @_themed
-def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = None, x: str = "t"):
-    """K vs t on log-log axes (symlog in t so t = 0 shows), with the 95% CI band per method.
+def plot_lipschitz(
+    df: pd.DataFrame, title: str = "", t_split: float | None = None, x: str = "t", fits: dict | None = None
+):
+    """K vs t on log-log axes (symlog in t so t = 0 shows), with the 95% CI band per method; the optimal denoisers'
+    rows (``ref-*``) dashed.
 
     ``x="lambda"``: K per unit of log-SNR against λ = log(α²/σ²) (``K_per_lambda`` columns), the axis on which
-    models of different noise processes compare; low noise (small t) is on the right."""
+    models of different noise processes compare; low noise (small t) is on the right. ``fits`` (method →
+    :func:`lipscope.explain.method_diagnosis`): each method's fitted power law drawn over its range (``x="t"``)."""
     if x not in ("t", "lambda"):
         raise ValueError(f"x must be t or lambda, got {x!r}")
     xcol, k = ("t", "K") if x == "t" else ("lambda", "K_per_lambda")
@@ -58,7 +62,16 @@ def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = No
     for c, (method, d) in zip(palette, df.groupby("method", sort=False), strict=False):
         d = d[np.isfinite(d[xcol])].sort_values(xcol)
         mean = d[f"{k}_mean" if k == "K" else k]
-        ax.plot(d[xcol], mean, marker="o", ms=2.5, lw=1.4, color=c, label=method)
+        ref = str(method).startswith("ref-")
+        ax.plot(
+            d[xcol], mean, marker="" if ref else "o", ms=2.5, lw=1.4, color=c, label=method, ls="--" if ref else "-"
+        )
+        e = (fits or {}).get(method, {}).get("exponent") if x == "t" else None
+        if e and not e.get("reason"):
+            tt = np.geomspace(e["t_lo"], e["t_hi"], 20)
+            ci = f" [{e['ci_low']:.2f}, {e['ci_high']:.2f}]" if e["ci_low"] == e["ci_low"] else ""
+            ax.plot(tt, np.exp(e["intercept"]) * (tt / df.attrs.get("T", 1000)) ** e["p"], color=c, lw=3, alpha=0.35,
+                    label=f"{method}: τ^{e['p']:.2f}{ci}")  # fmt: skip
         if {f"{k}_ci_low", f"{k}_ci_high"} <= set(d.columns):
             lo = d[f"{k}_ci_low"].clip(lower=mean.min() * 1e-3)
             ax.fill_between(d[xcol], lo, d[f"{k}_ci_high"], color=c, alpha=0.25, lw=0, label=f"{method} 95% CI")
@@ -73,7 +86,11 @@ def plot_lipschitz(df: pd.DataFrame, title: str = "", t_split: float | None = No
         ax.set_xlabel("log-SNR λ = log(α²/σ²)")
         ax.set_ylabel("K per unit λ = E‖Δε‖ / |Δλ|")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[1]) > 6:  # the diagnosis' fits and references: beside the axes
+        fig.set_size_inches(10, 4.2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -88,8 +105,9 @@ def figure_png(fig) -> bytes:
 
 
 @_themed
-def plot_theory(df: pd.DataFrame, title: str = ""):
-    """Closed forms vs estimators against t (log-log; t = 0 drawn at symlog origin)."""
+def plot_theory(df: pd.DataFrame, title: str = "", exponent: dict | None = None):
+    """Closed forms vs estimators against t (log-log; t = 0 drawn at symlog origin); with ``exponent``
+    (:func:`lipscope.theory.theory_exponents`), the JVP's fitted power law and the closed form's band in the legend."""
     fig = Figure(figsize=(7.5, 4.6), dpi=120)
     ax = fig.subplots()
     t = df["t"]
@@ -109,6 +127,11 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
             ax.plot(t, y, ls=ls, lw=lw, color=c, label=label, marker="." if "toy" in col else None, ms=3)
     if {"K_fd_ci_low", "K_fd_ci_high"} <= set(df.columns):
         ax.fill_between(t, df["K_fd_ci_low"], df["K_fd_ci_high"], color=pal[1], alpha=0.2, lw=0)
+    if "dtau_jvp_fit" in df and df["dtau_jvp_fit"].notna().any() and exponent is not None:
+        e, cf = exponent["jvp"], exponent["closed_form"]
+        band = f"; band [{cf['band'][0]:.2f}, {cf['band'][1]:.2f}]" if cf["band"][0] == cf["band"][0] else ""
+        ax.plot(t, df["dtau_jvp_fit"], color="k", lw=2.2, alpha=0.5,
+                label=f"fit τ^p, p = {e['p']:.3f} [{e['ci_low']:.3f}, {e['ci_high']:.3f}]{band}")  # fmt: skip
     if "sigma" in df and (df["sigma"] > 0).all():
         guide = df["term1_rms"].iloc[0] * df["sigma"].iloc[0] / df["sigma"]  # pinned at the first t
         near = t <= 0.1 * t.max()
@@ -118,6 +141,34 @@ def plot_theory(df: pd.DataFrame, title: str = ""):
     ax.set_ylabel("per unit τ")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+@_themed
+def plot_attribution(att: pd.DataFrame, title: str = ""):
+    """attribution.csv as a heatmap: the share of ∂ε/∂t of each part (rows) at each grid t (columns), and the
+    embedding's ‖∂e/∂τ‖ per t beside it."""
+    parts = att[att["kind"].isin(["part", "outside"])]
+    grid = parts.pivot_table(index="part", columns="t", values="share", sort=False)
+    emb = att[att["kind"] == "embedding"]
+    fig = Figure(figsize=(min(14, 4 + 0.35 * grid.shape[1]), 2 + 0.3 * grid.shape[0] + 2.2), dpi=110)
+    ax, ax2 = fig.subplots(2, 1, gridspec_kw={"height_ratios": [max(2, grid.shape[0]), 2]})
+    lim = float(np.nanmax(np.abs(grid.to_numpy()))) if np.isfinite(grid.to_numpy()).any() else 1.0
+    im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    ax.grid(False)
+    ax.set_yticks(range(grid.shape[0]), [str(p) for p in grid.index], fontsize=7)
+    ax.set_xticks(range(grid.shape[1]), [f"{t:g}" for t in grid.columns], fontsize=6, rotation=90)
+    ax.set_xlabel("grid t (model steps); white: ∂ε/∂t = 0 (no share)")
+    ax.set_title(f"{title}: share of ∂ε/∂t per part, ⟨J_c, J⟩/‖J‖²".strip(": "), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    for name, d in emb.groupby("part", sort=False):
+        ax2.plot(d["t"], d["K_part"], marker=".", label=str(name).removeprefix("embedding "))
+    _t_axes(ax2)
+    ax2.set_xlabel("timestep t")
+    ax2.set_ylabel("‖∂e/∂τ‖", fontsize=8)
+    if not emb.empty:
+        ax2.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 
 from . import rng
+from .attribution import attribution_norms, attribution_table, consumers
+from .axes import per_axis_factors
 from .batching import RunStats, check_finite, check_memory, run_batched
 from .conditioning import Conditioning
 from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
@@ -34,6 +36,8 @@ from .journal import Journal
 from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower level
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
+from .ode import ODE_METHODS, ode_columns, ode_norms
+from .optimal import parse_references, references
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
     FDPoints,
@@ -61,6 +65,7 @@ from .precision import (
 from .reduction import summarize_samples
 from .sampling import model_samples
 from .schedules import parse_grid
+from .targets import check_target_defined
 
 log = logging.getLogger("lipscope")
 
@@ -152,27 +157,10 @@ def k_table(
             "target": model.target,
         }
     )
-    for axis, f in per_axis_factors(model, pts).items():  # K per unit of log-SNR λ and of the native time
+    for axis, f in per_axis_factors(model, pts.t_a, pts.t_b).items():  # K per unit of log-SNR λ and of the native time
         for col in ("K_mean", "K_ci_low", "K_ci_high"):
             df[col.replace("K_", f"K_per_{axis}_", 1) if col != "K_mean" else f"K_per_{axis}"] = df[col] * f
     return df
-
-
-def per_axis_factors(model: EpsModel, pts: FDPoints) -> dict[str, np.ndarray]:
-    """Per row, what turns K per unit τ into K per unit λ (log-SNR) and per unit of the native time:
-    Δτ/|Δλ| for an FD pair, 1/|dλ/dτ| for a JVP point (t_a = t_b); likewise for the native time."""
-    p = model.schedule
-    ta, tb = (torch.as_tensor(v, dtype=torch.float64) for v in (pts.t_a, pts.t_b))
-    dtau = (tb - ta) / model.T
-    jvp = dtau == 0
-    out = {}
-    for axis, fn, dfn in (("lambda", p.log_snr, p.dlog_snr_dtau), ("native", p.native_time, p.dnative_dtau)):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = torch.where(jvp, dfn(ta), (fn(tb) - fn(ta)) / torch.where(jvp, 1.0, dtau))
-            # a point at λ = ±∞ (σ = 0 or α = 0) has no place on the λ axis: undefined (NaN), never 0
-            finite = torch.isfinite(fn(ta)) & torch.isfinite(fn(tb)) & torch.isfinite(d)
-            out[axis] = torch.where(finite, 1.0 / d.abs(), torch.nan).numpy()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,14 +168,14 @@ def per_axis_factors(model: EpsModel, pts: FDPoints) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-METHODS = ("fd", "jvp")
+METHODS = ("fd", "jvp", *ODE_METHODS)
 
 
 def parse_methods(method: str) -> list[str]:
-    """``fd``, ``jvp`` or both (``fd,jvp``)."""
+    """``fd``, ``jvp``, ``jvp-ode``, ``fd-ode`` (:mod:`lipscope.ode`) or a comma list of them (``fd,jvp``)."""
     ms = [m.strip() for m in method.split(",") if m.strip()]
     if not ms or any(m not in METHODS for m in ms):
-        raise InputError(f"`method` {method!r} not known; use fd, jvp or fd,jvp")
+        raise InputError(f"`method` {method!r} not known; use fd, jvp, jvp-ode, fd-ode or a comma list (fd,jvp)")
     return list(dict.fromkeys(ms))
 
 
@@ -212,6 +200,8 @@ def probe(
     journal: Journal | None = None,
     precision: str | None = None,
     precision_tolerance: float = DEFAULT_TOLERANCE,
+    attribute: str | None = None,
+    reference: str | list[str] | tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
     """Measure K(t) of ``model``: finite differences (``fd``, paper Fig. 1) and/or the exact
     ‖∂εθ/∂τ‖ by forward-mode AD (``jvp``). Returns the long-format table.
@@ -241,11 +231,16 @@ def probe(
     those an interrupted run finished. Launched with several processes (``torchrun``, ``accelerate launch``),
     each computes its share of the items (:mod:`lipscope.shard`) and every one returns the whole table.
 
+    Diagnosis (docs/probe.md): ``method`` jvp-ode/fd-ode (:mod:`lipscope.ode`); ``attribute`` blocks|layers:
+    ``attrs["attribution"]`` (:mod:`lipscope.attribution`); ``reference`` empirical, gaussian (:mod:`lipscope.optimal`).
+
     FD rows carry ``fd_noise_rel``/``fd_noise_limited`` (rounding noise vs ‖Δε‖; ``attrs["fd_noise"]``:
     how it was estimated); a float16/bfloat16 FD run with a noise-limited row is refused unless
     ``allow_noise_limited``.
     """
-    methods = parse_methods(method)
+    methods, kinds = parse_methods(method), parse_references(reference)
+    if attribute is not None:
+        consumers(model, attribute)  # the granularity, and where the network consumes t: refused before any work
     if target != model.target:
         model = dataclasses.replace(model, target=target)
     if model.conditioning is None and conditioning is None:
@@ -256,7 +251,7 @@ def probe(
         raise InputError(f"`samples` must be ≥ 1 (got {samples})")
     if int(seed) != seed or seed < 0:
         raise InputError(f"`seed` must be an integer ≥ 0 (got {seed})")
-    if "fd" in methods:
+    if {"fd", "fd-ode"} & set(methods):
         check_dt(dt, model.T)
     check_memory(samples, model.sample_shape)
     check_precision(precision, model)
@@ -267,7 +262,7 @@ def probe(
             "`space` condition measures forward differences between conditions: use `method` fd and `scheme` forward"
         )
     T = model.T
-    use_fd = "fd" in methods
+    use_fd = bool({"fd", "fd-ode"} & set(methods))
     lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
     if timesteps is None or isinstance(timesteps, str):
         grid = parse_grid(timesteps, T, t_max=hi)
@@ -285,7 +280,7 @@ def probe(
     auto = isinstance(data_range, str) and data_range.strip().lower() == "auto"
     default = model.schedule.default_data_range if isinstance(model.data_range, str) else model.data_range
     data_range = resolve_data_range(data_range, default)
-    _check_target_defined(model, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
+    check_target_defined(model.target, model.schedule, grid if pts is None else np.concatenate([pts.t_a, pts.t_b]))
     scaling: DataScaling
     if (
         isinstance(data, torch.Tensor)
@@ -320,7 +315,7 @@ def probe(
     stats = RunStats()
     low = PRECISIONS[precision] if precision is not None else model.dtype
     ref = REFERENCE[precision] if precision is not None else None
-    how = (pts, grid, methods, f"fd-{scheme}" if space != "condition" else "fd-condition", batch_size)
+    how = (pts, grid, methods, f"fd-{scheme}" if space != "condition" else "fd-condition", batch_size, attribute)
     guard = guard_samples(x0.shape[0]) if ref is not None else None
     K_ref: list[np.ndarray] = []
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
@@ -333,6 +328,12 @@ def probe(
     if guard is not None:
         worst = max(sample_rel_err(Ks[i][guard], K_ref[i]) for i in range(len(tables)))
         stats.extra["precision"] = report(model.name, precision, ref, guard, tables, precision_tolerance, worst)
+    refs, stats.extra["reference"] = references(model, kinds, data, data_range, x0, noise, grid, seed)
+    for name, K in refs.items():  # the optimal denoisers' rows (lipscope.optimal), on the same x_t
+        Ks.append(K)
+        tables.append(
+            k_table(dataclasses.replace(model, etsdm=None), FDPoints(grid, grid, grid), K, name, x0[0].numel())
+        )
     df = pd.concat(tables, ignore_index=True)
     check_noise(df, low, allow_noise_limited)
     df.attrs.update(
@@ -356,7 +357,7 @@ def probe(
 
 def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, journal, tabulate: bool = True):
     """(tables, per-sample K) of the methods, FD then JVP; ``tabulate`` False: K alone (the guard's reference)."""
-    pts, grid, methods, fd_name, batch_size = how
+    pts, grid, methods, fd_name, batch_size, attribute = how
     T, D = model.T, math.prod(x0.shape[1:])
     tables, Ks = [], []
     if "fd" in methods:
@@ -366,31 +367,30 @@ def _measure(model: EpsModel, x0, noise, how, progress: bool, stats: RunStats, j
         stats.extra["fd_noise"] = est = fd_noise(model, x0, noise, pts)
         noise_K = float(est["c"]) * float(est["u"]) * scale.numpy() / (pts.dt / T)[None, :]
         tables.append(k_table(model, pts, Ks[-1], fd_name, D, noise_K))
+    c = float(stats.extra["fd_noise"]["c"]) if "fd" in methods and tabulate else None
+    ode = ode_norms(model, x0, noise, pts, grid, methods, batch_size, progress, stats, journal, c)  # lipscope.ode
     if "jvp" in methods:
-        jst = RunStats()
-        Ks.append(jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy())
+        jst = RunStats()  # with jvp-ode, its first JVP is the jvp row
+        Ks.append(
+            ode["jvp-ode"][1][:, :, 1]
+            if "jvp-ode" in ode
+            else jvp_norms(model, x0, noise, grid, batch_size, progress, jst, journal).numpy()
+        )
         if tabulate:
             tables.append(k_table(model, FDPoints(grid, grid, grid), Ks[-1], "jvp", D))
         stats.extra.update(jvp_items=jst.forwards, jvp_seconds=jst.seconds, jvp_items_per_s=jst.forwards_per_s)
         if "fd" not in methods:
             stats.forwards, stats.seconds, stats.batch_size = jst.forwards, jst.seconds, jst.batch_size
-    return tables, Ks
-
-
-def _check_target_defined(model: EpsModel, t: np.ndarray) -> None:
-    """x0, v and velocity divide by α, the score by σ: refuse a grid that evaluates them where that is 0."""
-    zero = {"score": ("σ", model.schedule.sigma), "x0": ("α", model.schedule.alpha)}
-    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
-    if model.target not in zero:
-        return
-    name, fn = zero[model.target]
-    tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
-    bad = tt[fn(tt) == 0]
-    if bad.numel():
-        raise InputError(
-            f"`target` {model.target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
-            "`timesteps` (e.g. start the grid at 1)"
+    for name, (p, vals, noise_k) in ode.items():
+        Ks.append(vals[:, :, 0])
+        if tabulate:
+            tables.append(k_table(model, p, Ks[-1], name, D, noise_k).assign(**ode_columns(vals)))
+    if tabulate and attribute is not None:  # where t enters the network (lipscope.attribution)
+        vals, parts, emb = attribution_norms(
+            model, x0, noise, grid, attribute, batch_size, progress, RunStats(), journal
         )
+        stats.extra["attribution"] = attribution_table(vals, grid, parts, emb, attribute)
+    return tables, Ks
 
 
 def _is_explicit(spec: str) -> bool:

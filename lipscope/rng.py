@@ -15,6 +15,7 @@ NOISE      ε_i of probe sample i (shared across t)          SeedSequence([seed,
 SAMPLER    initial x_T of sample i                          SeedSequence([seed, 2**20 + i])
 SAMPLER    per-step noise of sample i (DDPM)                SeedSequence([seed, 2**21 + i])
 TRAINING   batch of training step s on process p            SeedSequence([seed, 256·s + p])
+BOOTSTRAP  resampled sample rows of an interval (exponent)  numpy SeedSequence([seed, 0xB007])
 INIT       weights of a network built by lipscope           torch seed ``seed`` in an isolated RNG
 ========== ================================================ ==========================================
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 _DATA_TAG = 0xDA7A
+_BOOTSTRAP_TAG = 0xB007
 _SAMPLER_INIT = 1 << 20
 _SAMPLER_STEP = 1 << 21
 _TRAINING_SHIFT = 8  # up to 256 processes per training step
@@ -45,6 +47,7 @@ class Stream(enum.Enum):
     SAMPLER_INIT = "sampler_init"
     SAMPLER_STEP = "sampler_step"
     TRAINING = "training"
+    BOOTSTRAP = "bootstrap"
 
 
 def _entropy_index(stream: Stream, index: int, process: int = 0) -> int:
@@ -95,6 +98,11 @@ def normal(
 def data_rng(seed: int) -> np.random.Generator:
     """The numpy generator that picks which data items a run uses (stream DATA)."""
     return np.random.default_rng(np.random.SeedSequence([seed, _DATA_TAG]))
+
+
+def bootstrap_rng(seed: int) -> np.random.Generator:
+    """The numpy generator that resamples sample rows for a bootstrap interval (stream BOOTSTRAP)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _BOOTSTRAP_TAG]))
 
 
 def noise(seed: int, n: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -36,6 +36,30 @@ def noisy(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch
     return per_row(alpha, x0.ndim) * x0 + per_row(sigma, x0.ndim) * eps
 
 
+def ode_velocity(x, eps, alpha, sigma, dalpha, dsigma) -> torch.Tensor:
+    """dx/dτ of the probability-flow ODE at (x, ε): (α'/α) x + (σ' − α'σ/α) ε, per-row α, σ and their τ-derivatives
+    (DESIGN.md, "Partial vs total derivative"; from x = αx0 + σε with x0 = (x − σε)/α held on the path)."""
+    a, s, da, ds = (per_row(v.to(torch.float64), x.ndim) for v in (alpha, sigma, dalpha, dsigma))
+    return ((da / a).to(x.dtype) * x + (ds - da * s / a).to(x.dtype) * eps).to(x.dtype)
+
+
+def check_target_defined(target: str, process, t) -> None:
+    """x0, v and velocity divide by α, the score by σ: refuse a grid (steps t of ``process``) that evaluates ``target``
+    where that is 0."""
+    zero = {"score": ("σ", process.sigma), "x0": ("α", process.alpha)}
+    zero |= {"v": zero["x0"], "velocity": zero["x0"]}
+    if target not in zero:
+        return
+    name, fn = zero[target]
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    bad = tt[fn(tt) == 0]
+    if bad.numel():
+        raise InputError(
+            f"`target` {target} is undefined where {name} = 0 (t = {float(bad[0]):g}); leave that t out of "
+            "`timesteps` (e.g. start the grid at 1)"
+        )
+
+
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise InputError(f"prediction_type {prediction_type!r} not supported; use one of {', '.join(PREDICTION_TYPES)}")

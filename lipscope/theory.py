@@ -6,8 +6,10 @@ diffusion loss of :mod:`lipscope.training`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,18 +18,22 @@ import torch
 from . import rng
 from .errors import InputError
 from .etsdm import Etsdm
+from .exponent import fit_exponent, fit_range
 from .gaussian import (
     GaussianMixture,
     closed_form_samples,
     dtau_exact_ms,
+    exponent_limit,
     fd_exact_ms,
     gaussian_eps_model,
+    rms_band,
     terms_exact_ms,
 )
 from .models import EpsModel, from_callable
 from .objectives import diffusion_loss
 from .probe import probe
-from .schedules import Schedule
+from .processes import EDMProcess, FlowProcess, VEProcess
+from .schedules import NoiseProcess, named_schedule
 
 MAX_DIM = 4096  # D×D float64 eigenvectors: 128 MiB per component at this size
 
@@ -39,12 +45,18 @@ def make_distribution(
     cov: str | None = None,
     mixture: int = 0,
     seed: int = 0,
+    rank: int | None = None,
+    floor: float | None = None,
 ) -> tuple[GaussianMixture, int]:
     """The data distribution of a theory run and its dimension D.
 
     ``mixture`` K ≥ 2: a seeded random K-component mixture; otherwise N(mean, Σ) with Σ the full
     matrix in the .npy file ``cov``, or diag(``var``) (default geomspace(0.01, 1, D)), mean 0 unless given.
+    ``rank`` r with ``floor`` s: r directions of variances ``var`` (r values; default geomspace(0.01, 1, r)) and the
+    other D − r at s² (data near an r-dimensional set; with ``mixture`` K, K such components on random subspaces).
     """
+    if rank is not None or floor is not None:
+        return _low_rank(dim, mean, var, cov, mixture, seed, rank, floor)
     if dim is not None and not 1 <= dim <= MAX_DIM:
         raise InputError(f"`dim` must be in 1..{MAX_DIM} (got {dim}); the closed forms hold D×D matrices")
     D = dim if dim is not None else (len(mean) if mean else len(var) if var else 2)
@@ -81,9 +93,63 @@ def make_distribution(
     return GaussianMixture.gaussian(torch.tensor(list(mean) if mean else [0.0] * D), torch.as_tensor(c)), D
 
 
+PROCESSES = ("vp", "ve", "edm", "flow")
+
+
+def make_process(
+    process: str = "vp",
+    schedule: str = "linear",
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float | None = None,
+) -> NoiseProcess:
+    """The process of a theory run: ``vp`` with the named ``schedule``; ``ve`` (σ_min, σ_max), ``edm`` (σ_min, σ_max,
+    ρ; Karras ramp) and ``flow`` with diffusers' defaults unless given (T = 1000 for all)."""
+    if process not in PROCESSES:
+        raise InputError(f"`process` {process!r} not known; use one of {', '.join(PROCESSES)}")
+    given: dict[str, Any] = {
+        k: v for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)) if v is not None
+    }
+    takes = {"vp": (), "flow": (), "ve": ("sigma_min", "sigma_max"), "edm": ("sigma_min", "sigma_max", "rho")}[process]
+    extra = [k for k in given if k not in takes]
+    if extra:
+        raise InputError(f"`{extra[0]}` is not an option of the {process} process; leave it out")
+    if any(not (math.isfinite(v) and v > 0) for v in given.values()):
+        raise InputError("`sigma_min`, `sigma_max` and `rho` must be finite and > 0")
+    if process == "vp":
+        return named_schedule(schedule)
+    if process == "flow":
+        return FlowProcess(steps=1000)
+    p = dataclasses.replace(VEProcess(steps=1000) if process == "ve" else EDMProcess(steps=1000), **given)
+    if not p.sigma_min < p.sigma_max:
+        raise InputError(f"`sigma_min` must be below `sigma_max` (got {p.sigma_min:g} and {p.sigma_max:g})")
+    return p
+
+
+def _low_rank(dim, mean, var, cov, mixture, seed, rank, floor) -> tuple[GaussianMixture, int]:
+    if rank is None or floor is None:
+        raise InputError("`rank` and `floor` go together: r directions of variances `var`, the others at `floor`²")
+    if cov is not None:
+        raise InputError("`cov` gives a full covariance; with `rank` and `floor` give the r variances as `var`")
+    D = dim if dim is not None else (len(mean) if mean else 2 * rank if rank else 2)
+    if not 1 <= D <= MAX_DIM or not 1 <= rank <= D:
+        raise InputError(f"`rank` must be in 1..`dim` and `dim` in 1..{MAX_DIM} (got rank {rank}, dim {D})")
+    if not (math.isfinite(floor) and floor >= 0):
+        raise InputError(f"`floor` must be a finite standard deviation ≥ 0 (got {floor})")
+    v = list(var) if var is not None else list(np.geomspace(0.01, 1.0, rank))
+    if len(v) != rank or not all(math.isfinite(x) and 0 < x < 1e15 for x in v):
+        raise InputError(f"`var` must give `rank` = {rank} positive variances (got {len(v)})")
+    if mean is not None and (len(mean) != D or not all(math.isfinite(x) for x in mean)):
+        raise InputError(f"`mean` must give `dim` = {D} finite values")
+    if mixture == 1 or mixture < 0 or (mixture >= 2 and mixture * D * D * 8 > 2**31):
+        raise InputError("`mixture` K needs K ≥ 2 and K·D² float64 values under 2 GiB")
+    k = max(mixture, 1)
+    return GaussianMixture.low_rank(D, v, floor, mean if k == 1 else None, k=k, seed=seed), D
+
+
 def theory_table(
     g: GaussianMixture,
-    schedule: Schedule,
+    schedule: NoiseProcess,
     grid: np.ndarray,
     dt: float = 1.0,
     samples: int = 512,
@@ -97,7 +163,9 @@ def theory_table(
     √E‖∂ε*/∂τ‖² (closed form; Monte Carlo of the per-sample closed form for mixtures),
     ``dtau_closed_mean`` (mean per-sample closed-form ‖∂ε*/∂τ‖ on the probe's samples),
     ``dtau_jvp`` (the probe's JVP on ε*, same samples), ``term1_rms``, ``term2_rms`` (Theorem 3.1),
-    and per trained net ``K_fd_<name>``, ``dtau_jvp_<name>``.
+    ``dtau_jvp_fit`` (the power law fitted to ``dtau_jvp`` over its fit range, :mod:`lipscope.exponent`; NaN
+    outside it) and per trained net ``K_fd_<name>``, ``dtau_jvp_<name>``. ``attrs["exponent"]``: the exponent per
+    method with its bootstrap interval, and the closed form's band and t → 0 limit (:func:`theory_exponents`).
     """
     T = schedule.T
     model = gaussian_eps_model(g, schedule, name="eps*")
@@ -141,6 +209,33 @@ def theory_table(
         out[f"K_fd_{name}"] = d[d["method"] == "fd-forward"]["K_mean"].to_numpy()
         out[f"dtau_jvp_{name}"] = d[d["method"] == "jvp"]["K_mean"].to_numpy()
     out.attrs["samples"] = samples
+    out.attrs["exponent"] = ex = theory_exponents(g, schedule, grid, df, seed)
+    fit = fit_range(out["t"].to_numpy())
+    e = ex["jvp"]
+    tau = np.where(fit, out["tau"].to_numpy(), 1.0)  # fit rows have τ > 0
+    out["dtau_jvp_fit"] = np.where(fit, np.exp(e["intercept"]) * tau ** e["p"], np.nan)
+    return out
+
+
+def theory_exponents(g: GaussianMixture, process: NoiseProcess, grid, df, seed: int = 0) -> dict:
+    """The exponent per method (FD, JVP on ε*: bootstrap over samples) next to what the closed form gives on the same
+    fit range: the exact RMS curve's slope and its band (one Gaussian) and the t → 0 limit (docs/theory.md)."""
+    K, out = df.attrs["K_samples"], {}
+    for m in df["method"].unique():
+        cols = (df["method"] == m).to_numpy()
+        out[m] = fit_exponent(df.loc[cols, "t"].to_numpy(), K[:, cols], process.T, seed).as_dict()
+    mask = fit_range(np.asarray(grid))
+    fit_t = np.asarray(grid, dtype=np.float64)[mask]
+    band: dict = {"limit": math.nan, "limit_reason": "no grid point t > 0 in the fit range"}
+    if fit_t.size and fit_t.min() > 0:
+        band["limit"], band["limit_reason"] = exponent_limit(process, g, float(fit_t.min()), float(fit_t.max()))
+    if g.K == 1 and fit_t.size >= 2 and fit_t.min() > 0:
+        p, lo, hi = rms_band(g, process, fit_t)
+        band |= {"closed_form_rms": p, "band": [lo, hi], "t_lo": float(fit_t.min()), "t_hi": float(fit_t.max())}
+    else:
+        why = "an exact band needs one Gaussian and ≥ 2 grid points t > 0 in the fit range"
+        band |= {"closed_form_rms": math.nan, "band": [math.nan, math.nan], "band_reason": why}
+    out["closed_form"] = band
     return out
 
 
@@ -175,7 +270,7 @@ class ToyEps(torch.nn.Module):
 
 def train_toy(
     g: GaussianMixture,
-    schedule: Schedule,
+    schedule: NoiseProcess,
     steps: int = 3000,
     batch: int = 512,
     lr: float = 2e-3,

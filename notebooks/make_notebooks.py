@@ -259,6 +259,74 @@ NOTEBOOKS = {
             "display(Image(figure_png(fig)))",
         ),
     ],
+    "05_diagnosis.ipynb": [
+        (
+            "md",
+            "# Diagnose the singularity: its exponent, the sampler's derivative, where t enters, the optimum beside it\n\n"
+            'On the built-in digits DDPM and its E-TSDM twin (docs/probe.md, "Diagnosis"): the exponent p of K ∝ τ^p over '
+            "the first decade of t with a bootstrap interval and the onset of the singular range; `jvp-ode`, the total "
+            "derivative of ε along the model's own probability-flow ODE (what a sampler feels) against the partial one at "
+            "fixed x; the attribution of ∂ε/∂t to the UNet's blocks; and the Bayes-optimal ε of the digits data set itself.",
+        ),
+        ("code", SETUP),
+        (
+            "code",
+            "grid = '0,1,2,3,4,5,6,7,8,9,10,15,20,50,100,300' if SMALL else '0,1,2,3,4,5,6,7,8,9,10,15,20,30,50,70,100,150,200,300,500,700,900'\n"
+            "n = 4 if SMALL else 16\n"
+            "tables = {}\n"
+            "for name in ('digits-ddpm', 'digits-etsdm'):\n"
+            "    model = lipscope.load_model(f'builtin:{name}')\n"
+            "    tables[name] = lipscope.probe(model, 'digits', timesteps=grid, method='jvp,jvp-ode', samples=n, seed=0,\n"
+            "                                  attribute='blocks', reference=['empirical'], batch_size=96)\n"
+            "for name, df in tables.items():\n"
+            "    print(name)\n"
+            "    for line in lipscope.explain(df)['sentences']:\n"
+            "        print('  ', line)",
+        ),
+        (
+            "md",
+            "K against t, each method's fitted power law over its range and the empirical optimum dashed. The E-TSDM "
+            "network is fed a constant condition inside each 20-step sub-interval, so its partial derivative is 0 there "
+            "(no exponent: the table says why); along the ODE x moves, and its total derivative is not 0.",
+        ),
+        (
+            "code",
+            "from lipscope.plots import plot_attribution, plot_lipschitz\n"
+            "\n"
+            "for name, df in tables.items():\n"
+            "    fits = lipscope.explain(df)['methods']\n"
+            "    display(Image(figure_png(plot_lipschitz(df, f'builtin:{name}', t_split=100, fits=fits))))",
+        ),
+        ("md", "Where ∂ε/∂t enters the DDPM UNet: the share of each block, ⟨J_c, J⟩/‖J‖², per t (they sum to 1):"),
+        (
+            "code",
+            "display(Image(figure_png(plot_attribution(tables['digits-ddpm'].attrs['attribution'], 'digits-ddpm'))))",
+        ),
+        (
+            "code",
+            "view = {name: df[df.method == 'jvp-ode'].set_index('t')[['K_mean', 'K_partial', 'K_space', 't_share']]\n"
+            "        .loc[[1.0, 5.0, 20.0]].assign(partial_over_total=lambda d: d.K_partial / d.K_mean)\n"
+            "        for name, df in tables.items()}\n"
+            "view['digits-ddpm']",
+        ),
+        (
+            "md",
+            "The same exponent on closed forms, where docs/theory.md derives it: flow matching on data near a 4-dimensional "
+            "set (floor s = 1e-8 in the other 28 directions) gives K ∝ 1/τ, on full-rank data K stays finite:",
+        ),
+        (
+            "code",
+            "import numpy as np\n"
+            "from lipscope.theory import make_distribution, make_process, theory_table\n"
+            "\n"
+            "flow = make_process('flow')\n"
+            "for rank in (None, 4):\n"
+            "    g = make_distribution(dim=32, rank=rank, floor=1e-8 if rank else None, var=[1.0] * (rank or 32))[0]\n"
+            "    ex = theory_table(g, flow, np.arange(1.0, 11.0), dt=0.1, samples=64 if SMALL else 512).attrs['exponent']\n"
+            "    print('rank', rank or 32, ': p =', round(ex['jvp']['p'], 3), [round(v, 3) for v in (ex['jvp']['ci_low'], ex['jvp']['ci_high'])],\n"
+            "          'band', [round(v, 3) for v in ex['closed_form']['band']], 'limit', ex['closed_form']['limit'])",
+        ),
+    ],
 }
 
 

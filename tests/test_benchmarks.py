@@ -6,6 +6,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,33 @@ def test_bench_families_quick(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["conditioning"] for r in rows] == ["cond", "cfg"]
     assert all(r["fd_over_raw"] > 0 and r["jvp_over_raw"] > 0 for r in rows)
+
+
+def test_bench_jvp_ratio_tiny():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_jvp_ratio
+
+    res = bench_jvp_ratio.main(["--tiny"])
+    assert set(res["rows"]) == {"cifar10-unet", "dit-s2", "sd3-s"}
+    for r in res["rows"].values():
+        assert r["jvp_over_forward"] > 0 and r["fd_over_raw"] > 0 and r["fd_call_over_raw"] > 0
+
+
+def test_bench_scaling_tiny(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_scaling
+
+    res = bench_scaling.main(["--tiny", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+    assert [r["points"] for r in res["work"] if r["method"] == "fd"] == [4, 8]
+    assert all(np.isfinite(v) for v in res["slopes"].values()) and (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_bench_diagnosis_tiny(tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "d.json"
+    monkeypatch.setattr(sys, "argv", ["bench_diagnosis.py", "--tiny", "--json", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "bench_diagnosis.py"), run_name="__main__")
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"fd", "jvp", "jvp-ode", "fd-ode", "attribution", "ref-empirical", "ref-gaussian"}
+    assert all(m["raw_forwards_per_item"] > 0 for m in res["methods"].values()) and res["attribution_groups"] == 5

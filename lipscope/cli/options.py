@@ -59,7 +59,29 @@ def batch_size(v: str) -> str:
     return str(n)
 
 
-METHOD = choice("fd", "jvp", "fd,jvp", "jvp,fd")
+def method(v: str) -> str:
+    """fd, jvp, jvp-ode, fd-ode or a comma list of them (lipscope.probe.METHODS)."""
+    from ..probe import METHODS  # imported when a value is parsed: --help does not import torch
+
+    parts = [p.strip() for p in v.split(",") if p.strip()]
+    if not parts or any(p not in METHODS for p in parts):
+        raise typer.BadParameter(f"{v!r}: use {', '.join(METHODS)} or a comma list of them (e.g. fd,jvp)")
+    return ",".join(parts)
+
+
+METHOD = method
+ATTRIBUTE = choice("blocks", "layers")
+
+
+def reference(v: str) -> str:
+    """empirical, gaussian or both (a comma list)."""
+    parts = [p.strip() for p in v.split(",") if p.strip()]
+    if not parts or any(p not in ("empirical", "gaussian") for p in parts):
+        raise typer.BadParameter(f"{v!r}: use empirical, gaussian or empirical,gaussian")
+    return ",".join(parts)
+
+
+REFERENCE = reference
 SCHEME = choice(_library("points", "SCHEMES"))
 SPACE = choice("time", "condition")
 TARGET = choice(_library("targets", "TARGETS"))

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .common import cli_errors, say, setup_logging
 from .options import (
+    ATTRIBUTE,
     BATCH_SIZE,
     CLASS_LABEL,
     COMPILE,
@@ -24,6 +25,7 @@ from .options import (
     PROMPT,
     PROMPT_EMBEDS,
     PROMPT_FILE,
+    REFERENCE,
     SCHEME,
     SPACE,
     TARGET,
@@ -92,7 +94,8 @@ def probe(
         "fd",
         "--method",
         parser=METHOD,
-        help="fd (finite differences), jvp (exact ‖∂ε/∂τ‖ by forward AD) or fd,jvp.",
+        help="fd (finite differences), jvp (exact ‖∂ε/∂τ‖ by forward AD), jvp-ode / fd-ode (the total derivative along "
+        "the model's probability-flow ODE: K_total, K_partial, K_space, t_share) or a comma list (fd,jvp).",
     ),
     space: str = typer.Option(
         "time",
@@ -158,6 +161,19 @@ def probe(
         help="Parameterisation measured: eps (the paper's ε), x0, v, score or velocity (ε − x0), converted at the "
         "true t.",
     ),
+    attribute: str | None = typer.Option(
+        None,
+        "--attribute",
+        parser=ATTRIBUTE,
+        help="blocks or layers: split ∂ε/∂t over the network's time-embedding consumers (attribution.csv, .png).",
+    ),
+    reference: str | None = typer.Option(
+        None,
+        "--reference",
+        parser=REFERENCE,
+        help="empirical, gaussian or both: rows of the Bayes-optimal ε of the data set (a mixture of its points) and "
+        "of a Gaussian fitted to it, on the same x_t, with exact t-derivatives.",
+    ),
     class_label: list[int] | None = CLASS_LABEL,
     prompt: list[str] | None = PROMPT,
     prompt_file: Path | None = PROMPT_FILE,
@@ -222,6 +238,8 @@ def probe(
             data_range=_data_range(data_range),
             target=target,
             plot_x=plot_x,
+            attribute=attribute,
+            reference=reference,
             **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
             allow_noise_limited=allow_noise_limited,
         ),
@@ -240,12 +258,15 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     tab.add_row("peak K", f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}")
 
     def num(v: float, fmt: str, why: str) -> str:
-        return f"{v:{fmt}}" if v == v else f"n/a ({why})"  # NaN: the grid has no point on that side
+        return f"{v:{fmt}}" if v == v else f"n/a, because {why}"  # NaN: the grid has no point on that side
 
     above, below = f"no grid point at t ≥ {s['t_split']:g}", f"no grid point below t = {s['t_split']:g}"
     tab.add_row(f"median K, t ≥ {s['t_split']:g}", num(s["median_K_above"], ".4g", above))
     tab.add_row(f"mean K, t < {s['t_split']:g}", num(s["mean_K_below"], ".4g", below))
     tab.add_row("singularity ratio", num(s["singularity_ratio"], ".3g", "needs points on both sides of t_split"))
+    for line in s.get("diagnosis", {}).get("sentences", []):  # exponent, onset, ODE, attribution, references
+        what, _, text = line.partition(": ")
+        tab.add_row(what, text)
     scaling = df.attrs.get("data_scaling")
     if scaling is not None:
         tab.add_row("data", str(scaling))
@@ -254,5 +275,6 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     if flagged:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())
         tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
-    tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
+    extra = ", attribution.csv, attribution.png" if df.attrs.get("attribution") is not None else ""
+    tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png{extra}")
     say(tab)

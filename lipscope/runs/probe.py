@@ -19,10 +19,11 @@ from .. import shard
 from ..data import check_data_range
 from ..errors import InputError, short_error
 from ..etsdm import Etsdm
+from ..explain import explain
 from ..io import WriteFailure
 from ..journal import DamagedJournal, Journal, interrupted
 from ..models import EpsModel
-from ..plots import figure_png, plot_compare, plot_lipschitz
+from ..plots import figure_png, plot_attribution, plot_compare, plot_lipschitz
 from ..probe import probe
 from ..reduction import check_t_split, summary
 from ..speed import Speed, accelerated
@@ -68,6 +69,8 @@ class ProbeOptions(ConditioningOptions, ModelOptions):
     # "auto": the process family's convention ([−1, 1]; [0, 1] for score-SDE VE), printed and recorded
     data_range: tuple[float, float] | None | str = "auto"
     target: str = "eps"  # the parameterisation measured: eps (the paper's), x0, v, score, velocity
+    attribute: str | None = None  # blocks or layers: ∂ε/∂t split over the time-embedding consumers (attribution.csv)
+    reference: str | None = None  # empirical and/or gaussian: the optimal denoisers' rows (comma list)
     plot_x: str = "t"  # lipschitz.png against t, or K per unit λ against log-SNR λ ("lambda")
 
     def resolved(self) -> ProbeOptions:
@@ -154,6 +157,8 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
             raise WriteFailure(f"{e}; the finished items are kept: fix that and rerun with `resume`") from e
         raise
     summ = summary(df, m.T, opts.t_split)
+    diag = explain(df, m.T, opts.t_split, opts.seed)  # exponent, onset, ODE split, attribution, references
+    summ |= {k: diag.get(k) for k in ("exponent", "exponent_ci", "onset")} | {"diagnosis": diag}
     wall = time.time() - start
     meta = {
         "command": "probe",
@@ -179,11 +184,14 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         "fd_noise": df.attrs.get("fd_noise"),
         "fd_noise_limited_rows": int(df["fd_noise_limited"].sum()),
         "precision": df.attrs.get("precision"),  # the accuracy guard of `precision` (None without it)
+        "reference": df.attrs.get("reference") or None,  # the data set of the optimal denoisers' rows
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
-    png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x))
+    png = figure_png(plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x, fits=diag["methods"]))
     files = {"lipschitz.csv": lio.csv_bytes(df), "run.json": lio.json_bytes(meta), "lipschitz.png": png}
+    if isinstance(att := df.attrs.get("attribution"), pd.DataFrame):
+        files |= {"attribution.csv": lio.csv_bytes(att), "attribution.png": figure_png(plot_attribution(att, m.name))}
     write_on_main(out, files, opts.overwrite or bool(journal.started_with("_overwrite")))
     if shard.is_main():
         journal.discard()  # after the folder is in place: a failed write can still be resumed
@@ -213,6 +221,8 @@ def _run(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal
             conditioning=cond,
             journal=journal,
             precision=opts.precision,
+            attribute=opts.attribute,
+            reference=opts.reference,
         )
 
 

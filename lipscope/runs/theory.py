@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import io as lio
 from ..errors import InputError
 from ..plots import figure_png, plot_theory
-from ..schedules import CONTINUOUS, named_schedule, parse_grid
-from ..theory import make_distribution, theory_table, train_toy
+from ..schedules import parse_grid
+from ..theory import make_distribution, make_process, theory_table, train_toy
 from .common import check_out_dir
 
 
@@ -27,6 +28,12 @@ class TheoryOptions:
     var: tuple[float, ...] | None = None
     cov: str | None = None
     mixture: int = 0
+    rank: int | None = None  # r directions of variances `var`, the others at `floor`² (data near an r-dim set)
+    floor: float | None = None
+    process: str = "vp"  # vp (with `schedule`), ve, edm (σ_min, σ_max, ρ) or flow
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
     schedule: str = "linear"
     timesteps: str = "default"
     dt: float = 1.0
@@ -57,9 +64,14 @@ def run_theory(opts: TheoryOptions) -> TheoryResult:
             raise InputError("`samples` must be ≥ 2 and `steps` ≥ 1")
         if opts.etsdm and not opts.train:
             raise InputError("`etsdm` goes with `train`")
-        g, D = make_distribution(opts.dim, opts.mean, opts.var, opts.cov, opts.mixture, opts.seed)
-        sched = named_schedule(opts.schedule)
-        t_min = 1.0 if opts.schedule in CONTINUOUS else 0.0  # σ(0) = 0 in continuous time: ε* is singular there
+        if opts.train and opts.process in ("ve", "edm"):
+            raise InputError("`train` fits the toy net on vp or flow (it is fed model steps); leave it out here")
+        g, D = make_distribution(
+            opts.dim, opts.mean, opts.var, opts.cov, opts.mixture, opts.seed, opts.rank, opts.floor
+        )
+        sched = make_process(opts.process, opts.schedule, opts.sigma_min, opts.sigma_max, opts.rho)
+        s0 = float(sched.sigma(torch.tensor(0.0, dtype=torch.float64)))
+        t_min = 1.0 if s0 == 0 else 0.0  # σ(0) = 0 (continuous VP, flow): ε* is singular there
         grid = parse_grid(opts.timesteps, sched.T, t_max=sched.T - 1 - opts.dt)
         if opts.timesteps in ("default", "all") or opts.timesteps.startswith(("linear", "log")):
             grid = grid[grid >= t_min]
@@ -76,16 +88,20 @@ def run_theory(opts: TheoryOptions) -> TheoryResult:
             "options": {**asdict(opts), "dim": D},
             "reference": df["reference"].iloc[0],
             "max_rel_err_jvp_vs_closed_form": float(rel.max()),
+            "process": sched.describe(),
+            "exponent": df.attrs["exponent"],
             "training": losses,
             "versions": lio.package_versions(),
             "wall_time_s": time.time() - start,
         }
         mix = f" mixture K={opts.mixture}" if opts.mixture >= 2 else ""
-        title = f"Gaussian{mix}, D={D}, {opts.schedule} schedule"
+        rank = f", rank {opts.rank} + floor {opts.floor:g}" if opts.rank is not None and opts.floor is not None else ""
+        how = f"{opts.schedule} schedule" if opts.process == "vp" else f"{opts.process} process"
+        title = f"Gaussian{mix}, D={D}{rank}, {how}"
         files = {
             "theory.csv": lio.csv_bytes(df),
             "run.json": lio.json_bytes(meta),
-            "theory.png": figure_png(plot_theory(df, title)),
+            "theory.png": figure_png(plot_theory(df, title, df.attrs["exponent"])),
         }
         lio.write_run_folder(out, files, overwrite=opts.overwrite)
         return TheoryResult(df, meta, title, list(nets), out)
