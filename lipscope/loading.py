@@ -262,10 +262,8 @@ def _load_unet_folder(path: Path, subfolder: str | None, sched_cfg: dict | None,
 
 def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle: bool, dev, dt) -> EpsModel:
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise InputError(
-            f"`model` {path}: unknown file type; use a folder, "
-            f"or a {'/'.join(WEIGHT_SUFFIXES)} file with its config as `config`"
-        )
+        raise InputError(f"`model` {path}: unknown file type; use a folder, or a {'/'.join(WEIGHT_SUFFIXES)} file "
+                         "with its config as `config`")  # fmt: skip
     if config is None:
         raise InputError(f"`model` {path} is a weights file: pass its UNet config.json as `config`")
     cpath = Path(config)
@@ -307,11 +305,15 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    local_only, no_network = hub_local_only(repo, offline)
+    local_only, no_network = hub_local_only(repo, offline, warn=False)  # said by fetch, once the cache holds it
+    unsaid = [no_network] if no_network else []
 
     def fetch(filename: str) -> str | None:
         try:
-            return hf_hub_download(repo, filename, revision=revision, local_files_only=local_only)
+            path = hf_hub_download(repo, filename, revision=revision, local_files_only=local_only)
+            if unsaid:  # the first file the cache holds: the fallback is said once
+                log.warning("%s: reading %s from the local Hugging Face cache", unsaid.pop(), repo)
+            return path
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return None
         except Exception as e:  # repo not found, gated, network down
@@ -348,18 +350,15 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
                 f"`model` {repo}: {why} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); download it "
                 "once with network access, set HF_HUB_CACHE, or point `model` at a local folder"
             )
-        raise InputError(
-            f"`model` {repo}: no UNet config.json found in the repo (tried {subs}); "
-            "pass the folder that holds it as `subfolder`"
-        )
+        raise InputError(f"`model` {repo}: no UNet config.json found in the repo (tried {subs}); pass the folder "
+                         "that holds it as `subfolder`")  # fmt: skip
     ucfg = read_json(Path(cfg_file), "model config")
     check_unet_config(ucfg, repo)
     if sched_cfg is None:
         sched_cfg = find_scheduler_config([""], fetch)
     try:
-        unet = unet_class(ucfg).from_pretrained(
-            repo, subfolder=unet_sub or None, revision=revision, local_files_only=local_only
-        )
+        unet = unet_class(ucfg).from_pretrained(repo, subfolder=unet_sub or None, revision=revision,
+                                                local_files_only=local_only)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(
             f"`model` {repo}: could not load the UNet ({_short(e)}); check the repo id and its files"
@@ -367,13 +366,13 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     return _with_codec(from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt), repo, index, dev, dt, **hub)
 
 
-def hub_local_only(repo: str, offline: bool | None) -> tuple[bool, str | None]:
+def hub_local_only(repo: str, offline: bool | None, warn: bool = True) -> tuple[bool, str | None]:
     """(whether to read ``repo`` from the local Hugging Face cache only, why the hub is unreachable): ``offline``,
-    else HF_HUB_OFFLINE, else when the hub cannot be reached (said once, as a warning)."""
+    else HF_HUB_OFFLINE, else when the hub cannot be reached (said as a warning with ``warn``)."""
     env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     local_only = offline if offline is not None else env_offline
     no_network = None if local_only else _no_network()
-    if no_network:
+    if no_network and warn:
         log.warning("%s: looking for %s in the local Hugging Face cache", no_network, repo)
     return bool(local_only or no_network), no_network
 

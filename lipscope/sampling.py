@@ -11,10 +11,12 @@ not depend on the batch size. Samples are x0 in the model's own space: pixels cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from . import rng, shard
+from .batching import progress_bar
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
 from .processes import EDMProcess, FlowProcess, VEProcess
@@ -137,10 +140,12 @@ def sample(
     steps: int = 50,
     seed: int = 0,
     batch_size: int = 256,
-    progress: bool = False,
+    progress: bool | Callable[[float], None] = False,
 ) -> torch.Tensor:
     """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to the
-    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped."""
+    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped.
+
+    ``progress``: a progress bar with ETA (True), or ``advance(k)`` called as the work goes, ``steps`` in all."""
     check_sampler(model, scheduler)
     span = data_range_of(model) if model.latent is None else None
     clip = span is not None
@@ -157,14 +162,19 @@ def sample(
         raise InputError(f"`num` and `batch_size` must be ≥ 1 (got {n} and {batch_size})")
     out = []
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
-    with torch.inference_mode():
-        for s in shard.split(torch.arange(0, n, batch_size), 1).tolist():  # several processes: whole batches each
+    mine = shard.split(torch.arange(0, n, batch_size), 1).tolist()  # several processes: whole batches each
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        advance = progress if callable(progress) else stack.enter_context(
+            progress_bar(bool(progress) and shard.is_main(), steps, f"sample {model.name} {scheduler} seed {seed}")
+        )  # fmt: skip
+        for s in mine:
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
             rows = torch.arange(s, s + xb.shape[0])  # sample s + r gets the conditioning of row s + r
             dev = "cpu" if sigma else model.device  # ScoreSdeVeScheduler.step_correct draws on the CPU
             gens = [rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=dev) for i in range(xb.shape[0])]
             if sigma:
                 xb = sigma_sample(model, scheduler, steps, xb, rows, gens)
+                advance(steps / len(mine))
             else:  # multistep solvers keep per-run state: one scheduler per batch
                 sched = (
                     flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
@@ -173,6 +183,7 @@ def sample(
                     tt = torch.full((xb.shape[0],), float(t), device=model.device)
                     # ε, or the velocity u = ε − x0 at σ = t/T for flow
                     xb = sched.step(model(xb, tt, rows), t, xb, generator=gens).prev_sample
+                    advance(steps / len(sched.timesteps) / len(mine))
             bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
             if bad.any():
                 raise ModelOutputError(
@@ -291,11 +302,17 @@ def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return grid
 
 
-def png_bytes(grid: np.ndarray, scale: int = 4) -> bytes:
+MIN_PNG_SIDE = 512  # px: a grid of small images (8×8 digits) is enlarged to be seen at once
+
+
+def png_bytes(grid: np.ndarray, scale: int | None = None) -> bytes:
+    """The grid as PNG, each pixel repeated ``scale`` times (default: the smallest scale that makes the longer side
+    at least :data:`MIN_PNG_SIDE` px; 1 for grids that are that large already)."""
     import io
 
     from PIL import Image
 
+    scale = scale if scale is not None else max(1, -(-MIN_PNG_SIDE // max(grid.shape[:2])))
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()

@@ -29,6 +29,7 @@ LAYERS = {
     "metrics": 1,
     "plots": 1,
     "patches": 1,
+    "cards": 1,
     "exponent": 1,
     "budget": 1,
     "coverage": 1,

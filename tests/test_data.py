@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 from PIL import Image
 
 from lipscope.data import DataScaling, choose_indices, digits_array, load_data, load_data_with_scaling
@@ -268,7 +269,7 @@ def test_probe_reports_the_scaling_and_checks_tensors():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=env, timeout=HANG_S
     )
 
 

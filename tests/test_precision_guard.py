@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import HANG_S, tiny_unet
 
 from lipscope.errors import InputError
 from lipscope.models import from_unet
@@ -94,7 +94,9 @@ def test_float32_flags_but_never_refuses():
 
 def _cli(args):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=e, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=e, timeout=HANG_S
+    )
 
 
 def test_cli_refuses_bfloat16_fd_in_one_line(tmp_path, pipeline_dir):

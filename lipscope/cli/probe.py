@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .. import shard
 from .common import cli_errors, say, setup_logging
 from .options import (
     ATTRIBUTE,
@@ -225,6 +224,7 @@ def probe(
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
     setup_logging(verbose)
+    from .. import shard
     from ..runs import ProbeOptions, run_probe
 
     res = run_probe(
