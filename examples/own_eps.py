@@ -4,8 +4,9 @@
 
 ``make()`` returns any callable ``eps(x, t)``: x is (B, C, H, W), t a float tensor (B,) in model
 steps (fractional values allowed, never rounded). Optional attributes: ``sample_shape`` (C, H, W)
-so lipscope can size the data, and ``schedule`` (a ``lipscope.Schedule``); without one the DDPM
-linear schedule is used with a warning (or pass --scheduler-config).
+so lipscope can size the data, and ``schedule`` (any lipscope ``NoiseProcess``: ``Schedule``, ``FlowProcess``, …,
+or a diffusers scheduler); without one the DDPM linear schedule is used with a warning (or pass
+--scheduler-config). What it returns is what its process predicts (docs/probe.md, "Your own network").
 """
 
 from __future__ import annotations

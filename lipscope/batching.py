@@ -162,8 +162,10 @@ def resolve_batch_size(batch_size: int | str, model: EpsModel, total: int) -> in
 
 @contextmanager
 def progress_bar(enabled: bool, total: int, label: str) -> Iterator:
+    """A rich progress bar with ETA; yields ``advance(k, info=None)``: k more done, ``info`` (e.g. the loss)
+    shown after the time left."""
     if not enabled:
-        yield lambda k: None
+        yield lambda k, info=None: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -172,10 +174,11 @@ def progress_bar(enabled: bool, total: int, label: str) -> Iterator:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}", markup=False),
         transient=True,
     ) as p:
-        task = p.add_task(label, total=total)
-        yield lambda k: p.advance(task, k)
+        task = p.add_task(label, total=total, info="")
+        yield lambda k, info=None: p.update(task, advance=k, **({} if info is None else {"info": info}))
 
 
 def check_finite(outs: list[torch.Tensor], t_lo: torch.Tensor, t_hi: torch.Tensor, what: str) -> None:

@@ -164,3 +164,27 @@ def write_folder(dest: Path, fill: Callable[[Path], Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save a DDPM pipeline folder of a ``UNet2DModel`` (E-TSDM: its class from ``lipscope.etsdm``) atomically, with
+    the scheduler its config names (DDPM when it names none; a flow model keeps its ``FlowMatchEulerDiscreteScheduler``,
+    whose ``step`` DDPMPipeline's loop calls the same way; a VE model is a ``ScoreSdeVePipeline``)."""
+    import diffusers
+
+    name = scheduler_config.get("_class_name") or "DDPMScheduler"
+    sched_cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    sched_cls = sched_cls or diffusers.DDPMScheduler
+
+    def fill(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet")
+        sched_cls.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
+        lib = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
+        pipe = "ScoreSdeVePipeline" if sched_cls.__name__ == "ScoreSdeVeScheduler" else "DDPMPipeline"
+        index = {"_class_name": pipe, "unet": [lib, type(unet).__name__]}
+        index["scheduler"] = ["diffusers", sched_cls.__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if extra:
+            (tmp / "lipscope.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+
+    return write_folder(dest, fill)

@@ -91,3 +91,46 @@ def _flat(kw: Kwargs, prefix: str = "") -> dict[str, torch.Tensor]:
 def guided(eps_c: torch.Tensor, eps_u: torch.Tensor, w: float) -> torch.Tensor:
     """ε_u + w (ε_c − ε_u): the classifier-free guided field (w = 1: the conditional ε)."""
     return eps_u + w * (eps_c - eps_u)
+
+
+def class_conditioning(
+    name: str,
+    class_labels: list[int] | None,
+    guidance_scale: float | None,
+    num_classes: int | None,
+    null_class: int | None,
+    required: bool = True,
+) -> Conditioning | None:
+    """Class labels cycled over the samples (DiT, a ``py:`` network taking ``class_labels``). No label: the null
+    class (unconditional), else the network's own default (None: nothing fed; refused where it has none). CFG
+    guides against the null class. ``num_classes`` None: any label ≥ 0."""
+    if not class_labels:
+        if guidance_scale is not None:
+            raise InputError("`guidance_scale` needs `class_labels` to guide towards; give one or more labels")
+        if null_class is not None:
+            none = {"conditioning": f"unconditional (null class {null_class})"}
+            return Conditioning({"class_labels": torch.tensor([null_class])}, info=none)
+        if required:
+            raise InputError(
+                f"`model` {name} takes `class_labels` and has no default or null class: give `class_labels`"
+            )
+        return None
+    top = f"{num_classes} classes (0..{num_classes - 1})" if num_classes is not None else "labels ≥ 0"
+    bad = [
+        c for c in class_labels if not (isinstance(c, int) and 0 <= c < (2**62 if num_classes is None else num_classes))
+    ]
+    if bad:
+        raise InputError(f"`class_labels` {bad[0]} is out of range: {name} has {top}")
+    if guidance_scale is not None and null_class is None:
+        raise InputError(
+            "`guidance_scale` needs an unconditional branch: give the network a null_class_label attribute (the label "
+            "it was trained on for no class), or leave out `guidance_scale`"
+        )
+    labels = torch.tensor(class_labels)
+    uncond = None if null_class is None else {"class_labels": torch.full_like(labels, null_class)}
+    info: dict[str, Any] = {
+        "conditioning": "class labels",
+        "class_labels": list(class_labels),
+        "null_class": null_class,
+    }
+    return Conditioning({"class_labels": labels}, uncond, guidance_scale, info)

@@ -3,7 +3,8 @@
 The range is declared, never guessed: ``data_range=(lo, hi)`` (default (−1, 1), diffusers' convention
 for pixel-space UNets) or ``None``. Pixel codes are mapped linearly into [lo, hi] (0 → lo, top → hi);
 float arrays are fed unchanged and must lie inside [lo, hi]; ``None`` feeds float arrays as they are
-and refuses pixel codes. :func:`load_data_with_scaling` also says which mapping it applied.
+and refuses pixel codes (:mod:`lipscope.ranges`). :func:`load_data_with_scaling` also says which mapping it
+applied.
 
 Sources (``load_data(spec, …)``):
   * ``digits``: scikit-learn's 8×8 digits (0..16 → [lo, hi]), resized to the model, replicated to its channels;
@@ -23,7 +24,6 @@ Which n samples are used is decided by ``seed`` alone (a seeded permutation from
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,55 +32,21 @@ import torch.nn.functional as F
 
 from . import patches, rng
 from .errors import InputError
+from .ranges import DEFAULT_DATA_RANGE as DEFAULT_DATA_RANGE  # re-exported, with the names below
+from .ranges import RANGE_TOL as RANGE_TOL
+from .ranges import DataRange as DataRange
+from .ranges import DataScaling as DataScaling
+from .ranges import array_digest as array_digest
+from .ranges import check_data_range as check_data_range
+from .ranges import map_codes as map_codes
+from .ranges import range_text as range_text
+from .ranges import resolve_data_range as resolve_data_range
+from .ranges import scale_array as scale_array
 
 log = logging.getLogger("lipscope")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
-DataRange = tuple[float, float] | None
-DEFAULT_DATA_RANGE: tuple[float, float] = (-1.0, 1.0)  # diffusers' convention for pixel-space UNets
-RANGE_TOL = 1e-3  # float arrays may overshoot the declared range by this fraction of its width
-
-
-@dataclass(frozen=True)
-class DataScaling:
-    """The mapping applied to a data source, e.g. ``uint8 0..255 → [-1, 1]``."""
-
-    source_kind: str  # digits, images, uint8 array, float32 array, model samples, tensor
-    mapping: str
-
-    def __str__(self) -> str:
-        return self.mapping
-
-
-def check_data_range(data_range: object) -> DataRange:
-    """``(lo, hi)`` with finite lo < hi, or None; returned as floats."""
-    if data_range is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in data_range)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):
-        raise InputError(f"`data_range` {data_range!r}: give two numbers lo,hi (e.g. -1,1 or 0,1) or none") from None
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-        raise InputError(f"`data_range` {lo:g},{hi:g}: needs finite lo < hi (e.g. -1,1 or 0,1) or none")
-    if max(abs(lo), abs(hi)) > 1e30:
-        raise InputError(f"`data_range` {lo:g},{hi:g}: beyond what float32 data can hold; give the real range")
-    return lo, hi
-
-
-def resolve_data_range(data_range: object, default: DataRange) -> DataRange:
-    """``"auto"`` → ``default`` (the model family's convention); anything else checked by :func:`check_data_range`."""
-    if isinstance(data_range, str):
-        if data_range.strip().lower() == "auto":
-            return default
-        if data_range.strip().lower() == "none":
-            return None
-        raise InputError(f"`data_range` {data_range!r}: give lo,hi (e.g. -1,1 or 0,1), auto or none")
-    return check_data_range(data_range)
-
-
-def range_text(r: tuple[float, float]) -> str:
-    return f"[{r[0]:g}, {r[1]:g}]"
 
 
 def choose_indices(available: int, n: int | None, seed: int) -> np.ndarray:
@@ -108,61 +74,6 @@ def _match_channels(x: torch.Tensor, c: int, what: str) -> torch.Tensor:
     if x.shape[1] == 1:
         return x.expand(-1, c, -1, -1).contiguous()
     raise InputError(f"{what} has {x.shape[1]} channels but the model takes {c}; pass data with {c} channels")
-
-
-def map_codes(a: np.ndarray, top: int, data_range: DataRange, what: str, kind: str) -> tuple[np.ndarray, DataScaling]:
-    """Integer codes 0..top → [lo, hi] linearly, as float32 (0 → lo and top → hi exactly; for
-    (−1, 1) and top 255 this is x/127.5 − 1 bit for bit)."""
-    codes = f"{ {'uint8 array': 'uint8', 'images': 'image pixels'}.get(kind, kind) } 0..{top}"
-    if data_range is None:
-        raise InputError(
-            f"{what}: {codes} pixel codes need a range to be mapped to; "
-            "declare the model's range with `data_range` (e.g. -1,1 or 0,1)"
-        )
-    lo, hi = data_range
-    y = a.astype(np.float32) / (top / (hi - lo)) + lo
-    y = np.clip(y, np.float32(lo), np.float32(hi))
-    y[a == top] = hi
-    return y.astype(np.float32, copy=False), DataScaling(kind, f"{codes} → {range_text(data_range)}")
-
-
-def scale_array(a: np.ndarray, what: str, data_range: DataRange = DEFAULT_DATA_RANGE) -> tuple[np.ndarray, DataScaling]:
-    """uint8 → [lo, hi]; float (and other integer) values kept as they are if inside [lo, hi] (or
-    with ``data_range=None``), else refused. Returns the float32 array and the mapping applied."""
-    if a.dtype == np.uint8:
-        return map_codes(a, 255, data_range, what, "uint8 array")
-    if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
-        raise InputError(f"{what}: dtype {a.dtype} not supported; use uint8 or float arrays")
-    kind = f"{a.dtype} array"
-    x = a.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"{what} contains NaN/inf; clean the data first")
-    a_lo, a_hi = float(x.min()), float(x.max())
-    span = f"[{a_lo:.4g}, {a_hi:.4g}]"
-    if data_range is None:
-        return x, DataScaling(kind, f"{kind} kept as is (values in {span}; no range declared)")
-    lo, hi = data_range
-    tol = RANGE_TOL * (hi - lo)
-    if a_lo >= lo - tol and a_hi <= hi + tol:
-        note = ""
-        mid, span_w = (lo + hi) / 2, a_hi - a_lo
-        if span_w >= 0.25 * (hi - lo) and (a_lo >= mid - tol or a_hi <= mid + tol):  # e.g. [0, 1] data under [−1, 1]
-            note = f"; one half only: if the model was trained on [{a_lo:.3g}, {a_hi:.3g}], declare that range"
-            log.warning(
-                "%s: values in %s fill one half of the data range %s; if the model was trained on that half, "
-                "declare its range (data range %.3g,%.3g)",
-                what,
-                span,
-                range_text(data_range),
-                a_lo,
-                a_hi,
-            )
-        return x, DataScaling(kind, f"{kind} kept as is (values in {span} ⊂ {range_text(data_range)}{note})")
-    hint = " (8-bit pixels stored as floats: save them as uint8)" if 1 + tol < a_hi <= 255 and a_lo >= 0 else ""
-    raise InputError(
-        f"{what}: values span {span}, outside the declared data range {range_text(data_range)}; "
-        f"declare the model's range with `data_range` 0,1, or none to feed arrays as they are{hint}"
-    )
 
 
 def to_nchw(a: np.ndarray, channels: int | None, what: str) -> np.ndarray:
@@ -372,7 +283,7 @@ def load_data_with_scaling(
     a = to_nchw(load_array(path), c, f"`data` {spec}")
     if a.shape[0] == 0:
         raise InputError(f"`data` {spec}: the array holds no samples; pass an array with at least one sample")
-    y, how = scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}", data_range)
+    y, how = scale_array(a[choose_indices(a.shape[0], n, seed)], f"`data` {spec}", data_range, whole=a)
     return _finish(torch.from_numpy(y), c, hw, f"`data` {spec}", resize=False, clamp=data_range), how
 
 

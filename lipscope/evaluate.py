@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 import pandas as pd
 import torch
 
+from . import shard
+from .batching import progress_bar
 from .errors import InputError
 from .features import FeatureSpace, digits_space
 from .metrics import fid_inception, frechet_distance, kid, sliced_wasserstein
@@ -31,7 +36,7 @@ def evaluate_models(
     seeds: list[int] | tuple[int, ...] = (0, 1, 2),
     inception_weights: str | None = None,
     features: FeatureSpace | None = None,
-    progress=None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Long table: one row per (model, scheduler, steps, seed) with the metrics of :func:`metric_names`
     (``fd_<name>``, ``kid_<name>`` and ``kid_<name>_subset_std`` in the feature space ``features``, default
@@ -41,39 +46,40 @@ def evaluate_models(
     Every model is sampled with the same seeds (and its own conditioning), so model and baseline see the same
     initial noise. ``reference`` is the real data (n, C, H, W) in [−1, 1], its features computed once; a latent
     model's samples are decoded by its autoencoder first, and pixels from another range (VE: [0, 1]) mapped to it.
+    ``progress``: one bar with ETA over the sampling steps of every (model, scheduler, steps, seed), naming the
+    one under way.
     """
     space = features if features is not None else digits_space()
     fd_col, kid_col = f"fd_{space.name}", f"kid_{space.name}"
     ref_flat = reference.reshape(len(reference), -1).double().numpy()
     ref_feat = space(reference)
     rows = []
-    for name, m in models.items():
-        for sch in schedulers:
-            for k in steps:
-                for seed in seeds:
-                    # metrics on images in [−1, 1]: latents decoded as the pipeline does, pixels from the model's range
-                    x = as_images(m, sample(m, num, scheduler=sch, steps=k, seed=seed))
-                    fid = fid_inception(x, reference, inception_weights) if inception_weights else None
-                    feat = space(x)
-                    kid_mean, kid_std = kid(feat, ref_feat, subsets=100, subset_size=1000, seed=seed)
-                    rows.append(
-                        {
-                            "model": name,
-                            "scheduler": sch,
-                            "steps": k,
-                            "seed": seed,
-                            "num": num,
-                            "fd_pixel": frechet_distance(x.reshape(num, -1).double().numpy(), ref_flat),
-                            fd_col: frechet_distance(feat, ref_feat),
-                            kid_col: kid_mean,  # unbiased: comparable at small num, unlike FD
-                            f"{kid_col}_subset_std": kid_std,
-                            "swd_pixel": sliced_wasserstein(x.reshape(num, -1).numpy(), ref_flat, seed=seed),
-                            "fid": np.nan if fid is None else fid,
-                            "fid_available": fid is not None,
-                        }
-                    )
-                    if progress:
-                        progress(1)
+    total = len(models) * len(schedulers) * len(seeds) * sum(steps)
+    with progress_bar(progress and shard.is_main(), total, "evaluate") as advance:
+        for (name, m), sch, k, seed in itertools.product(models.items(), schedulers, steps, seeds):
+            where = f"{name} {sch} {k} steps seed {seed}"
+            x = sample(m, num, scheduler=sch, steps=k, seed=seed, progress=functools.partial(advance, info=where))
+            # metrics on images in [−1, 1]: latents decoded as the pipeline does, pixels from the model's range
+            x = as_images(m, x)
+            fid = fid_inception(x, reference, inception_weights) if inception_weights else None
+            feat = space(x)
+            kid_mean, kid_std = kid(feat, ref_feat, subsets=100, subset_size=1000, seed=seed)
+            rows.append(
+                {
+                    "model": name,
+                    "scheduler": sch,
+                    "steps": k,
+                    "seed": seed,
+                    "num": num,
+                    "fd_pixel": frechet_distance(x.reshape(num, -1).double().numpy(), ref_flat),
+                    fd_col: frechet_distance(feat, ref_feat),
+                    kid_col: kid_mean,  # unbiased: comparable at small num, unlike FD
+                    f"{kid_col}_subset_std": kid_std,
+                    "swd_pixel": sliced_wasserstein(x.reshape(num, -1).numpy(), ref_flat, seed=seed),
+                    "fid": np.nan if fid is None else fid,
+                    "fid_available": fid is not None,
+                }
+            )
     return pd.DataFrame(rows)
 
 

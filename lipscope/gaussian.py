@@ -16,6 +16,7 @@ s_k' = −U_k (z_k'/c_k − z_k c_k'/c_k²). Derivations in docs/theory.md. All 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -179,7 +180,7 @@ def gaussian_eps_model(g: GaussianMixture, schedule: NoiseProcess | None = None,
 
     return from_callable(
         eps,
-        schedule,
+        dataclasses.replace(schedule, prediction_type="epsilon"),  # type: ignore[type-var]  # ε* under any process (every process is a dataclass)
         sample_shape=g.shape,
         name=name,
         dtype="float64",

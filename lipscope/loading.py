@@ -8,8 +8,7 @@ Specs:
   * a single weights file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``) with ``config=``;
   * ``py:package.module:factory``: a function (called with ``model_args``) returning an ``EpsModel``,
     an ``nn.Module`` or any callable ``eps(x, t)`` (:mod:`lipscope.pyspec`);
-  * ``builtin:NAME``: the zoo's pipeline folders (:mod:`lipscope.zoo`) and the closed-form
-    ``digits-gaussian`` (:mod:`lipscope.gaussian`).
+  * ``builtin:NAME``: the zoo's pipelines (:mod:`lipscope.zoo`), the closed form ``digits-gaussian`` (:mod:`.gaussian`).
 
 The scheduler config is searched for in one way for every spec (:func:`find_scheduler_config`).
 """
@@ -40,7 +39,7 @@ from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
 from .lora import lora_run_base
 from .models import SUPPORTED_CLASSES, EpsModel, from_unet, resolve_device, resolve_dtype
-from .pyspec import load_py, parse_model_args
+from .pyspec import load_py, parse_model_args, refuse_prediction_type
 from .weights import read_state_dict
 
 if TYPE_CHECKING:
@@ -66,15 +65,17 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     model_args: Mapping[str, Any] | Iterable[str] | None = None,
+    prediction_type: str | None = None,
 ) -> EpsModel:
-    """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel.
-
-    ``model_args``: keyword arguments of a ``py:`` factory (a mapping, or ``key=value`` strings)."""
+    """Resolve a model spec (hub id, folder, weights file + config, ``py:``, ``builtin:``) to an EpsModel;
+    ``model_args``: keyword arguments of a ``py:`` factory or a generic pipeline's call (mapping or ``key=value``);
+    ``prediction_type``: a ``py:`` network's output where its process does not say (others: their config's)."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     kwargs = parse_model_args(model_args)
     sched_cfg = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
     if spec.startswith("py:"):
-        return load_py(spec, sched_cfg, dev, dt, kwargs)
+        return load_py(spec, sched_cfg, dev, dt, kwargs, prediction_type)
+    refuse_prediction_type(spec, prediction_type)
     path = Path(spec).expanduser()
     no_call_args(kwargs if spec.startswith("builtin:") or path.is_file() else None, spec)
     if spec.startswith("builtin:"):
@@ -261,10 +262,8 @@ def _load_unet_folder(path: Path, subfolder: str | None, sched_cfg: dict | None,
 
 def _load_weights_file(path: Path, config, sched_cfg: dict | None, trust_pickle: bool, dev, dt) -> EpsModel:
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise InputError(
-            f"`model` {path}: unknown file type; use a folder, "
-            f"or a {'/'.join(WEIGHT_SUFFIXES)} file with its config as `config`"
-        )
+        raise InputError(f"`model` {path}: unknown file type; use a folder, or a {'/'.join(WEIGHT_SUFFIXES)} file "
+                         "with its config as `config`")  # fmt: skip
     if config is None:
         raise InputError(f"`model` {path} is a weights file: pass its UNet config.json as `config`")
     cpath = Path(config)
@@ -306,11 +305,15 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    local_only, no_network = hub_local_only(repo, offline)
+    local_only, no_network = hub_local_only(repo, offline, warn=False)  # said by fetch, once the cache holds it
+    unsaid = [no_network] if no_network else []
 
     def fetch(filename: str) -> str | None:
         try:
-            return hf_hub_download(repo, filename, revision=revision, local_files_only=local_only)
+            path = hf_hub_download(repo, filename, revision=revision, local_files_only=local_only)
+            if unsaid:  # the first file the cache holds: the fallback is said once
+                log.warning("%s: reading %s from the local Hugging Face cache", unsaid.pop(), repo)
+            return path
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return None
         except Exception as e:  # repo not found, gated, network down
@@ -347,18 +350,15 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
                 f"`model` {repo}: {why} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}); download it "
                 "once with network access, set HF_HUB_CACHE, or point `model` at a local folder"
             )
-        raise InputError(
-            f"`model` {repo}: no UNet config.json found in the repo (tried {subs}); "
-            "pass the folder that holds it as `subfolder`"
-        )
+        raise InputError(f"`model` {repo}: no UNet config.json found in the repo (tried {subs}); pass the folder "
+                         "that holds it as `subfolder`")  # fmt: skip
     ucfg = read_json(Path(cfg_file), "model config")
     check_unet_config(ucfg, repo)
     if sched_cfg is None:
         sched_cfg = find_scheduler_config([""], fetch)
     try:
-        unet = unet_class(ucfg).from_pretrained(
-            repo, subfolder=unet_sub or None, revision=revision, local_files_only=local_only
-        )
+        unet = unet_class(ucfg).from_pretrained(repo, subfolder=unet_sub or None, revision=revision,
+                                                local_files_only=local_only)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(
             f"`model` {repo}: could not load the UNet ({_short(e)}); check the repo id and its files"
@@ -366,13 +366,13 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     return _with_codec(from_unet(unet, sched_cfg, name=name, device=dev, dtype=dt), repo, index, dev, dt, **hub)
 
 
-def hub_local_only(repo: str, offline: bool | None) -> tuple[bool, str | None]:
+def hub_local_only(repo: str, offline: bool | None, warn: bool = True) -> tuple[bool, str | None]:
     """(whether to read ``repo`` from the local Hugging Face cache only, why the hub is unreachable): ``offline``,
-    else HF_HUB_OFFLINE, else when the hub cannot be reached (said once, as a warning)."""
+    else HF_HUB_OFFLINE, else when the hub cannot be reached (said as a warning with ``warn``)."""
     env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     local_only = offline if offline is not None else env_offline
     no_network = None if local_only else _no_network()
-    if no_network:
+    if no_network and warn:
         log.warning("%s: looking for %s in the local Hugging Face cache", no_network, repo)
     return bool(local_only or no_network), no_network
 

@@ -9,6 +9,7 @@ into EpsModels by :mod:`lipscope.loading`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from .etsdm import Etsdm, axis_of, etsdm_of, unmapped
 from .latents import LatentCodec
 from .processes import check_etsdm_axis, process_from_config
 from .schedules import DEFAULT_SCHEDULER_CONFIG, NoiseProcess, Schedule
-from .targets import NATIVE_TARGET, TARGETS, from_epsilon, mean_half
+from .targets import NATIVE_TARGET, PREDICTION_TYPES, TARGETS, from_epsilon, mean_half
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -118,8 +119,15 @@ class EpsModel:
         out = self._net(torch.cat([x_in, x_in]), torch.cat([c, c]), cat_kwargs(kw_c, kw_u))
         b = x.shape[0]
         # targets are affine in the output at fixed (x, t): no round trip through ε (none at a flow's σ = 1)
-        return guided(self._convert(out[:b], x, t, self.target), self._convert(out[b:], x, t, self.target),
-                      cond.guidance_scale)  # fmt: skip
+        e_c, e_u = self._convert(out[:b], x, t, self.target), self._convert(out[b:], x, t, self.target)
+        res = guided(e_c, e_u, cond.guidance_scale)
+        if not bool(torch.isfinite(res).all()) and bool(torch.isfinite(e_c).all() & torch.isfinite(e_u).all()):
+            raise InputError(
+                f"`guidance_scale` {cond.guidance_scale:g} overflows: ε_u + w·(ε_c − ε_u) is beyond "
+                f"{str(res.dtype).removeprefix('torch.')}'s range where both branches are finite; use a smaller "
+                "`guidance_scale`"
+            )
+        return res
 
     def _net(self, x: torch.Tensor, c: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         try:
@@ -307,8 +315,9 @@ def from_callable(
 ) -> EpsModel:
     """Wrap any ``eps(x, t)`` (t: float tensor (B,) in model steps, x unscaled) as an EpsModel.
 
-    The callable is fed model steps whatever the process (``fed_steps``) and returns ε, or
-    ``prediction_type`` (default: a VP schedule's own, else epsilon), converted at the true t.
+    The callable is fed model steps whatever the process (``fed_steps``) and returns what its process says it
+    predicts (a flow process: the velocity; VE: the score; a VP or EDM config's ``prediction_type``; else ε), or
+    ``prediction_type`` where the process states none (:func:`resolve_prediction_type`), converted at the true t.
 
     ``etsdm``: the network is fed f(t) (E-TSDM) instead of t. Example — a researcher's own network::
 
@@ -316,11 +325,15 @@ def from_callable(
         df = lipscope.probe(model, data="x0.npz")
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    stated = scheduler_config
     if schedule is None:
         if scheduler_config is None:
             log.warning("%s: no schedule given, using the DDPM default (linear 1e-4..0.02, T=1000)", name)
             scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
         schedule = process_from_config(scheduler_config)
+    pred = resolve_prediction_type(schedule, prediction_type, stated)
+    if pred != schedule.prediction_type:  # one prediction type on record: the model's is its process's
+        schedule = dataclasses.replace(schedule, prediction_type=pred)  # type: ignore[type-var]
     module = fn if isinstance(fn, nn.Module) else None
     if module is not None:
         module.to(device=dev, dtype=dt).eval()
@@ -331,7 +344,7 @@ def from_callable(
         schedule=schedule,
         name=name,
         sample_shape=tuple(sample_shape) if sample_shape is not None else None,
-        prediction_type=prediction_type or (schedule.prediction_type if isinstance(schedule, Schedule) else "epsilon"),
+        prediction_type=pred,
         device=dev,
         dtype=dt,
         config=dict(config) if config is not None else {"callable": name},
@@ -341,6 +354,25 @@ def from_callable(
         module=module,
         etsdm=etsdm,
     )
+
+
+def resolve_prediction_type(process: NoiseProcess, given: str | None, config: dict[str, Any] | None = None) -> str:
+    """What a callable under ``process`` predicts: the process's own prediction type where it states one (a flow
+    process: the velocity; VE: the score; a ``prediction_type`` in its scheduler ``config``, or a process object's
+    non-default one), else ``given``, else ε. ``given`` contradicting a stated one is refused by name."""
+    if given is not None and given not in PREDICTION_TYPES:
+        raise InputError(f"`prediction_type` {given!r} not known; use one of {', '.join(PREDICTION_TYPES)}")
+    own = process.prediction_type
+    states = process.kind in ("flow", "ve") or own != "epsilon" or (config is not None and "prediction_type" in config)
+    if not states:
+        return given or own
+    if given is not None and given != own:
+        src = "its scheduler config" if config is not None else "the process"
+        raise InputError(
+            f"`prediction_type` {given} contradicts the model's {process.kind} process ({src} states {own}); drop "
+            f"`prediction_type`, or give a process that predicts {given}"
+        )
+    return own
 
 
 def _process_fingerprint(p: NoiseProcess) -> dict[str, Any]:

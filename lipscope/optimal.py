@@ -55,11 +55,16 @@ def parse_references(reference: str | list[str] | tuple[str, ...] | None) -> lis
 # ---- the data set in the model's space -------------------------------------------------------------------------
 
 
+def check_reference_data(kinds: list[str], data: Any) -> None:
+    """The references are the optimal denoisers of the data set: refused, before any work, without one."""
+    if kinds and isinstance(data, str) and data == "model":
+        raise InputError("`reference` needs the data set itself: pass `data` (samples of the model are not its data)")
+
+
 def reference_data(model: EpsModel, data: Any, data_range: DataRange, seed: int = 0) -> torch.Tensor:
     """Every item of ``data`` (N, D) float32 on the CPU, as the probe feeds it: pixels in the model's data range, or
     latents of a latent model (encoded by its autoencoder, or an array of the latent shape taken as latents)."""
-    if isinstance(data, str) and data == "model":
-        raise InputError("`reference` needs the data set itself: pass `data` (samples of the model are not its data)")
+    check_reference_data(["data"], data)
     shape = tuple(model.sample_shape or ())
     raw = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data
     path = Path(str(data))

@@ -206,11 +206,13 @@ def plot_attribution(att: pd.DataFrame, title: str = ""):
 
 @_themed
 def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "kid_digits", "fd_pixel", "swd_pixel")):
-    """Metric vs number of sampling steps, one panel per metric, a line per (model, scheduler)."""
+    """Metric vs number of sampling steps, one panel per metric (its unit on the y-axis), a line per (model spec,
+    scheduler); the step counts are the only x labels (no log-axis minor labels to collide)."""
     fig = Figure(figsize=(4.2 * len(metrics), 3.8), dpi=110)
     axes = fig.subplots(1, len(metrics))
+    label = "spec" if "spec" in summary.columns else "model"
     for ax, met in zip(np.atleast_1d(axes), metrics, strict=True):
-        for (model, sch), d in summary.groupby(["model", "scheduler"], sort=False):
+        for (model, spec, sch), d in summary.groupby(["model", label, "scheduler"], sort=False):
             d = d.sort_values("steps")
             ax.errorbar(
                 d["steps"],
@@ -219,17 +221,30 @@ def plot_eval(summary: pd.DataFrame, metrics=("fd_digits", "kid_digits", "fd_pix
                 marker="o",
                 ms=3,
                 capsize=2,
-                label=f"{model} · {sch}",
+                label=f"{spec} · {sch}",
                 ls="-" if "base" not in model else "--",
             )
         ax.set_xscale("log")
         ax.set_xticks(sorted(summary["steps"].unique()))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("sampling steps")
+        ax.set_ylabel(_eval_unit(met), fontsize=8)
         ax.set_title(met.replace("_", " "), fontsize=10)
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _eval_unit(metric: str) -> str:
+    """What an evaluate metric is measured in (its y-axis label)."""
+    kind, _, space = metric.partition("_")
+    return {
+        "fd": "Fréchet distance (squared pixel units)" if space == "pixel" else f"Fréchet distance ({space} features²)",
+        "kid": f"KID (unbiased MMD², cubic kernel on {space} features)",
+        "swd": "sliced Wasserstein (pixel values in [−1, 1])",
+        "fid": "FID (Inception-v3 pool features²)",
+    }.get(kind, metric)
 
 
 @_themed

@@ -98,20 +98,13 @@ def generated_grid(
     show): the pair that crosses it (t_a = b − Δt, t_b = b), and those just before (t_b = b − Δt) and after (t_a = b);
     ``s`` = t − t_a of the scheme (0 forward, Δt/2 central; Δt = 1, s = 0 without FD)."""
     grid = parse_grid(spec, T, t_max=hi)
-    if spec is not None and _is_explicit(spec):
+    if spec is not None and is_explicit(spec):
         return grid
     if etsdm is not None and (spec or "default").strip() == "default":
         b = np.asarray(etsdm.boundaries()[1:])
         grid = np.unique(np.concatenate([grid, *(b + s - k * dt for k in (0, 1, 2))]))
         grid = grid[grid <= hi]
     return grid[grid >= lo]
-
-
-def _is_explicit(spec: str) -> bool:
-    s = spec.strip()
-    return s.startswith("range:") or not any(
-        s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
-    )
 
 
 def crosses_boundary(t_a: np.ndarray, t_b: np.ndarray, etsdm: Etsdm | None) -> np.ndarray:
@@ -126,6 +119,15 @@ def valid_range(dt: float, scheme: str, T: int) -> tuple[float, float]:
     if scheme == "central":
         return dt / 2, T - 1 - dt / 2
     return 0.0, T - 1 - dt
+
+
+def is_explicit(spec: str) -> bool:
+    """Whether a `timesteps` spec lists its points (a list or range:, taken as given) rather than generating a grid
+    (clipped to the valid range)."""
+    s = spec.strip()
+    return s.startswith("range:") or not any(
+        s == p or s.startswith(p + ":") for p in ("default", "all", "linear", "log")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,17 +164,20 @@ def noise_columns(
     return rel, rel > NOISE_LIMIT
 
 
-def check_noise(df: pd.DataFrame, dtype: torch.dtype, allow: bool) -> None:
-    """Refuse a low-precision FD table with rows limited by rounding noise, unless ``allow``."""
+def check_noise(df: pd.DataFrame, dtype: torch.dtype, allow: bool, precision: str | None = None) -> None:
+    """Refuse a low-precision FD table with rows limited by rounding noise, unless ``allow``; the message names the
+    option that set the precision (``precision``, else ``dtype``)."""
     name = str(dtype).removeprefix("torch.")
     bad = df["fd_noise_limited"].to_numpy(dtype=bool)
     if allow or name not in LOW_PRECISION or not bad.any():
         return
     fd = int(df["method"].astype(str).str.startswith("fd").sum())
     worst = float(df.loc[bad, "fd_noise_rel"].max())
+    who, fix = (f"`precision` {precision}", "`precision` fp32") if precision else (f"`dtype` {name}", "`dtype` float32")
+    jvp = "`method` jvp alone (its JVP rows have no cancellation)" if (df["method"] == "jvp").any() else "`method` jvp"
     raise InputError(
-        f"`dtype` {name}: {int(bad.sum())} of {fd} FD rows are limited by rounding noise (up to {100 * worst:.3g} % "
-        "of ‖Δε‖); use `method` jvp, a larger `dt`, or `dtype` float32 (or `allow_noise_limited` to keep them)"
+        f"{who}: {int(bad.sum())} of {fd} FD rows are limited by rounding noise (up to {100 * worst:.3g} % of ‖Δε‖); "
+        f"use {jvp}, a larger `dt`, or {fix} (or `allow_noise_limited` to keep them)"
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import InputError
+from .errors import InputError, ModelOutputError
 from .models import EpsModel
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -49,8 +49,9 @@ def guard_samples(n: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def cast(model: EpsModel, dtype: torch.dtype) -> Iterator[EpsModel]:
-    """``model`` with its weights in ``dtype`` for the block; the original weights are put back exactly."""
+def cast(model: EpsModel, dtype: torch.dtype, precision: str | None = None) -> Iterator[EpsModel]:
+    """``model`` with its weights in ``dtype`` for the block; the original weights are put back exactly. With
+    ``precision`` (the option that asked for ``dtype``), NaN/inf outputs in the block are reported as its overflow."""
     if dtype == model.dtype:
         yield model
         return
@@ -61,6 +62,15 @@ def cast(model: EpsModel, dtype: torch.dtype) -> Iterator[EpsModel]:
     module.to(dtype)
     try:
         yield dataclasses.replace(model, dtype=dtype)
+    except ModelOutputError as e:
+        if precision is None or "NaN/inf" not in str(e):
+            raise
+        what = str(e).split("; not averaged")[0].split(". Check")[0]
+        other = "`precision` fp32" if dtype == torch.bfloat16 else "`precision` bf16 (float32's range) or fp32"
+        raise ModelOutputError(
+            f"`precision` {precision}: {what}: beyond {str(dtype).removeprefix('torch.')}'s range (largest "
+            f"{torch.finfo(dtype).max:g}), the network overflows in it; use {other}"
+        ) from e
     finally:
         with torch.no_grad():  # each tensor back to its own dtype and values (mixed-dtype modules stay mixed)
             for t, v in zip([*module.parameters(), *module.buffers()], saved, strict=True):

@@ -27,17 +27,19 @@ import torch
 from . import rng
 from .attribution import attribution_norms, attribution_table, consumers
 from .axes import per_axis_factors
-from .batching import RunStats, check_finite, check_memory, run_batched
+from .batching import RunStats, check_memory
 from .conditioning import Conditioning
-from .data import DataScaling, load_data_with_scaling, resolve_data_range, scale_array
+from .data import DataScaling, array_digest, load_data_with_scaling, resolve_data_range, scale_array
 from .errors import InputError
 from .families import resolve_conditioning
+from .fd import fd_checks
+from .fd import fd_norms as fd_norms  # re-exported, as jvp_norms: the Python API's lower level
 from .journal import Journal
-from .jvp import jvp_norms as jvp_norms  # re-exported: the Python API's lower level
+from .jvp import jvp_norms as jvp_norms
 from .latents import latent_x0
 from .models import EpsModel, check_fractional_dt
 from .ode import ODE_METHODS, ode_columns, ode_norms
-from .optimal import parse_references, references
+from .optimal import check_reference_data, parse_references, references
 from .points import SCHEMES as SCHEMES  # re-exported: cli/options
 from .points import (
     FDPoints,
@@ -46,7 +48,6 @@ from .points import (
     condition_points,
     crosses_boundary,
     fd_noise,
-    fd_pair,
     fd_points,
     generated_grid,
     noise_columns,
@@ -64,46 +65,12 @@ from .precision import (
     sample_rel_err,
 )
 from .reduction import summarize_samples
-from .sampling import model_samples
+from .resolution import check_time_resolution
+from .sampling import model_samples_with_source
 from .schedules import parse_grid
 from .targets import check_target_defined
 
 log = logging.getLogger("lipscope")
-
-
-# ---------------------------------------------------------------------------------------------
-# runner
-# ---------------------------------------------------------------------------------------------
-
-
-def fd_norms(
-    model: EpsModel,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    pts: FDPoints,
-    batch_size: int | str = "auto",
-    progress: bool = False,
-    stats: RunStats | None = None,
-    journal: Journal | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """‖ε(x_t, t_b) − ε(x_t, t_a)‖₂ and ‖ε(x_t, t_a)‖₂ + ‖ε(x_t, t_b)‖₂ (the scale of its rounding noise,
-    :func:`fd_noise`) for every (sample i, grid point j): two float64 (n, G).
-
-    Items are ordered grid-major (j, i) and packed P pairs per batch, whatever j they belong to:
-    the P inputs at t_a, then the same P inputs at t_b, in one call.
-    """
-    n, G = x0.shape[0], len(pts.t)
-    t_a, t_b = torch.as_tensor(pts.t_a), torch.as_tensor(pts.t_b)
-
-    def compute(idx: torch.Tensor) -> torch.Tensor:
-        m = idx.numel()
-        eps = fd_pair(model, x0, noise, pts, idx)
-        check_finite([eps[:m], eps[m:]], t_a[idx // n], t_b[idx // n], "output")
-        scale = torch.linalg.vector_norm(eps.reshape(2, m, -1).double(), dim=2).sum(0)
-        return torch.stack([torch.linalg.vector_norm((eps[m:] - eps[:m]).reshape(m, -1).double(), dim=1), scale], 1)
-
-    out = run_batched(model, n * G, 2, compute, batch_size, progress, stats, "fd", journal)
-    return out[:, 0].reshape(G, n).T.contiguous(), out[:, 1].reshape(G, n).T.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +189,8 @@ def probe(
 
     ``df.attrs`` holds run statistics (forwards, seconds, forwards_per_s, batch_size), the
     per-sample K matrix ``K_samples`` (n × rows, columns aligned with the rows of ``df``) and the
-    ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`).
+    ``data_scaling`` applied to x0 (a :class:`lipscope.data.DataScaling`: its ``source`` names the sample cache read
+    for ``data="model"`` and the sha256 of x0 as fed).
 
     ``precision`` (bf16, fp16, fp32, fp64; :mod:`lipscope.precision`): the network's arithmetic for this run
     (weights cast, restored afterwards); every row gets ``K_rel_err_est`` against a reference precision on a
@@ -240,6 +208,7 @@ def probe(
     ``allow_noise_limited``.
     """
     methods, kinds = parse_methods(method), parse_references(reference)
+    check_reference_data(kinds, data)
     if attribute is not None:
         consumers(model, attribute)  # the granularity, and where the network consumes t: refused before any work
     if target != model.target:
@@ -291,8 +260,8 @@ def probe(
         x0 = data  # used as given (dtype, device); its range is still checked and reported
         scaling = scale_array(data.detach().float().cpu().numpy(), "`data` tensor", data_range)[1]
     elif isinstance(data, str) and data == "model":  # x0 drawn from the model itself, cached
-        x0 = model_samples(model, samples, seed, cache_dir=cache_dir)  # several processes: sampled together
-        scaling = DataScaling("model samples", "samples of the model, kept as generated")
+        x0, src = model_samples_with_source(model, samples, seed, cache_dir)  # several processes: sampled together
+        scaling = DataScaling("model samples", "samples of the model, kept as generated", src)
     elif model.latent is not None:  # images through the pipeline's autoencoder, or precomputed latents
         x0, scaling = latent_x0(model.latent, data, samples, seed, data_range, model.sample_shape)
         if scaling.source_kind == "latents" and not auto:
@@ -311,6 +280,7 @@ def probe(
             f"data samples have shape {tuple(x0.shape[1:])} but the model takes {tuple(model.sample_shape)}"
         )
     x0 = x0.contiguous()  # memory layout changes kernels and so float32 rounding: one layout for every source
+    scaling = dataclasses.replace(scaling, source=scaling.source | {"x0_sha256": array_digest(x0)})  # as fed
     noise = rng.noise(seed, x0.shape[0], tuple(x0.shape[1:]), dtype=x0.dtype)
     stats = RunStats()
     low = PRECISIONS[precision] if precision is not None else model.dtype
@@ -321,8 +291,11 @@ def probe(
     if guard is not None and ref is not None:  # the guard samples at the reference precision, first
         with cast(model, ref) as mref:
             K_ref = _measure(mref, x0[guard], noise[guard], how, False, RunStats(), None, tabulate=False)[1]
-    with cast(model, low) as m:  # as it is without `precision`
+    with cast(model, low, precision) as m:  # as it is without `precision`; the FD rows' resolution, truncation checked
+        tres = None if pts is None else check_time_resolution(m, noise, pts.t_a, pts.t_b, pts.conditions)
         tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
+        K_fd = Ks[0] if pts is not None else None
+        stats.extra |= fd_checks(m, x0, noise, pts, tables, K_fd, tres, scheme, stats.batch_size)
     for i, tab in enumerate(tables):
         tab["K_rel_err_est"] = rel_err(Ks[i][guard], K_ref[i]) if guard is not None else np.nan
     if guard is not None:
@@ -335,7 +308,7 @@ def probe(
             k_table(dataclasses.replace(model, etsdm=None), FDPoints(grid, grid, grid), K, name, x0[0].numel())
         )
     df = pd.concat(tables, ignore_index=True)
-    check_noise(df, low, allow_noise_limited)
+    check_noise(df, low, allow_noise_limited, precision)
     df.attrs.update(
         {
             "forwards": stats.forwards,

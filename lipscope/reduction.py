@@ -33,25 +33,29 @@ def check_t_split(t_split: float | None, T: int) -> None:
 
 
 def summary(df: pd.DataFrame, T: int, t_split: float | None = None, method: str | None = None) -> dict[str, Any]:
-    """Peak K and its t, median K over t ≥ t_split, and the singularity ratio.
+    """Peak K and its t, median K over t ≥ t_split, and the singularity ratio, over the usable rows.
 
     ``t_split`` defaults to T/10 (= 100 for T = 1000, the paper's t̃). Ratio = mean K over t < t_split
-    divided by median K over t ≥ t_split.
+    divided by median K over t ≥ t_split. Rows flagged unusable (``usable`` False: limited by rounding noise or
+    by the network's time resolution, :mod:`lipscope.fd`) never enter it: ``excluded_rows`` counts them, and a
+    statistic with no usable row is NaN.
     """
     check_t_split(t_split, T)
     t_split = T / 10 if t_split is None else t_split
     method = df["method"].iloc[0] if method is None else method
     df = df[df["method"] == method]
-    k = df["K_mean"].to_numpy()
-    t = df["t"].to_numpy()
-    i = int(np.nanargmax(k))
+    usable = df["usable"].astype(bool).to_numpy() if "usable" in df else np.ones(len(df), dtype=bool)
+    k = df["K_mean"].to_numpy()[usable]
+    t = df["t"].to_numpy()[usable]
+    i = int(np.nanargmax(k)) if k.size and not np.isnan(k).all() else None
     low, high = k[t < t_split], k[t >= t_split]
     med_hi = float(np.median(high)) if high.size else float("nan")
     mean_lo = float(np.mean(low)) if low.size else float("nan")
     return {
         "method": method,
-        "peak_K": float(k[i]),
-        "peak_t": float(t[i]),
+        "peak_K": float(k[i]) if i is not None else float("nan"),
+        "peak_t": float(t[i]) if i is not None else float("nan"),
+        "excluded_rows": int((~usable).sum()),
         "t_split": float(t_split),
         "median_K_above": med_hi,
         "mean_K_below": mean_lo,

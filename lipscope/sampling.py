@@ -11,15 +11,20 @@ not depend on the batch size. Samples are x0 in the model's own space: pixels cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import rng, shard
+from .batching import progress_bar
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
 from .processes import EDMProcess, FlowProcess, VEProcess
@@ -135,10 +140,12 @@ def sample(
     steps: int = 50,
     seed: int = 0,
     batch_size: int = 256,
-    progress: bool = False,
+    progress: bool | Callable[[float], None] = False,
 ) -> torch.Tensor:
     """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to the
-    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped."""
+    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped.
+
+    ``progress``: a progress bar with ETA (True), or ``advance(k)`` called as the work goes, ``steps`` in all."""
     check_sampler(model, scheduler)
     span = data_range_of(model) if model.latent is None else None
     clip = span is not None
@@ -155,14 +162,19 @@ def sample(
         raise InputError(f"`num` and `batch_size` must be ≥ 1 (got {n} and {batch_size})")
     out = []
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
-    with torch.inference_mode():
-        for s in shard.split(torch.arange(0, n, batch_size), 1).tolist():  # several processes: whole batches each
+    mine = shard.split(torch.arange(0, n, batch_size), 1).tolist()  # several processes: whole batches each
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        advance = progress if callable(progress) else stack.enter_context(
+            progress_bar(bool(progress) and shard.is_main(), steps, f"sample {model.name} {scheduler} seed {seed}")
+        )  # fmt: skip
+        for s in mine:
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
             rows = torch.arange(s, s + xb.shape[0])  # sample s + r gets the conditioning of row s + r
             dev = "cpu" if sigma else model.device  # ScoreSdeVeScheduler.step_correct draws on the CPU
             gens = [rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=dev) for i in range(xb.shape[0])]
             if sigma:
                 xb = sigma_sample(model, scheduler, steps, xb, rows, gens)
+                advance(steps / len(mine))
             else:  # multistep solvers keep per-run state: one scheduler per batch
                 sched = (
                     flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
@@ -171,6 +183,7 @@ def sample(
                     tt = torch.full((xb.shape[0],), float(t), device=model.device)
                     # ε, or the velocity u = ε − x0 at σ = t/T for flow
                     xb = sched.step(model(xb, tt, rows), t, xb, generator=gens).prev_sample
+                    advance(steps / len(sched.timesteps) / len(mine))
             bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
             if bad.any():
                 raise ModelOutputError(
@@ -199,7 +212,17 @@ def weights_digest(module: torch.nn.Module) -> str:
 def model_samples(
     model: EpsModel, n: int, seed: int, cache_dir: str | Path | None = None, steps: int = 50
 ) -> torch.Tensor:
-    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``.
+    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``
+    (:func:`model_samples_with_source`)."""
+    return model_samples_with_source(model, n, seed, cache_dir, steps)[0]
+
+
+def model_samples_with_source(
+    model: EpsModel, n: int, seed: int, cache_dir: str | Path | None = None, steps: int = 50
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """x0 drawn from the model itself (DDIM, ``steps`` steps), cached as an npz in ``cache_dir``, and which cache
+    file it was read from or written to (``cache_file``, its ``cache_sha256``; ``cache``: read, written, or why
+    not), for run.json.
 
     The cache key is the content of the weights (:func:`weights_digest`), the configs, the E-TSDM
     settings, the dtype and every sampling option, so two models that share a config never share
@@ -208,6 +231,14 @@ def model_samples(
     from .io import atomic_write_bytes, npz_bytes
 
     path = None
+    how = (
+        f"Euler in sigma, {steps} steps"
+        if isinstance(model.schedule, VEProcess | EDMProcess)
+        else f"DDIM, {steps} steps, eta 0"
+    )
+    src: dict[str, Any] = {"sampler": how, "cache": "not cached: no cache folder given"}
+    if model.module is None:
+        src["cache"] = "not cached: the model has no weights to hash"
     if cache_dir is not None and model.module is not None:
         key = hashlib.sha256(
             "|".join(
@@ -226,28 +257,36 @@ def model_samples(
         shard.barrier()  # several processes: all see the cache as it was, then sample together (or none does)
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as z:
+                raw = path.read_bytes()
+                with np.load(io.BytesIO(raw), allow_pickle=False) as z:
                     x0 = torch.from_numpy(z["x0"])
                 if x0.shape == (n, *(model.sample_shape or ())) and torch.isfinite(x0).all():
-                    return x0
+                    return x0, src | {"cache": "read", "cache_file": str(path), "cache_sha256": _sha256(raw)}
             except (OSError, ValueError, KeyError):
                 pass
             log.warning("ignoring the unreadable sample cache %s; drawing the samples again", path)
     check_sampleable(model)  # refuse before announcing the work
     log.warning(
-        "drawing %d x0 samples from the model itself (ddim: %s, %d steps); "
-        "pass real data (digits, a folder or an array file) to probe on it",
+        "drawing %d x0 samples from the model itself (ddim: %s); pass real data (digits, a folder or an array file) "
+        "to probe on it",
         n,
-        "Euler in sigma" if isinstance(model.schedule, VEProcess | EDMProcess) else "DDIM",
-        steps,
+        how,
     )
     x0 = ddim_sample(model, n, seed, steps)
-    if path is not None and shard.is_main():
+    if path is not None:
+        blob = npz_bytes(x0=x0.numpy())
+        src |= {"cache": "written", "cache_file": str(path), "cache_sha256": _sha256(blob)}
         try:
-            atomic_write_bytes(path, npz_bytes(x0=x0.numpy()))
+            if shard.is_main():
+                atomic_write_bytes(path, blob)
         except InputError as e:  # a cache that cannot be written is not worth failing the probe
             log.warning("could not cache the samples (%s)", e)
-    return x0
+            src |= {"cache": f"not written ({e})", "cache_file": None}
+    return x0, src
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
@@ -263,11 +302,17 @@ def image_grid(x: torch.Tensor, nrow: int | None = None) -> np.ndarray:
     return grid
 
 
-def png_bytes(grid: np.ndarray, scale: int = 4) -> bytes:
+MIN_PNG_SIDE = 512  # px: a grid of small images (8×8 digits) is enlarged to be seen at once
+
+
+def png_bytes(grid: np.ndarray, scale: int | None = None) -> bytes:
+    """The grid as PNG, each pixel repeated ``scale`` times (default: the smallest scale that makes the longer side
+    at least :data:`MIN_PNG_SIDE` px; 1 for grids that are that large already)."""
     import io
 
     from PIL import Image
 
+    scale = scale if scale is not None else max(1, -(-MIN_PNG_SIDE // max(grid.shape[:2])))
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()

@@ -41,6 +41,7 @@ from .checkpoints import (
     load_checkpoint,
     reading,
     save_checkpoint,
+    save_pipeline,
     write_folder,
     write_losses,
     writing,
@@ -189,6 +190,21 @@ def _micro_loss(
                               weighting=cfg.weighting, **kw)  # fmt: skip
 
 
+def resolved_config(cfg: TrainConfig, process: Any) -> TrainConfig:
+    """``cfg`` with what the run will use where it leaves a choice open, each said once: E-TSDM's t̃ (0.1·T when
+    unset, recorded so train.json names the map), and a warm-up no longer than a tenth of the steps when the one
+    given would not end before the run does (the learning rate would never reach `lr`)."""
+    changes: dict[str, Any] = {}
+    if cfg.etsdm and cfg.t_tilde is None:
+        changes["t_tilde"] = 0.1 * process.T
+    if cfg.warmup_steps >= cfg.steps:
+        changes["warmup_steps"] = cfg.steps // 10
+        log.warning("`warmup_steps` %d is not below `steps` %d: the learning rate would never reach `lr`; warm-up "
+                    "shortened to %d (a tenth of the steps); set `warmup_steps` to choose", cfg.warmup_steps,
+                    cfg.steps, changes["warmup_steps"])  # fmt: skip
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def train_loop(
     model: EpsModel | Any,
     scheduler_config: dict[str, Any] | None,
@@ -221,7 +237,8 @@ def train_loop(
     td = data if isinstance(data, TrainData) else TrainData(data, spec=data_spec)
     td = dataclasses.replace(td, x0=td.x0.float())  # what the loss and the data hash see
     process = training_process(model.scheduler_config)
-    t_tilde = cfg.t_tilde if cfg.t_tilde is not None else 0.1 * process.T  # default: 0.1 of the time range
+    cfg = resolved_config(cfg, process)
+    t_tilde = cfg.t_tilde if cfg.t_tilde is not None else 0.1 * process.T
     if cfg.etsdm and not t_tilde < process.T:
         raise InputError(f"`t_tilde` {t_tilde:g} must be below T = {process.T} (E-TSDM maps the steps t < t̃)")
     if cfg.weighting != "none" and not isinstance(process, FlowProcess):
@@ -334,7 +351,8 @@ def _train(
                 fix = "lower `lr` (or set `mixed_precision` to no) and start a new `out_dir` (a resume repeats them)"
                 raise InputError(f"loss became {lv} at step {step} (last checkpoint: {last}); {fix}")
             losses.append([step, lv, lr_sched.get_last_lr()[0]])
-            advance(1)
+            recent = [v for _, v, _ in losses[-100:]]
+            advance(1, f"loss {lv:.4g} (mean of last {len(recent)}: {np.mean(recent):.4g})")
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done in (cfg.steps, end):  # every process: its RNG state too
                 save_checkpoint(acc, ema, out, done, losses, cfg.keep_checkpoints, run)
@@ -345,8 +363,9 @@ def _train(
     if end < cfg.steps:
         acc.end_training()
         return {"stopped_at": end, "steps": cfg.steps}
-    mean = float(np.mean([v for _, v, _ in losses[-100:]]))
-    result: dict[str, Any] = {"steps": cfg.steps, "final_loss_mean_last_100": mean}
+    tail = [v for _, v, _ in losses[-100:]]  # fewer in a run of fewer steps: the count is recorded
+    result: dict[str, Any] = {"steps": cfg.steps, "final_loss_mean_last_100": float(np.mean(tail))}
+    result["final_loss_mean_of_steps"] = len(tail)
     if acc.is_main_process:
         final = acc.unwrap_model(net).denoiser
         ema.copy_to(trainable_parameters(final))
@@ -374,27 +393,3 @@ def _train(
     acc.wait_for_everyone()
     acc.end_training()
     return result
-
-
-def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save a DDPM pipeline folder of a ``UNet2DModel`` (E-TSDM: its class from ``lipscope.etsdm``) atomically, with
-    the scheduler its config names (DDPM when it names none; a flow model keeps its ``FlowMatchEulerDiscreteScheduler``,
-    whose ``step`` DDPMPipeline's loop calls the same way; a VE model is a ``ScoreSdeVePipeline``)."""
-    import diffusers
-
-    name = scheduler_config.get("_class_name") or "DDPMScheduler"
-    sched_cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
-    sched_cls = sched_cls or diffusers.DDPMScheduler
-
-    def fill(tmp: Path) -> None:
-        unet.save_pretrained(tmp / "unet")
-        sched_cls.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
-        lib = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
-        pipe = "ScoreSdeVePipeline" if sched_cls.__name__ == "ScoreSdeVeScheduler" else "DDPMPipeline"
-        index = {"_class_name": pipe, "unet": [lib, type(unet).__name__]}
-        index["scheduler"] = ["diffusers", sched_cls.__name__]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if extra:
-            (tmp / "lipscope.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-
-    return write_folder(dest, fill)

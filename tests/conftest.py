@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from pathlib import Path
-
-import pytest
-import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
 # the tests' own lipscope cache (sample caches, remembered batch sizes): nothing from earlier runs leaks in
 os.environ.setdefault("LIPSCOPE_CACHE", tempfile.mkdtemp(prefix="lipscope-test-cache-"))
+# the environment CI runs in, whoever runs the tests (README's command is .ci/run's): no network, no display;
+# set before torch, diffusers and huggingface_hub read it, and inherited by every subprocess
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MPLBACKEND"] = "Agg"
+os.environ["PYTHONUNBUFFERED"] = "1"
+
+# The one timeout of the tests: a subprocess (or a wait for what it writes) that has not answered in this long is
+# hung, not slow. Tests wait for a sign the program gives (a file it writes, a line it prints), never for a guess
+# of how fast the machine is; this is only the guard against waiting forever.
+HANG_S = 3600
+
+import json  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
 TINY = dict(
     sample_size=8,
@@ -43,6 +55,16 @@ CONTRACT = [
     "alpha",
     "sigma",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _lipscope_logger():
+    """Each test sees the "lipscope" logger as it was: a CLI command run in-process (typer's CliRunner, cli.main)
+    gives it its one-line handler and turns propagation off, which hid every later warning from ``caplog``."""
+    lg = logging.getLogger("lipscope")
+    state = (list(lg.handlers), lg.level, lg.propagate)
+    yield
+    lg.handlers[:], lg.level, lg.propagate = state[0], state[1], state[2]
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:

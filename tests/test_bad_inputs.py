@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # a hint of the fix: an instruction verb, or a statement of what is valid
@@ -125,7 +126,7 @@ def run_inprocess(argv: list[str], capfd, monkeypatch) -> Result:
 def run_subprocess(argv: list[str], cwd: Path) -> Result:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(cwd)}
     r = subprocess.run(
-        [sys.executable, "-m", "lipscope", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+        [sys.executable, "-m", "lipscope", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=HANG_S
     )
     return Result(r.returncode, r.stdout, r.stderr)
 

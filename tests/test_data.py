@@ -10,10 +10,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 from PIL import Image
 
 from lipscope.data import DataScaling, choose_indices, digits_array, load_data, load_data_with_scaling
 from lipscope.errors import InputError
+from lipscope.processes import VEProcess
 
 
 def test_digits_scaling_and_resize():
@@ -190,7 +192,7 @@ def test_float_0_255_refused_with_the_fix(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and "values span [0, 255]" in msg
         assert f"declared data range [{rng_[0]:g}, {rng_[1]:g}]" in msg
-        assert "`data_range` 0,1" in msg and "none to feed arrays as they are" in msg
+        assert "save them as uint8" in msg and "`data_range` 0,255" in msg and "none to feed arrays as they are" in msg
     # slightly outside (within 1e-3 of the width) is still accepted, unchanged
     b = _a01() * 2 - 1
     b[0, 0, 0, 0] = -1.0015
@@ -267,7 +269,7 @@ def test_probe_reports_the_scaling_and_checks_tensors():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "lipscope", *args], capture_output=True, text=True, env=env, timeout=HANG_S
     )
 
 
@@ -275,9 +277,10 @@ def test_cli_records_data_range_and_scaling(tmp_path, pipeline_dir):
     np.save(tmp_path / "x01.npy", _a01())
     base = ["probe", "--model", str(pipeline_dir), "--samples", "2", "-t", "0,1", "--no-progress"]
     r = _cli(*base, "--data", str(tmp_path / "x01.npy"), "--data-range", "0,1", "--out", str(tmp_path / "a"))
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.returncode == 0 and "data range" not in r.stderr and "error:" not in r.stderr, r.stderr
     meta = json.loads((tmp_path / "a" / "run.json").read_text())
     assert meta["data_range"] == [0.0, 1.0] and meta["options"]["data_range"] == [0.0, 1.0]
+    assert len(meta["data_scaling"].pop("source")["x0_sha256"]) == 16  # which x0 were fed
     assert meta["data_scaling"] == {
         "source_kind": "float32 array",
         "mapping": "float32 array kept as is (values in [0, 1] ⊂ [0, 1])",
@@ -295,3 +298,77 @@ def test_cli_records_data_range_and_scaling(tmp_path, pipeline_dir):
         r = _cli(*base, *extra, "--out", str(tmp_path / "d"))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "--data-range" in r.stderr and not (tmp_path / "d" / "run.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 24: the sample cache named in run.json; range refusals suggest from the data's own span
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_probe_names_the_sample_cache_it_read(tmp_path):
+    """`data` model: run.json said x0 came from the model but not which cache file (path, hash) the run read."""
+    from lipscope import from_callable, probe
+
+    m = from_callable(_Scale(0.5), sample_shape=(1, 4, 4))
+    first = probe(m, "model", timesteps=[1], samples=3, cache_dir=str(tmp_path)).attrs["data_scaling"].source
+    (cache,) = tmp_path.glob("x0_model_*.npz")
+    assert first["cache_file"] == str(cache) and first["cache"] == "written"
+    assert first["cache_sha256"] == _sha256(cache)
+    again = probe(m, "model", timesteps=[1], samples=3, cache_dir=str(tmp_path)).attrs["data_scaling"].source
+    assert again["cache"] == "read" and again["cache_sha256"] == first["cache_sha256"]
+    assert again["x0_sha256"] == first["x0_sha256"]  # the very x0, hashed as fed
+    plain = probe(from_callable(lambda x, t: 0.5 * x, sample_shape=(1, 4, 4)), "model", timesteps=[1], samples=3)
+    assert plain.attrs["data_scaling"].source["cache"].startswith("not cached")
+    digits = probe(m, "digits", timesteps=[1], samples=3).attrs["data_scaling"].source
+    assert len(digits["x0_sha256"]) == 16
+    ve = from_callable(_Scale(0.5), VEProcess(steps=100, sigma_min=0.01, sigma_max=5.0), sample_shape=(1, 4, 4))
+    src = probe(ve, "model", timesteps=[1], samples=2, data_range=(-1, 1)).attrs["data_scaling"].source
+    assert src["sampler"] == "Euler in sigma, 50 steps"  # the sampler that drew them, not DDIM
+    assert first["sampler"] == "DDIM, 50 steps, eta 0"
+
+
+def test_cli_run_json_records_the_sample_cache(tmp_path, pipeline_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lipscope.cli import app
+
+    monkeypatch.setenv("LIPSCOPE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["probe", "--model", str(pipeline_dir), "--data", "model", "-t", "5", "--samples", "2", "--out", str(out)]
+    r = CliRunner().invoke(app, [*args, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    src = json.loads((out / "run.json").read_text())["data_scaling"]["source"]
+    assert src["cache"] == "written" and _sha256(src["cache_file"]) == src["cache_sha256"]
+    assert src["cache_file"].startswith(str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    ("scale", "shift", "suggest"),
+    [(1.0, 0.0, "`data_range` 0,1"), (255.0, 0.0, "`data_range` 0,255"), (2.5, -1.25, "`data_range` -1.25,1.25")],
+)
+def test_range_refusal_suggests_from_the_span(tmp_path, scale, shift, suggest):
+    """The refusal always suggested `data_range` 0,1, whatever the data; it now suggests the data's own span."""
+    np.save(tmp_path / "x.npy", _a01() * scale + shift)
+    rng_ = (0.25, 0.75) if scale == 1.0 else (-1.0, 1.0)
+    with pytest.raises(InputError) as e:
+        load_data(str(tmp_path / "x.npy"), 2, 0, (1, 8, 8), data_range=rng_)
+    msg = str(e.value)
+    assert suggest in msg and "all 4 samples of the file" in msg, msg
+    assert ("save them as uint8" in msg) == (scale == 255.0)
+
+
+def test_range_is_checked_on_the_whole_file(tmp_path):
+    """The check saw only the samples the seed picked: a file with one sample out of range passed or failed by
+    seed. Now the whole file decides, whatever the seed."""
+    a = _a01(8) * 2 - 1
+    a[5, 0, 0, :2] = -3.0, 3.0  # one sample spans [-3, 3]
+    np.save(tmp_path / "x.npy", a)
+    picked = [s for s in range(40) if 5 not in choose_indices(8, 2, s)]
+    with pytest.raises(InputError, match=r"values span \[-3, 3\] \(all 8 samples of the file\).*`data_range` -3,3"):
+        load_data(str(tmp_path / "x.npy"), 2, picked[0], (1, 8, 8))

@@ -29,6 +29,10 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     cmd = next(line.split("=", 1)[1].strip().strip("'") for line in ci.splitlines() if line.startswith("TEST_CMD="))
     assert cmd in (ROOT / "README.md").read_text()
+    # the same environment too: CI sets none of its own; what the tests need, tests/conftest.py sets for everyone
+    assert not [ln for ln in ci.splitlines() if ln.lstrip().startswith(("export ", "env "))], ci
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert 'os.environ["HF_HUB_OFFLINE"] = "1"' in conftest and 'os.environ["MPLBACKEND"] = "Agg"' in conftest
 
 
 def test_mkdocs_builds_strict(tmp_path):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_unet
+from conftest import HANG_S, TINY, tiny_unet
 
 from lipscope import load_model, probe
 from lipscope.errors import InputError
@@ -114,7 +114,7 @@ def test_plain_diffusers_does_not_drop_the_map_silently(etsdm_dir):
         f"    DDPMPipeline.from_pretrained({str(etsdm_dir)!r})\n"
         "except ValueError as e:\n    print('REFUSED', e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert "etsdm_t_tilde" in r.stderr and "will be ignored" in r.stderr  # plain UNet2DModel warns
     assert "REFUSED" in r.stdout and "lipscope.etsdm" in r.stdout  # the pipeline refuses without lipscope
 
@@ -148,6 +148,26 @@ def test_resume_equals_uninterrupted(tmp_path, etsdm):
         assert torch.equal(va, vb), k
     assert (ma.etsdm is not None) == etsdm
     assert json.loads((tmp_path / "a" / "train.json").read_text())["config"]["etsdm"] == etsdm
+
+
+def test_short_run_shortens_the_warmup_and_records_the_map(tmp_path, caplog):
+    """Issue 25 item 10: `steps` 4 with the default warm-up (100) would never reach `lr` (the scheduler's own
+    factor after 4 of 100 warm-up steps is 0.04): the warm-up is cut to a tenth of the steps with one warning, and
+    train.json records the map an E-TSDM run used (t̃ = 0.1·T = 100, not null) and how many losses the final mean
+    averaged."""
+    import logging
+
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, checkpoint_every=4, etsdm=True, seed=3)
+    assert cfg.warmup_steps == 100 and cfg.t_tilde is None
+    with caplog.at_level(logging.WARNING, logger="lipscope"):
+        res = train_loop(tiny_unet(seed=7), DEFAULT_SCHEDULER_CONFIG, _tiny_data(), cfg, tmp_path / "r")
+    assert [r.getMessage() for r in caplog.records if "warm-up shortened to 0" in r.getMessage()], caplog.text
+    meta = json.loads((tmp_path / "r" / "train.json").read_text())
+    assert meta["config"]["warmup_steps"] == 0 and meta["config"]["t_tilde"] == 100.0
+    assert meta["etsdm"]["t_tilde_steps"] == 100.0 and meta["etsdm"]["n"] == 5
+    assert res["final_loss_mean_of_steps"] == 4
+    lrs = [float(ln.split(",")[2]) for ln in (tmp_path / "r" / "loss.csv").read_text().splitlines()[1:]]
+    assert max(lrs) > 0.5 * cfg.lr, lrs  # cosine from lr, not 4 % of it
 
 
 def test_training_refusals(tmp_path):
@@ -204,7 +224,7 @@ def test_two_process_accelerate_run(tmp_path):
         str(tmp_path / "run"),
         "--no-progress",
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((tmp_path / "run" / "train.json").read_text())
     assert meta["processes"] == 2

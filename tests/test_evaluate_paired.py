@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -140,7 +141,9 @@ def test_cli_features_flag(tmp_path):
     ]
     r = _cli([*args, "--num", "4", "--seeds", "2", "--device", "cpu", "--features", str(folder), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "FD dinov2" in r.stdout and "paired by seed" in r.stdout and "kid_dinov2" in r.stdout
+    # the summary's headers are two lines each ("FD" over "dinov2"), so the table reads at 80 columns
+    assert re.search(r"FD +KID +FD.*\n.*dinov2 +dinov2 +pixel", r.stdout), r.stdout
+    assert "paired by seed" in r.stdout and "kid_dinov2" in r.stdout
     assert "note: FD/KID here use dinov2 features" in r.stdout
     assert set(pd.read_csv(out / "eval_paired.csv")["metric"]) == {"fd_pixel", "fd_dinov2", "kid_dinov2", "swd_pixel"}
     assert json.loads((out / "run.json").read_text())["features"]["name"] == "dinov2"
@@ -153,3 +156,52 @@ def test_cli_bad_features_one_line_exit_2(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --features 'inception'") and "py:module:factory" in lines[0]
     assert not out.exists()
+
+
+def test_progress_counts_every_sampling_step(monkeypatch):
+    """Issue 25 item 7: sample's progress advances once per model step and batch, `steps` in all, without changing
+    a sample; evaluate's one bar has the total of every (model, scheduler, steps, seed) and names the one under way."""
+    import contextlib
+
+    import torch
+
+    import lipscope.evaluate as ev
+    from lipscope.data import load_data
+    from lipscope.loading import load_model
+    from lipscope.sampling import sample
+
+    m = load_model("builtin:digits-ddpm", device="cpu")
+    seen: list[float] = []
+    x = sample(m, 5, scheduler="ddim", steps=3, batch_size=2, progress=seen.append)
+    assert len(seen) == 3 * 3 and math.isclose(sum(seen), 3.0)  # 3 batches × 3 steps, each a third of a step
+    assert torch.equal(x, sample(m, 5, scheduler="ddim", steps=3, batch_size=2))
+    bars: list[tuple[int, list]] = []
+
+    @contextlib.contextmanager
+    def recording_bar(enabled, total, label):
+        done: list = []
+        bars.append((total, done))
+        yield lambda k, info=None: done.append((k, info))
+
+    monkeypatch.setattr(ev, "progress_bar", recording_bar)
+    ref = load_data("digits", 12, 0, (1, 8, 8))
+    ev.evaluate_models({"model": m}, ref, schedulers=["ddim"], steps=[1, 2], num=3, seeds=[0, 1], progress=True)
+    ((total, done),) = bars
+    assert total == 2 * (1 + 2) and math.isclose(sum(k for k, _ in done), total)
+    assert [i for _, i in done][-1] == "model ddim 2 steps seed 1"
+
+
+@pytest.mark.parametrize(("n", "side", "want"), [(16, 8, 37 * 14), (64, 8, 73 * 8), (4, 300, 603)])
+def test_samples_png_is_large_enough_to_see(n, side, want):
+    """Issue 25 item 11: 16 digits (8×8) were a 148 px image; a grid is enlarged by whole pixels (nearest) until
+    its longer side is at least 512 px, and never shrunk (a grid of 300 px images keeps its size)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from lipscope.sampling import image_grid, png_bytes
+
+    grid = image_grid(torch.zeros(n, 1, side, side))
+    img = Image.open(io.BytesIO(png_bytes(grid)))
+    assert img.size == (want, want) and max(img.size) >= 512

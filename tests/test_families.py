@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 from family_fixtures import LATENT_SHAPE, save_dit_pipeline, save_prompt_embeds, save_sd_pipeline
 from reference_families import dit_fd_reference, sd_fd_reference
 from safetensors.torch import load_file
@@ -194,14 +195,14 @@ def test_cli_probe_dit_with_cfg_and_bad_label(folders, tmp_path):
     r = subprocess.run(
         [*base, "--class-label", "3", "--guidance-scale", "2", "--samples", "2", "--timesteps", "0,10",
          "--method", "fd,jvp", "--out", str(tmp_path / "r"), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True, text=True, env=env, timeout=HANG_S,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
     assert meta["conditioning"]["class_labels"] == [3] and meta["conditioning"]["guidance_scale"] == 2.0
     assert meta["model"]["space"]["space"] == "latent"
     r = subprocess.run([*base, "--class-label", "99", "--out", str(tmp_path / "bad")], capture_output=True,
-                       text=True, env=env, timeout=300)  # fmt: skip
+                       text=True, env=env, timeout=HANG_S)  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--class-label 99 is out of range" in r.stderr and not (tmp_path / "bad").exists()
 

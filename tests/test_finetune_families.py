@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import reference_training as rt
 import torch
+from conftest import HANG_S
 from family_fixtures import save_dit_pipeline
 from PIL import Image
 from text_fixtures import (
@@ -340,7 +341,7 @@ def test_cli_two_process_lora_etsdm_finetune_with_captions(pipes, tmp_path):
            "--data", str(pipes["imgs"]), "--captions", str(pipes["caps"]), "--caption-dropout", "0.3", "--steps", "2",
            "--batch-size", "2", "--grad-accum", "2", "--warmup", "0", "--out", str(tmp_path / "run"),
            "--no-progress"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "model in" in r.stdout and "/lora" in r.stdout
     meta = json.loads((tmp_path / "run" / "train.json").read_text())

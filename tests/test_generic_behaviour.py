@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 from generic_fixtures import TINY, save_embeds, save_tiny
 from safetensors.torch import save_file
 
@@ -211,13 +212,13 @@ def test_cli_probes_a_video_pipeline_from_prompts(folders, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*base, "--prompt", "a red car", "--guidance-scale", "5", "--data", str(videos), "--samples",
                         "2", "--timesteps", "10", "--method", "fd,jvp", "--out", str(tmp_path / "r")],
-                       capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                       capture_output=True, text=True, env=env, timeout=HANG_S)  # fmt: skip
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
     c = meta["conditioning"]
     assert c["pipeline"] == "WanPipeline" and c["combination_probed"] == "(5·R0[0] + -4·R1[0])"
     assert meta["model"]["space"]["autoencoder"] == "AutoencoderKLWan"
     r = subprocess.run([*base, "--class-label", "3", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
-                       env=env, timeout=600)  # fmt: skip
+                       env=env, timeout=HANG_S)  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "takes no class labels" in r.stderr and not (tmp_path / "bad").exists()

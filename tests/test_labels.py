@@ -12,6 +12,7 @@ from lipscope import labels, load_model, probe
 from lipscope.etsdm import Etsdm
 from lipscope.plots import plot_lipschitz
 from lipscope.points import crosses_boundary, fd_points, generated_grid, noise_columns
+from lipscope.reduction import summary
 from lipscope.runs.probe import split_marks
 from lipscope.schedules import default_grid
 
@@ -38,6 +39,11 @@ def test_exact_zeros_are_not_noise_limited(fd_jvp):
     assert (fd.loc[[5.0, 25.0], "fd_noise_rel"] == 0).all() and not fd.loc[[5.0, 25.0], "fd_noise_limited"].any()
     assert fd.loc[19.0, "K_mean"] > 0 and np.isfinite(fd.loc[19.0, "fd_noise_rel"])
     assert not fd_jvp["fd_noise_limited"].any()
+    # nor time- or truncation-limited: they are usable rows of the summary, none left out
+    zero = fd.loc[[5.0, 25.0]]
+    assert (zero["fd_time_rel"] == 0).all() and not (zero["fd_time_limited"] | zero["fd_trunc_limited"]).any()
+    assert not np.isinf(zero["fd_trunc_rel"]).any() and zero["usable"].all()
+    assert summary(fd_jvp, 1000)["excluded_rows"] == 0
     # a zero between two different conditions stays what it was: unresolved by rounding, flagged
     rel, limited = noise_columns(np.zeros((2, 1)), np.ones((2, 1)), np.array([False]))
     assert rel[0] == np.inf and limited[0]
@@ -116,7 +122,6 @@ def test_terminal_summary_prints_the_named_counts_and_the_zeros(fd_jvp, tmp_path
 
     from lipscope.cli import common
     from lipscope.cli.probe import _print_summary
-    from lipscope.reduction import summary
 
     monkeypatch.setattr(common, "out", con := Console(record=True, width=200))
     _print_summary("m", summary(fd_jvp, 1000), fd_jvp, tmp_path, 1.0)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 from rich.table import Table
 from test_bad_inputs import ANSI
 
@@ -60,6 +61,25 @@ def test_warnings_are_one_line_however_long(capfd, monkeypatch):
     lg.setLevel(level)
     e = ANSI.sub("", capfd.readouterr().err)
     assert e.splitlines() == [f"warning: a long warning about --samples {'x' * 120}"], e
+
+
+def test_a_command_run_in_process_puts_the_logging_state_back(tmp_path, monkeypatch, caplog):
+    """setup_logging's changes (no propagation, its handler, the warning printer) end with the command: a command
+    run in this process (no test helper putting anything back) then a caplog check, in that order, in one test."""
+    import warnings
+
+    from lipscope.cli import main
+
+    lg = logging.getLogger("lipscope")
+    before = (list(lg.handlers), lg.level, lg.propagate, warnings.showwarning)
+    monkeypatch.setattr(sys, "argv", ["lipscope", "probe", "--timesteps", "nope", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as ex:
+        main()
+    assert ex.value.code == 2  # the command ran (setup_logging first) and refused the grid
+    assert (list(lg.handlers), lg.level, lg.propagate, warnings.showwarning) == before
+    with caplog.at_level(logging.WARNING, logger="lipscope"):
+        logging.getLogger("lipscope.probe").warning("seen by caplog")
+    assert "seen by caplog" in caplog.text
 
 
 def test_no_command_prints_around_the_printer():
@@ -118,11 +138,119 @@ def test_a_clean_no_progress_run_prints_only_lipscope_lines(tmp_path):
     env |= {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(lipscope.__file__).parents[1]), "COLUMNS": "80"}
     base = [sys.executable, "-m", "lipscope", "probe", "--model", str(pipe), "--prompt", "a cat", "--samples", "2"]
     base += ["-t", "0,1", "--batch-size", "4", "--device", "cpu", "--no-progress"]
-    r = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in ANSI.sub("", r.stderr).splitlines() if ln.strip()]
     assert lines and all(ln.startswith(("warning: ", "info: ")) for ln in lines), lines
     v = subprocess.run([*base, "--verbose", "--out", str(tmp_path / "b")], capture_output=True, text=True, env=env,
-                       timeout=600)  # fmt: skip
+                       timeout=HANG_S)  # fmt: skip
     assert v.returncode == 0, v.stderr[-3000:]
     assert len(v.stderr.splitlines()) > len(lines)  # the libraries' own lines, with --verbose
+
+
+def _render_80(*renderables) -> list[str]:
+    from rich.console import Console
+
+    c = Console(width=80, record=True, markup=False, emoji=False, highlight=False, file=open(os.devnull, "w"))
+    for r in renderables:
+        c.print(r)
+    return [ln.rstrip() for ln in c.export_text().splitlines()]
+
+
+def test_evaluate_tables_read_at_80_columns():
+    """Issue 25 item 8: rows are labelled by the model specs (never "model"/"baseli…"), and at 80 columns nothing
+    is cut ("…"), no line is wider and every spec, sampler and metric name stays whole on its line."""
+    import pandas as pd
+
+    from lipscope.cli.sample import _paired_table, _summary_table
+
+    specs = {"model": "builtin:digits-etsdm", "baseline": "builtin:digits-control"}
+    summary = pd.DataFrame(
+        [
+            {
+                "model": m,
+                "spec": specs[m],
+                "scheduler": sch,
+                "steps": k,
+                "seeds": 3,
+                **{
+                    f"{c}_{s}": v
+                    for c in ("fd_digits", "kid_digits", "fd_pixel", "swd_pixel", "fid")
+                    for s, v in (("mean", -1234.567), ("std", 0.00012345))
+                },
+            }  # fmt: skip
+            for m in specs
+            for sch in ("dpmsolver", "ddim")
+            for k in (5, 100)
+        ]
+    )
+    paired = pd.DataFrame(
+        [
+            {
+                "model": "model",
+                "baseline": "baseline",
+                "scheduler": "dpmsolver",
+                "steps": 100,
+                "metric": met,
+                "n": 3,
+                "diff_mean": -0.00012345,
+                "ci_low": -1234.567,
+                "ci_high": 0.00012345,
+                "confidence": 0.95,
+                "frac_better": 2 / 3,
+            }  # fmt: skip
+            for met in ("fd_digits", "kid_digits", "swd_pixel")
+        ]
+    )
+    lines = _render_80(_summary_table(summary, "digits", False), _paired_table(paired, specs))
+    text = "\n".join(lines)
+    assert max(map(len, lines)) <= 80 and "…" not in text, text
+    for word in (*specs.values(), "dpmsolver", "kid_digits", "swd_pixel", "-1.23e+03", "±0.00012"):
+        assert word in text, (word, text)
+    assert "baseli" not in text.replace("baseline", ""), text
+
+
+def test_models_reads_at_80_columns():
+    """`lipscope models` at 80 columns: every line fits, no word (a spec, a flag) is split across lines, and the
+    singularity numbers say the grid they were measured on."""
+    e = {**os.environ, "COLUMNS": "80"}
+    r = subprocess.run([sys.executable, "-m", "lipscope", "models"], capture_output=True, text=True, env=e,
+                       timeout=HANG_S)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, r.stdout
+    words = r.stdout.split()
+    for name in ("builtin:digits-ddpm", "builtin:digits-etsdm", "builtin:digits-control", "--checkpoint-every"):
+        assert name in words, (name, r.stdout)
+    assert r.stdout.count("grid `all`") == 3 and "median over t ≥ 100 15.9" in r.stdout
+
+
+COMMANDS = ("probe", "theory", "train", "finetune", "sample", "evaluate", "compare", "models")
+GRID_FORMS = ("default", "all", "linear:N", "log:N", "range:a:b:s", "0,1,2.5")  # parse_grid's forms
+
+
+def _help(args: list[str], columns: int) -> str:
+    e = {**os.environ, "COLUMNS": str(columns)}
+    r = subprocess.run([sys.executable, "-m", "lipscope", *args, "--help"], capture_output=True, text=True, env=e,
+                       timeout=HANG_S)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_help_shows_every_grid_form_as_written_and_reads_at_80_columns():
+    """Issue 25 items 3 and 8: the rendered help of `probe --help` (and docs/cli.md, generated from it) holds every
+    grid form parse_grid accepts literally (no emoji code such as :a: → 🅰); every command's help fits 80 columns
+    with its option descriptions at least 45 characters wide (not squeezed into a narrow column)."""
+    probe = _help(["probe"], 80)
+    flat = " ".join(probe.split())  # a form may sit at a line end; none is split (no spaces inside)
+    cli_md = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    for form in GRID_FORMS:
+        assert form in flat and form in cli_md, form
+    for args in ([], *([c] for c in COMMANDS)):
+        text = _help(args, 80)
+        assert not set(text) & {"🅰", "🅱", "\u2139"}, args
+        lines = text.splitlines()
+        assert max(map(len, lines)) <= 80, (args, text)
+        opts = [ln for ln in lines if ln.startswith("  -")]
+        starts = [len(ln) - len(ln.lstrip()) for ln in lines if ln.startswith(" " * 20) and ln.strip()]
+        assert not opts or min(starts, default=0) <= 80 - 45, (args, text)

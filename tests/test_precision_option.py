@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 
 from lipscope import load_model, probe
 from lipscope.errors import InputError
@@ -78,7 +79,7 @@ def test_cli_precision_is_recorded(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "lipscope", "probe", "--precision", "bf16", "--method", "jvp", "--samples", "4",
          "--timesteps", "0,10", "--out", str(tmp_path / "r"), "--no-progress"],
-        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "200"}, timeout=300,
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "200"}, timeout=HANG_S,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "r" / "run.json").read_text())

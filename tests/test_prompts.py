@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 from family_fixtures import LATENT_SHAPE
 from reference_prompts import encode_reference
 
@@ -212,7 +213,7 @@ def test_cli_probe_with_prompts_and_a_prompt_file(text, tmp_path):
          "--prompt", PROMPTS[0], "--prompt-file", str(tmp_path / "p.txt"), "--negative-prompt", "blurry",
          "--guidance-scale", "5", "--samples", "3", "--timesteps", "0,10", "--method", "fd,jvp",
          "--out", str(tmp_path / "r"), "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=HANG_S,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "r" / "run.json").read_text())
@@ -253,7 +254,8 @@ def test_prompt_refusals_are_one_line(text, tmp_path, capfd, monkeypatch):
     code = "import sys; sys.modules['transformers'] = sys.modules['peft'] = None; from lipscope.cli import main; main()"
     env = {"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "300"}
     r = subprocess.run([sys.executable, "-c", code, "probe", "--model", str(text["sd"]), "--prompt", "a cat",
-                        "--out", str(tmp_path / "t")], capture_output=True, text=True, env=env, timeout=99)  # fmt: skip
+                        "--out", str(tmp_path / "t")], capture_output=True, text=True, env=env,
+                       timeout=HANG_S)  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "pip install 'lipscope[text]'" in r.stderr
 

@@ -18,7 +18,8 @@ from test_bad_inputs import BASE, assert_one_line_refusal, run_inprocess, snapsh
 
 # options whose value names nothing read from disk (a number, a choice, a name, a prompt, a sub-path of --model)
 NOT_INPUTS = frozenset(
-    "--out --model-arg --timesteps --dt --scheme --method --space --samples --seed --batch-size --device --dtype "
+    "--out --model-arg --prediction-type --timesteps --dt --scheme --method --space --samples --seed --batch-size "
+    "--device --dtype "
     "--compile --precision --revision --subfolder --t-split --data-range --target --class-label --prompt "
     "--negative-prompt --guidance-scale --plot-x --dim --mean --var --mixture --schedule --steps --grad-accum --lr "
     "--warmup --ema-decay --grad-clip --mixed-precision --checkpoint-every --t-tilde --n --caption-dropout "

@@ -12,6 +12,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from conftest import HANG_S
 
 from lipscope.errors import InputError
 from lipscope.io import WriteFailure
@@ -31,7 +32,7 @@ def _torchrun(tmp_path, out: str, *extra: str) -> subprocess.CompletedProcess:
     args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29400 + os.getpid() % 500)]
     probe = ["--data", "digits", "--timesteps", GRID, "--samples", "6", "--batch-size", "8", "--method", "fd,jvp"]
     cmd = [sys.executable, *args, "-m", "lipscope", "probe", *probe, "--device", "cpu", "--no-progress", "--out", out]
-    return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG_S)
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def interrupted(tmp_path, monkeypatch, one_thread):
 
 def _fail_at_call(monkeypatch, n: int, exc) -> None:
     """The probe's FD pair evaluation raises ``exc`` from its n-th call on (after n − 1 finished batches)."""
-    mod = sys.modules["lipscope.probe"]  # the module (`lipscope.probe` is the function)
+    mod = sys.modules["lipscope.fd"]  # the FD runner's module
     real, calls = mod.fd_pair, [0]
 
     def failing(*a, **k):
@@ -99,7 +100,7 @@ def test_a_failing_run_leaves_nothing(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise InputError("`model` broken")
 
-    monkeypatch.setattr(sys.modules["lipscope.probe"], "fd_pair", broken)
+    monkeypatch.setattr(sys.modules["lipscope.fd"], "fd_pair", broken)
     with pytest.raises(InputError, match="broken"):
         run_probe(_opts(tmp_path, "bad"))
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.partial").exists()
@@ -128,20 +129,22 @@ def test_sample_and_evaluate_with_two_processes(tmp_path):
     sample = ["sample", "--model", "builtin:digits-ddpm", "-n", "5", "--steps", "3", "--batch-size", "2",
               "--device", "cpu"]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "lipscope", *sample, "--out", "one"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+                         capture_output=True, text=True, timeout=HANG_S)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29900 + os.getpid() % 90), "-m", "lipscope"]  # fmt: skip
     two = subprocess.run([*run, *sample, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+                         timeout=HANG_S)  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (np.load(tmp_path / d / "samples.npz")["x0"] for d in ("one", "two"))
     assert a.shape == (5, 1, 8, 8) and np.array_equal(a, b)
     ev = ["evaluate", "--model", "builtin:digits-ddpm", "-n", "4", "--seeds", "1", "--steps", "2",
           "--scheduler", "ddim", "--device", "cpu"]  # fmt: skip
     r1 = subprocess.run([sys.executable, "-m", "lipscope", *ev, "--out", "e1"], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=300)  # fmt: skip
-    r2 = subprocess.run([*run, *ev, "--out", "e2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=HANG_S)  # fmt: skip
+    r2 = subprocess.run(
+        [*run, *ev, "--out", "e2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S
+    )
     assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-1500:], r2.stderr[-1500:])
     e1, e2 = (pd.read_csv(tmp_path / d / "eval.csv") for d in ("e1", "e2"))
     pd.testing.assert_frame_equal(e1, e2)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 from test_bad_inputs import ANSI
 
 PROBE = ["probe", "--model", "builtin:digits-ddpm", "--data", "digits", "--device", "cpu", "--no-progress"]
@@ -39,7 +40,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND"
 
 
 def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=HANG_S)
 
 
 def _ours(stderr: str) -> list[str]:
@@ -101,7 +102,7 @@ def _start(tmp_path: Path, out: str) -> subprocess.Popen:
 def _ready(tmp_path: Path, out: str, p: subprocess.Popen) -> None:
     """Wait for the readiness signal lipscope gives: the main process holds the lock (its pid in the lock file)."""
     lock = tmp_path / f".{out}.lock"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_S
     while not (lock.is_file() and lock.read_text().strip()):
         if p.poll() is not None or time.monotonic() > deadline:
             p.kill()
@@ -131,7 +132,7 @@ def test_a_killed_rank_is_one_line_and_the_run_resumes(tmp_path):
     p = _start(tmp_path, "o")
     _ready(tmp_path, "o", p)
     os.kill(_worker(p.pid, 1), signal.SIGKILL)
-    _, err = p.communicate(timeout=300)
+    _, err = p.communicate(timeout=HANG_S)
     _no_worker_traceback(err)
     ours = _ours(err)
     assert len(ours) <= 1 and all(ln.startswith("interrupted:") for ln in ours), ours
@@ -146,7 +147,7 @@ def test_a_terminated_torchrun_is_one_line_and_the_run_resumes(tmp_path):
     p = _start(tmp_path, "o")
     _ready(tmp_path, "o", p)
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=300)
+    _, err = p.communicate(timeout=HANG_S)
     _no_worker_traceback(err)
     ours = _ours(err)
     assert len(ours) == 1 and ours[0].startswith("interrupted:"), ours  # one line: the main process's

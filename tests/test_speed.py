@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_S
 
 from lipscope import load_model, probe
 from lipscope.errors import InputError
@@ -58,13 +59,13 @@ def test_cli_records_the_speed_options(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "lipscope", "probe", "--tf32", "--channels-last", "--samples", "2", "--timesteps",
          "0,10", "--out", str(tmp_path / "r"), "--no-progress"],
-        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "200"}, timeout=300,
+        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "", "COLUMNS": "200"}, timeout=HANG_S,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     o = json.loads((tmp_path / "r" / "run.json").read_text())["options"]
     assert o["tf32"] and o["channels_last"] and o["compile"] is None
     r = subprocess.run(
         [sys.executable, "-m", "lipscope", "probe", "--compile", "default", "--method", "jvp", "--out",
-         str(tmp_path / "j")], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=300,
+         str(tmp_path / "j")], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=HANG_S,
     )  # fmt: skip
     assert r.returncode == 2 and "--compile is for --method fd" in r.stderr and not (tmp_path / "j").exists()

@@ -24,7 +24,7 @@ import accelerate
 import pytest
 import safetensors.torch
 import torch
-from conftest import TINY, tiny_unet
+from conftest import HANG_S, TINY, tiny_unet
 from safetensors.torch import load_file
 
 import lipscope.training as training
@@ -378,14 +378,14 @@ def _interrupt(tmp_path: Path, out: Path, sig: int, after: int, resume: bool) ->
     """Start (or resume) the run, wait for a checkpoint past ``after``, send ``sig``; (code, stderr)."""
     cmd = _cli(tmp_path, out, *(["--resume"] if resume else []))
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + HANG_S
     while not [s for s in (_steps(out) if out.exists() else []) if s > after]:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no checkpoint past step {after}: {proc.communicate()[1][-2000:]}")
         time.sleep(0.02)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG_S)
     assert max(_steps(out)) < 200, "the run ended before the signal"
     return proc.returncode, err
 
@@ -414,7 +414,7 @@ def test_signals_then_resume_give_the_uninterrupted_weights(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         assert _leftovers(out) == []
     finally:
-        _, ref_err = reference.communicate(timeout=300)
+        _, ref_err = reference.communicate(timeout=HANG_S)
     assert reference.returncode == 0, ref_err[-2000:]
     _assert_same_run(out, ref)
 

@@ -52,9 +52,11 @@ def launched_rank() -> int:
 
 
 def say(*renderables: Any) -> None:
-    """Print results (text or tables) on stdout, as they are; from the main process only."""
+    """Print results (text or tables) on stdout, as they are; from the main process only. Text is never wrapped
+    (a path stays one line); a table is laid out to the terminal's width (its cells wrap between words)."""
     if launched_rank() == 0:
-        out.print(*renderables)
+        for r in renderables:
+            out.print(r, soft_wrap=isinstance(r, str | Text))
 
 
 def one_line(text: str) -> str:
@@ -163,7 +165,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def setup_logging(verbose: bool) -> None:
     """lipscope's messages as one line each (info with ``verbose``); the libraries it drives (diffusers,
-    transformers, huggingface_hub) keep quiet, progress bars included, unless ``verbose``."""
+    transformers, huggingface_hub) keep quiet, progress bars included, unless ``verbose``. What it changes is put
+    back by :func:`restore_logging` when the command ends (:func:`cli_errors`), so a command run inside another
+    program (a notebook, a test) leaves its logging as it was."""
+    _SAVED.append(_logging_state())
     lg = logging.getLogger("lipscope")
     lg.handlers[:] = [_OneLine()]
     lg.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -172,6 +177,62 @@ def setup_logging(verbose: bool) -> None:
     lg.propagate = False
     warnings.showwarning = _show_warning
     quiet_libraries(not verbose)
+
+
+# how to put back the logging state each setup_logging changed, latest last
+_SAVED: list[Callable[[], None]] = []
+
+
+def _logging_state() -> Callable[[], None]:
+    """A function that puts back what :func:`setup_logging` changes, as it is now: the lipscope logger (handlers,
+    level, propagation), Python's warning printer, and the libraries' levels and progress bars."""
+    from diffusers.utils import logging as dlogging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    lg, hub = logging.getLogger("lipscope"), logging.getLogger("huggingface_hub")
+    handlers, level, propagate, show = list(lg.handlers), lg.level, lg.propagate, warnings.showwarning
+    d_level, d_bars = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()
+    hub_level, hub_bars_off = hub.level, are_progress_bars_disabled()
+    env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    tlog = _transformers_logging()
+    t_level = tlog.get_verbosity() if tlog is not None else None
+
+    def restore() -> None:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+        warnings.showwarning = show
+        dlogging.set_verbosity(d_level)
+        (dlogging.enable_progress_bar if d_bars else dlogging.disable_progress_bar)()
+        hub.setLevel(hub_level)
+        (disable_progress_bars if hub_bars_off else enable_progress_bars)()
+        if env is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = env
+        if tlog is not None:
+            tlog.set_verbosity(t_level)
+
+    return restore
+
+
+def _transformers_logging() -> Any:
+    """transformers' logging module when transformers is imported already (and real), else None."""
+    import sys
+
+    if sys.modules.get("transformers") is None:
+        return None
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:  # a stand-in module (transformers not installed)
+        return None
+    return tlog
+
+
+def restore_logging() -> None:
+    """Put back the logging state as it was before the command's :func:`setup_logging` (every call, latest first)."""
+    while _SAVED:
+        _SAVED.pop()()
 
 
 def quiet_libraries(quiet: bool) -> None:
@@ -189,9 +250,8 @@ def quiet_libraries(quiet: bool) -> None:
     (disable_progress_bars if quiet else enable_progress_bars)()
     logging.getLogger("huggingface_hub").setLevel(level)
     if sys.modules.get("transformers") is not None:
-        try:
-            from transformers.utils import logging as tlog
-        except ImportError:  # a stand-in module (transformers not installed): nothing to quiet
+        tlog = _transformers_logging()
+        if tlog is None:  # a stand-in module (transformers not installed): nothing to quiet
             return
         tlog.set_verbosity(level)
         (tlog.disable_progress_bar if quiet else tlog.enable_progress_bar)()
@@ -272,6 +332,8 @@ def cli_errors(fn: F) -> F:
             left = what_is_left(Path(out_dir) if out_dir is not None else None)
             stopped(f"another process of this run stopped (see the launcher's report); {left}")
             raise typer.Exit(143) from None
+        finally:
+            restore_logging()
 
     return wrapper  # type: ignore[return-value]
 

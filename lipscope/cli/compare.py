@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import typer
@@ -38,29 +39,31 @@ def compare(
 @cli_errors
 def models() -> None:
     """List the built-in models with their provenance (model cards)."""
-    from ..zoo import card, list_builtins
+    from ..cards import card, list_builtins
+    from .common import out
 
-    tab = Table(title="lipscope built-in models", title_justify="left")
-    for col in (
-        "model",
-        "what",
-        "recipe / provenance",
-        "final loss",
-        "singularity (one-step FD, t<100 max / t≥100 median)",
-    ):
-        tab.add_column(col, overflow="fold")
+    width = max(60, out.width)  # the terminal's (COLUMNS); lines wrap between words, under their label
+
+    def field(label: str, text: str) -> str:
+        return textwrap.fill(text, width, initial_indent=f"  {label:<13}", subsequent_indent=" " * 15,
+                             break_long_words=False, break_on_hyphens=False)  # fmt: skip
+
+    blocks = ["lipscope built-in models"]
     for name in list_builtins():
         c = card(name)
         if c.get("kind") == "closed form":
-            tab.add_row(c["name"], c["description"], "closed form (lipscope.theory)", "—", "—")
+            blocks.append("\n".join([c["name"], field("what:", c["description"]),
+                                      field("provenance:", "closed form (lipscope.theory)")]))  # fmt: skip
             continue
         fd = c["probe_one_step_fd"]
         what = "E-TSDM retrofit" if c["etsdm"] else ("control fine-tune" if "control" in name else "base DDPM")
-        tab.add_row(
+        blocks.append("\n".join([
             c["name"],
-            f"{what}; {c['data']}",
-            f"{c['recipe']} ({c['steps']} steps, seed {c['seed']})",
-            f"{c['final_loss_mean_last_100']:.4f}",
-            f"{fd['max_below']:.4g} / {fd['median_above']:.4g}",
-        )
-    say(tab)
+            field("what:", f"{what}; {c['data']}"),
+            field("recipe:", f"{c['recipe']} ({c['steps']} steps, seed {c['seed']})"),
+            field("final loss:", f"{c['final_loss_mean_last_100']:.4f} (mean of the last 100 training steps)"),
+            field("singularity:", f"one-step FD K: max over t < 100 {fd['max_below']:.4g}, mean over t < 100 "
+                  f"{fd['mean_below']:.4g}, median over t ≥ 100 {fd['median_above']:.4g}; grid `all`, measured by "
+                  f"{c['probe_settings']}"),
+        ]))  # fmt: skip
+    say("\n\n".join(blocks))

@@ -7,29 +7,34 @@ Python API has no such boundary).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ..models import DTYPES
-from ..precision import PRECISIONS
-from ..probe import METHODS, SCHEMES
-from ..sampling import SAMPLERS
-from ..speed import COMPILE_MODES
-from ..targets import TARGETS
 
-
-def choice(*values: str) -> Callable[[str], str]:
-    """A parser accepting exactly ``values``."""
+def choice(*values: str | Callable[[], tuple[str, ...] | list[str]]) -> Callable[[str], str]:
+    """A parser accepting exactly ``values``; a callable among them returns more values when a value is first
+    parsed (the library's own list, imported then, so ``--help`` does not import torch)."""
 
     def parse(v: str) -> str:
-        if v not in values:
-            raise typer.BadParameter(f"{v!r} is not one of {', '.join(values)}")
+        allowed = [x for val in values for x in (val() if callable(val) else (val,))]
+        if v not in allowed:
+            raise typer.BadParameter(f"{v!r} is not one of {', '.join(allowed)}")
         return v
 
     return parse
+
+
+def _library(module: str, name: str) -> Callable[[], tuple[str, ...]]:
+    """The library's list ``lipscope.<module>.<name>`` of choices, imported when a value is first parsed."""
+
+    def values() -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(f"lipscope.{module}"), name))
+
+    return values
 
 
 def device(v: str) -> str:
@@ -56,6 +61,8 @@ def batch_size(v: str) -> str:
 
 def method(v: str) -> str:
     """fd, jvp, jvp-ode, fd-ode or a comma list of them (lipscope.probe.METHODS)."""
+    from ..probe import METHODS  # imported when a value is parsed: --help does not import torch
+
     parts = [p.strip() for p in v.split(",") if p.strip()]
     if not parts or any(p not in METHODS for p in parts):
         raise typer.BadParameter(f"{v!r}: use {', '.join(METHODS)} or a comma list of them (e.g. fd,jvp)")
@@ -75,20 +82,22 @@ def reference(v: str) -> str:
 
 
 REFERENCE = reference
-SCHEME = choice(*SCHEMES)
+SCHEME = choice(_library("points", "SCHEMES"))
 SPACE = choice("time", "condition")
-TARGET = choice(*TARGETS)
+TARGET = choice(_library("targets", "TARGETS"))
 PLOT_X = choice("t", "lambda")
-DTYPE = choice(*DTYPES)
-PRECISION = choice(*PRECISIONS)
-COMPILE = choice(*COMPILE_MODES)
-SAMPLER = choice(*SAMPLERS)
+DTYPE = choice(_library("devices", "DTYPES"))
+PRECISION = choice(_library("precision", "PRECISIONS"))
+PREDICTION_TYPE = choice(_library("targets", "PREDICTION_TYPES"))
+COMPILE = choice(_library("speed", "COMPILE_MODES"))
+SAMPLER = choice(_library("sampling", "SAMPLERS"))
 MIXED_PRECISION = choice("no", "fp16", "bf16")
 SCHEDULE = choice("linear", "scaled_linear", "cosine", "sigmoid", "vp-linear", "vp-cosine")
 DEVICE = device
 BATCH_SIZE = batch_size
 
 
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="A progress bar with ETA (on a terminal).")
 VERBOSE = typer.Option(
     False,
     "--verbose",
@@ -103,7 +112,10 @@ RESUME_TRAINING = typer.Option(
 
 # conditioning flags shared by probe, sample and evaluate (lipscope.runs.ConditioningOptions)
 CLASS_LABEL = typer.Option(
-    None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."
+    None,
+    "--class-label",
+    help="Class to condition a class-conditional model on (DiT, or a py: network taking class_labels; repeatable; "
+    "cycled).",
 )
 PROMPT = typer.Option(
     None,

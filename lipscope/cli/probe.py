@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .. import shard
 from .common import cli_errors, say, setup_logging
 from .options import (
     ATTRIBUTE,
@@ -23,6 +22,7 @@ from .options import (
     NEGATIVE_PROMPT,
     PLOT_X,
     PRECISION,
+    PREDICTION_TYPE,
     PROMPT,
     PROMPT_EMBEDS,
     PROMPT_FILE,
@@ -70,6 +70,14 @@ def probe(
         "--model-arg",
         help="key=value keyword argument of a py: factory, or a generic pipeline's __call__ size for its capture "
         "(height, width, num_frames; repeatable; values parsed as JSON).",
+    ),
+    prediction_type: str | None = typer.Option(
+        None,
+        "--prediction-type",
+        parser=PREDICTION_TYPE,
+        help="What a py: network outputs (epsilon, v_prediction, sample, score, flow_prediction) where its process "
+        "does not say; default: its process's own (a flow process: flow_prediction), else epsilon. A contradiction "
+        "is refused.",
     ),
     data: str | None = typer.Option(
         None,
@@ -216,12 +224,14 @@ def probe(
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
     setup_logging(verbose)
+    from .. import shard
     from ..runs import ProbeOptions, run_probe
 
     res = run_probe(
         ProbeOptions(
             model=model,
             model_args=tuple(model_arg or ()),
+            prediction_type=prediction_type,
             config=_s(config),
             scheduler_config=_s(scheduler_config),
             revision=revision,
@@ -271,12 +281,15 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     from .. import labels  # here: `--help` imports no pandas
 
     tab = Table(title=f"lipscope probe — {name}", show_header=False, title_justify="left")
-    tab.add_row("peak K", f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}")
 
     def num(v: float, fmt: str, why: str) -> str:
         return f"{v:{fmt}}" if v == v else f"n/a, because {why}"  # NaN: the grid has no point on that side
 
-    above, below = f"no grid point at t ≥ {s['t_split']:g}", f"no grid point below t = {s['t_split']:g}"
+    usable = s["peak_K"] == s["peak_K"]
+    peak = f"{s['peak_K']:.4g}  at t = {s['peak_t']:g}" if usable else "n/a, because no row is usable"
+    tab.add_row("peak K", peak)
+    above = f"no grid point at t ≥ {s['t_split']:g} is usable"
+    below = f"no grid point below t = {s['t_split']:g} is usable"
     tab.add_row(f"median K, t ≥ {s['t_split']:g}", num(s["median_K_above"], ".4g", above))
     tab.add_row(f"mean K, t < {s['t_split']:g}", num(s["mean_K_below"], ".4g", below))
     tab.add_row("singularity ratio", num(s["singularity_ratio"], ".3g", "needs points on both sides of t_split"))
@@ -293,6 +306,12 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     if flagged:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())
         tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
+    if s.get("excluded_rows"):
+        tab.add_row(
+            "left out", f"{s['excluded_rows']} unusable rows (usable = False: noise- or time-resolution-limited)"
+        )
+    if trunc := int(df["fd_trunc_limited"].sum()) if "fd_trunc_limited" in df else 0:
+        tab.add_row("truncation", f"{trunc} FD rows over 10 % (fd_trunc_limited; a smaller --dt or --method jvp)")
     extra = ", attribution.csv, attribution.png" if df.attrs.get("attribution") is not None else ""
     extra += ", steps.csv" if s.get("step_budget") else ""
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png{extra}")

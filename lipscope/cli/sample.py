@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
-from .. import shard
 from .common import cli_errors, parse_list, say, setup_logging
 from .options import (
     CLASS_LABEL,
     DEVICE,
     GUIDANCE_SCALE,
     NEGATIVE_PROMPT,
+    PROGRESS,
     PROMPT,
     PROMPT_EMBEDS,
     PROMPT_FILE,
@@ -45,10 +47,12 @@ def sample(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
+    progress: bool = PROGRESS,
     verbose: bool = VERBOSE,
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
     setup_logging(verbose)
+    from .. import shard
     from ..runs import SampleOptions, run_sample
 
     opts = SampleOptions(
@@ -63,7 +67,7 @@ def sample(
         overwrite=overwrite,
         **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
     )
-    run_sample(opts)
+    run_sample(opts, progress=progress and sys.stderr.isatty())
     if shard.is_main():
         say(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
 
@@ -100,6 +104,7 @@ def evaluate(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
+    progress: bool = PROGRESS,
     verbose: bool = VERBOSE,
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, --features: the
@@ -107,6 +112,7 @@ def evaluate(
     when Inception weights are available, and the per-seed differences model − baseline with t intervals.
     Writes eval.csv, eval_summary.csv, eval_paired.csv (with a baseline), eval.png."""
     setup_logging(verbose)
+    from .. import shard
     from ..runs import EvaluateOptions, run_evaluate
 
     res = run_evaluate(
@@ -125,42 +131,54 @@ def evaluate(
             out=str(out_dir),
             overwrite=overwrite,
             **conditioning_kwargs(class_label, prompt, prompt_file, negative_prompt, prompt_embeds, guidance_scale),
-        )
+        ),
+        progress=progress and sys.stderr.isatty(),
     )
     name = res.features.name if res.features is not None else "digits"
-    tab = Table(title="lipscope evaluate (mean ± std over seeds)", title_justify="left")
-    for c in ("model", "scheduler", "steps", f"FD {name}", f"KID {name}", "FD pixel", "SWD", "FID"):
-        tab.add_column(c)
-    for _, r in res.summary.iterrows():
-        fid = f"{r['fid_mean']:.3g}" if res.fid_ok else "unavailable"
-        tab.add_row(
-            r["model"],
-            r["scheduler"],
-            str(r["steps"]),
-            f"{r[f'fd_{name}_mean']:.3g} ± {r[f'fd_{name}_std']:.2g}",
-            f"{r[f'kid_{name}_mean']:.3g} ± {r[f'kid_{name}_std']:.2g}",
-            f"{r['fd_pixel_mean']:.3g} ± {r['fd_pixel_std']:.2g}",
-            f"{r['swd_pixel_mean']:.3g} ± {r['swd_pixel_std']:.2g}",
-            fid,
-        )
+    specs = dict(zip(res.summary["model"], res.summary["spec"], strict=True))
     if shard.is_main():
-        say(tab)
+        say(_summary_table(res.summary, name, res.fid_ok))
+        if not res.fid_ok:
+            say("FID: unavailable (no --inception-weights given)")
         if res.paired is not None and len(res.paired):
-            say(_paired_table(res.paired))
+            say(_paired_table(res.paired, specs))
         say(f"note: {res.meta['comparability']}")
 
 
-def _paired_table(paired) -> Table:
+def _pm(r, col: str) -> str:  # noqa: ANN001
+    return f"{r[f'{col}_mean']:.3g}\n±{r[f'{col}_std']:.2g}"
+
+
+def _narrow_table(title: str, whole: tuple[str, ...], values: tuple[str, ...]) -> Table:
+    """A table that reads at 80 columns: no vertical rules; the ``whole`` columns (model specs, samplers) are never
+    broken, the ``values`` columns wrap only where their text has a line break; nothing is cut with "…"."""
+    tab = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for c in whole:
+        tab.add_column(c, no_wrap=True)
+    for c in values:
+        tab.add_column(c, overflow="fold")
+    return tab
+
+
+def _summary_table(summary, name: str, fid_ok: bool) -> Table:  # noqa: ANN001
+    """Mean ± std over seeds, a row per (model spec, sampler, steps)."""
+    metrics = [f"fd_{name}", f"kid_{name}", "fd_pixel", "swd_pixel", *(["fid"] if fid_ok else [])]
+    heads = (f"FD\n{name}", f"KID\n{name}", "FD\npixel", "SWD", *(["FID"] if fid_ok else []))
+    tab = _narrow_table("lipscope evaluate (mean ±std over seeds; lower is better)", ("model", "sampler"), heads)
+    for _, r in summary.iterrows():
+        tab.add_row(r["spec"], f"{r['scheduler']}\n{r['steps']} steps", *(_pm(r, m) for m in metrics))
+    return tab
+
+
+def _paired_table(paired, specs: dict[str, str]) -> Table:  # noqa: ANN001
     """model − baseline per seed: mean, t interval (none from one seed), seeds where the model is lower."""
     conf = f"{100 * float(paired['confidence'].iloc[0]):g}%"
-    tab = Table(
-        title=f"model − baseline, paired by seed (mean, {conf} t interval; lower is better)", title_justify="left"
-    )
-    for c in ("model", "scheduler", "steps", "metric", "Δ mean", f"{conf} CI", "model lower"):
-        tab.add_column(c)
+    title = f"model − baseline, paired by seed (mean, {conf} t interval; lower is better)"
+    tab = _narrow_table(title, ("model\n− baseline", "sampler", "metric", "Δ mean"), (f"{conf} CI", "model\nlower"))
     for _, r in paired.iterrows():
         n = int(r["n"])
-        ci = f"[{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]" if n > 1 else "none (1 seed)"
-        better = f"{round(r['frac_better'] * n)}/{n} seeds"
-        tab.add_row(r["model"], r["scheduler"], str(r["steps"]), r["metric"], f"{r['diff_mean']:+.3g}", ci, better)
+        ci = f"[{r['ci_low']:+.3g},\n{r['ci_high']:+.3g}]" if n > 1 else "none\n(1 seed)"
+        pair = f"{specs.get(r['model'], r['model'])}\n− {specs.get(r['baseline'], r['baseline'])}"
+        better = f"{round(r['frac_better'] * n)}/{n}\nseeds"
+        tab.add_row(pair, f"{r['scheduler']}\n{r['steps']} steps", r["metric"], f"{r['diff_mean']:+.3g}", ci, better)
     return tab

@@ -49,7 +49,8 @@ def _run(opts, progress: bool) -> None:
     res = run_training(opts, progress=progress and sys.stderr.isatty())
     where = "lora" if opts.training.lora else "pipeline"
     say(
-        f"trained {res['steps']} steps on {res['samples']} samples; final loss (mean of last 100) "
+        f"trained {res['steps']} steps on {res['samples']} samples; final loss (mean of last "
+        f"{res.get('final_loss_mean_of_steps', 100)} steps) "
         f"{res['final_loss_mean_last_100']:.4g}; model in {opts.out}/{where}"
     )
 

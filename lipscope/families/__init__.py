@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..conditioning import class_conditioning
 from ..errors import InputError
 from ..models import EpsModel
 from . import dit, flux, generic, pixart, sd, sd3, unet2d
@@ -164,6 +165,10 @@ def resolve_conditioning(
         if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
             raise InputError(f"`guidance_scale` must be a finite number (got {guidance_scale!r})")
         given.append("guidance_scale")
+    if (fam is None or fam.conditioning is None) and (spec := model.config.get("class_labels")) is not None:
+        if prompt_embeds:  # a py: network taking class_labels (lipscope.pyspec)
+            raise InputError(f"`model` {model.name} is class-conditional: give `class_labels`, not `prompt_embeds`")
+        return class_conditioning(model.name, list(class_labels or []), guidance_scale, **spec)
     if fam is None or fam.conditioning is None:
         if given:
             raise InputError(f"`model` {model.name} is unconditional; leave out {', '.join(f'`{g}`' for g in given)}")

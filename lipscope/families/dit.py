@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..conditioning import Conditioning
+from ..conditioning import Conditioning, class_conditioning
 from ..errors import InputError
 from ..etsdm import unmapped
 from ..models import EpsModel, from_module
@@ -28,18 +28,4 @@ def conditioning(
     if any(v for v in other.values()):
         raise InputError(f"`model` {model.name} is class-conditional (DiT): give `class_labels`, not text conditioning")
     n_cls = int(model.config.get("num_embeds_ada_norm") or 1000)
-    null = torch.tensor([n_cls])
-    if not class_labels:
-        if guidance_scale is not None:
-            raise InputError("`guidance_scale` needs `class_labels` to guide towards; give one or more labels")
-        return Conditioning({"class_labels": null}, info={"conditioning": f"unconditional (null class {n_cls})"})
-    bad = [c for c in class_labels if not (isinstance(c, int) and 0 <= c < n_cls)]
-    if bad:
-        raise InputError(f"`class_labels` {bad[0]} is out of range: {model.name} has {n_cls} classes (0..{n_cls - 1})")
-    labels = torch.tensor(class_labels)
-    return Conditioning(
-        {"class_labels": labels},
-        {"class_labels": null.expand(len(labels)).clone()},
-        guidance_scale,
-        {"conditioning": "class labels", "class_labels": list(class_labels), "null_class": n_cls},
-    )
+    return class_conditioning(model.name, class_labels, guidance_scale, n_cls, n_cls)  # type: ignore[return-value]

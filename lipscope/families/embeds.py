@@ -57,6 +57,37 @@ def read_embeds(path: str) -> dict[str, torch.Tensor]:
         raise InputError(f"`prompt_embeds` {path}: not a readable safetensors file ({short_error(e)})") from e
 
 
+def check_embeds(t: dict[str, torch.Tensor], used: list[str], what: str, guidance_scale: float | None) -> None:
+    """The embeddings a run feeds: floating point, at least one row, finite, one row count (one row per prompt in
+    each), and with CFG one token count in both branches (they go in one batch); each refusal names the tensor.
+    Attention masks (PixArt's) are integer or boolean by design: only their rows are checked."""
+    for k in (k for k in used if not k.endswith("attention_mask")):
+        v = t[k]
+        if not v.is_floating_point():
+            raise InputError(f"{what}: {k} is {str(v.dtype).removeprefix('torch.')}; save the float embeddings "
+                             "encode_prompt returns")  # fmt: skip
+        if v.ndim == 0 or v.shape[0] == 0:
+            raise InputError(f"{what}: {k} has no rows; save the embeddings of at least one prompt")
+        if not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise InputError(
+                f"{what}: {k} holds NaN/inf ({bad} of {v.numel()} values): the embeddings themselves are broken, not "
+                "the model; encode the prompts again (a float16 text encoder overflows: encode in float32)"
+            )
+    rows = {k: int(t[k].shape[0]) for k in used}
+    if len(set(rows.values())) > 1:
+        (a, na), (b, nb) = next(iter(rows.items())), next((k, n) for k, n in rows.items() if n != rows[used[0]])
+        raise InputError(f"{what}: {a} has {na} rows and {b} {nb}; save one row per prompt in each (as encode_prompt "
+                         "returns them)")  # fmt: skip
+    pos, neg = t.get("prompt_embeds"), t.get("negative_prompt_embeds")
+    if guidance_scale is not None and "negative_prompt_embeds" in used and pos is not None and neg is not None:
+        if pos.shape[1] != neg.shape[1]:
+            raise InputError(
+                f"{what}: prompt_embeds has {pos.shape[1]} tokens and negative_prompt_embeds {neg.shape[1]}; both CFG "
+                "branches go in one batch: encode them to one length (as the pipelines pad them)"
+            )
+
+
 def text_conditioning(
     model: EpsModel,
     prompt_embeds: str | EncodedPrompts | None,
@@ -90,6 +121,8 @@ def text_conditioning(
     for k in ("prompt_embeds", "negative_prompt_embeds"):
         if k in t and (t[k].ndim != 3 or (dim and t[k].shape[-1] != dim)):
             raise InputError(f"{what}: {k} has shape {tuple(t[k].shape)}; {model.name} takes (P, tokens, {dim})")
-    uncond = branch(t, "negative_") if all(f"negative_{k}" in t for k in keys) else None
+    negative = all(f"negative_{k}" in t for k in keys)
+    check_embeds(t, list(keys) + ([f"negative_{k}" for k in keys] if negative else []), what, guidance_scale)
+    uncond = branch(t, "negative_") if negative else None
     info.setdefault("prompts", int(t["prompt_embeds"].shape[0]))
     return Conditioning(branch(t, ""), uncond, guidance_scale, info)

@@ -189,6 +189,7 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "float32"
     model_args: tuple[str, ...] | dict[str, Any] = ()  # py: factory keyword arguments (key=value strings or a dict)
+    prediction_type: str | None = None  # what a py: network outputs where its process does not say
 
     def load(self) -> EpsModel:
         return load_model(
@@ -202,6 +203,7 @@ class ModelOptions:
             device=self.device,
             dtype=self.dtype,
             model_args=self.model_args,
+            prediction_type=self.prediction_type,
         )
 
 

@@ -194,6 +194,8 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         # how fd_noise_rel was estimated: c·u·(‖ε_a‖ + ‖ε_b‖), c measured or the constant (docs/probe.md)
         "fd_noise": df.attrs.get("fd_noise"),
         "fd_noise_limited_rows": int(df["fd_noise_limited"].sum()),
+        "fd_time": df.attrs.get("fd_time"),  # the network's time resolution and the FD rows below it (docs/probe.md)
+        "fd_truncation": df.attrs.get("fd_truncation"),  # the FD step's estimated truncation per row
         "precision": df.attrs.get("precision"),  # the accuracy guard of `precision` (None without it)
         "reference": df.attrs.get("reference") or None,  # the data set of the optimal denoisers' rows
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

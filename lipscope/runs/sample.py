@@ -35,8 +35,9 @@ class SampleOptions(ConditioningOptions):
     overwrite: bool = False
 
 
-def run_sample(opts: SampleOptions) -> dict[str, Any]:
-    """Sample the model with its own noise levels and write the run folder (all files or none)."""
+def run_sample(opts: SampleOptions, progress: bool = False) -> dict[str, Any]:
+    """Sample the model with its own noise levels and write the run folder (all files or none); ``progress``: a
+    progress bar with ETA."""
     if opts.num < 1:
         raise InputError("`num` must be ≥ 1")
     out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.model, *opts.conditioning_reads()))
@@ -44,7 +45,10 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
         m = load_model(opts.model, device=opts.device)
         cond = opts.conditioning(m, opts.model)
         m = dataclasses.replace(m, conditioning=cond) if cond is not None else m
-        x = sample(m, opts.num, scheduler=opts.scheduler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size)
+        x = sample(
+            m, opts.num, scheduler=opts.scheduler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size,
+            progress=progress,
+        )  # fmt: skip
         meta = {
             "command": "sample",
             "options": asdict(opts),
@@ -97,7 +101,8 @@ class EvaluateResult:
     features: FeatureSpace | None = None
 
 
-def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
+def run_evaluate(opts: EvaluateOptions, progress: bool = False) -> EvaluateResult:
+    """Sample every model on the same seeds and write the evaluate run folder; ``progress``: a bar with ETA."""
     reads = (opts.model, opts.baseline, opts.data, opts.features, opts.inception_weights, opts.conditioning_reads())
     out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
     for sch in opts.scheduler:
@@ -146,9 +151,11 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             seeds=list(range(opts.seeds)),
             inception_weights=opts.inception_weights,
             features=space,
+            progress=progress,
         )
         df.insert(1, "spec", df["model"].map(specs))
         summ = summarize_eval(df)
+        summ.insert(1, "spec", summ["model"].map(specs))  # eval_summary.csv says which model each row measured
         paired = paired_differences(df, "baseline") if opts.baseline else None
         fid_ok = bool(df["fid_available"].any())
         meta = {
