@@ -55,7 +55,7 @@ def y_label(df: pd.DataFrame, x: str = "t") -> str:
     methods = list(dict.fromkeys(df["method"].astype(str)))
     if len(methods) == 1:
         return f"K per unit {unit} = {formula(methods[0], x)}"
-    return f"K per unit {unit} (what each method measured: legend)"
+    return f"K per unit {unit} (methods: legend)"
 
 
 def title(name: str, n: int, df: pd.DataFrame) -> str:

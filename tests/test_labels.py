@@ -113,7 +113,7 @@ def test_lambda_plot_shows_noise_direction_and_split(fd_jvp, etsdm_model):
     ax = fig.axes[0]
     assert "less noise" in ax.get_xlabel() and list(marks)[0] in _legend(fig)
     assert any(np.allclose(ln.get_xdata(), lam) for ln in ax.get_lines())
-    assert ax.get_ylabel() == "K per unit λ (what each method measured: legend)"
+    assert ax.get_ylabel() == "K per unit λ (methods: legend)"
     assert split_marks(etsdm_model, 50.0) == {"t_split = 50": 50.0, "E-TSDM t̃ = 100": 100.0}
 
 
