@@ -15,6 +15,7 @@ NOISE      ε_i of probe sample i (shared across t)          SeedSequence([seed,
 SAMPLER    initial x_T of sample i                          SeedSequence([seed, 2**20 + i])
 SAMPLER    per-step noise of sample i (DDPM)                SeedSequence([seed, 2**21 + i])
 TRAINING   batch of training step s on process p            SeedSequence([seed, 256·s + p])
+FRESH      block i of fresh x0 from a known density          SeedSequence([seed, 2**40 + i])
 INIT       weights of a network built by lipscope           torch seed ``seed`` in an isolated RNG
 ========== ================================================ ==========================================
 
@@ -35,6 +36,7 @@ _DATA_TAG = 0xDA7A
 _SAMPLER_INIT = 1 << 20
 _SAMPLER_STEP = 1 << 21
 _TRAINING_SHIFT = 8  # up to 256 processes per training step
+_FRESH = 1 << 40  # above every TRAINING index a run can reach (256·s + p < 2**40 for s < 2**32 steps)
 
 
 class Stream(enum.Enum):
@@ -45,6 +47,7 @@ class Stream(enum.Enum):
     SAMPLER_INIT = "sampler_init"
     SAMPLER_STEP = "sampler_step"
     TRAINING = "training"
+    FRESH = "fresh"
 
 
 def _entropy_index(stream: Stream, index: int, process: int = 0) -> int:
@@ -62,6 +65,8 @@ def _entropy_index(stream: Stream, index: int, process: int = 0) -> int:
         if not 0 <= process < (1 << _TRAINING_SHIFT):
             raise ValueError(f"training stream supports up to {1 << _TRAINING_SHIFT} processes (got {process})")
         return (index << _TRAINING_SHIFT) + process
+    if stream is Stream.FRESH:
+        return _FRESH + index
     raise ValueError(f"stream {stream} has no per-item generators; use data_rng")
 
 
