@@ -131,6 +131,9 @@ class TrainData:
     empty_row: int | None = None  # the unconditional row captions drop to
     spec: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # recorded in train.json (captions, latents)
+    # data with a known density: fresh(index, n, rank) draws micro-batch ``index``'s n x0 afresh (then ``x0`` is
+    # only the sample the run's data hash is taken of); None: micro-batches are rows of ``x0``
+    fresh: Callable[[int, int, int], torch.Tensor] | None = None
 
 
 class _TrainNet(torch.nn.Module):
@@ -176,7 +179,8 @@ def _micro_loss(
         r = torch.where(b.drop, td.empty_row if td.empty_row is not None else r, r)
         kw = td.conditioning.rows(r, acc.device, torch.float32)[0]
     with acc.autocast():
-        return diffusion_loss(net, td.x0[b.idx], b.t, b.eps, process, target, etsdm, device=acc.device,
+        x0 = td.x0[b.idx] if td.fresh is None else td.fresh(index, cfg.batch_size, acc.process_index).float()
+        return diffusion_loss(net, x0, b.t, b.eps, process, target, etsdm, device=acc.device,
                               weighting=cfg.weighting, **kw)  # fmt: skip
 
 

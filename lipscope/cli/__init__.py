@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from typer.exceptions import TyperException
 
-from . import compare, probe, sample, theory, train
+from . import compare, groundtruth, probe, sample, theory, train
 from .common import Terminated, app, err
 
 
@@ -31,6 +31,7 @@ for _command in (
     sample.evaluate,
     compare.compare,
     compare.models,
+    groundtruth.groundtruth,
 ):
     app.command()(_command)
 
