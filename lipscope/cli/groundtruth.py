@@ -41,6 +41,9 @@ def groundtruth(
     rtol: float = typer.Option(1e-10, "--rtol", help="Tolerance of the exact ODE solve (per sample)."),
     model_config: Path | None = typer.Option(None, "--model-config", help="UNet2DModel/DiT config for one --arch."),
     keep_models: bool = typer.Option(True, "--keep-models/--no-keep-models", help="Copy the models into --out."),
+    keep_journal: bool = typer.Option(
+        False, "--keep-journal", help="Keep the finished items beside --out (--resume --overwrite re-tabulates)."
+    ),
     out_dir: Path = typer.Option(Path("runs/groundtruth"), "--out", "-o"),
     resume: bool = typer.Option(False, "--resume", help="Continue the killed run of --out (same options)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out (atomically)."),
@@ -64,7 +67,8 @@ def groundtruth(
         t_tilde=t_tilde, n_sub=n_sub, samplers=names(samplers),
         nfe=None if nfe is None else tuple(parse_list(nfe, int, "nfe")), seeds=seeds, samples=samples,
         eval_samples=eval_samples, timesteps=timesteps or DEFAULT_GRID, rtol=rtol,
-        model_config=None if model_config is None else str(model_config), keep_models=keep_models, out=str(out_dir),
+        model_config=None if model_config is None else str(model_config), keep_models=keep_models,
+        keep_journal=keep_journal, out=str(out_dir),
         resume=resume, overwrite=overwrite,
     )  # fmt: skip
     meta = run_groundtruth(opts)

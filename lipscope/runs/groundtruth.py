@@ -79,6 +79,7 @@ class GroundTruthOptions:
     checkpoint_every: int = 200
     model_config: str | None = None
     keep_models: bool = True
+    keep_journal: bool = False  # keep .<out>.partial after writing: `resume` + `overwrite` re-tabulates from it
     out: str = "runs/groundtruth"
     resume: bool = False
     overwrite: bool = False
@@ -95,7 +96,7 @@ class GroundTruthOptions:
 
     def key(self) -> dict[str, Any]:
         """What changes the numbers (the journal refuses a resume with other values)."""
-        skip = {"out", "resume", "overwrite", "keep_models", "checkpoint_every", "eval_batch"}
+        skip = {"out", "resume", "overwrite", "keep_models", "keep_journal", "checkpoint_every", "eval_batch"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -159,7 +160,8 @@ def run_groundtruth(opts: GroundTruthOptions) -> dict[str, Any]:
             meta = _run(o, kd, process, sched_cfg, etsdm, grid, cfgs, journal, out, start)
         finally:
             journal.flush()
-        journal.discard()
+        if not o.keep_journal:
+            journal.discard()
         return meta
 
 
