@@ -3,6 +3,7 @@ Figure objects, drawn in the style of :mod:`lipscope.plots` (no global state cha
 
 from __future__ import annotations
 
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -31,6 +32,9 @@ def plot_sampler_error(samp: pd.DataFrame, title: str = "") -> Figure:
             ax.fill_between(m.index, m["lo"], m["hi"], color=color, alpha=0.15, lw=0)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        nfes = sorted(set(d["nfe"]))
+        ax.set_xticks(nfes, [str(int(v)) for v in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("NFE")
         ax.set_title(s)
     axes[0].set_ylabel("‖x̂0 − x0(exact ODE)‖ / √D")
@@ -60,8 +64,11 @@ def plot_network_error(net: pd.DataFrame, boundaries: list[float], title: str = 
             ax.axvline(b, color="0.6", ls=":", lw=0.8)
         ax.set_xlabel("t (model steps)")
     ax1.set_ylabel("E‖εθ − ε*‖² / D")
-    ax2.set_ylabel("K(t) per unit τ (0 inside E-TSDM sub-intervals: not drawn)")
+    ax2.set_ylabel("K(t) per unit τ")
+    ax2.set_title("network vs ε* on the same x_t (E-TSDM: K = 0 inside sub-intervals, not drawn)", fontsize=8)
+    ax1.set_title("network error", fontsize=8)
     ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

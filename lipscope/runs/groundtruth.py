@@ -205,11 +205,12 @@ def _run(o, kd, process, sched_cfg, etsdm, grid, cfgs, journal: Journal, out: Pa
         "wall_time_s": {"total": time.time() - start, "training": trained_s},
         "items_computed_this_session": len(set(cache.computed)),
     }
+    title = f"{kd.spec}, {o.process}"
     files = {"network_error.csv": lio.csv_bytes(net), "sampler_error.csv": lio.csv_bytes(samp),
              "distribution.csv": lio.csv_bytes(dist), "paired.csv": lio.csv_bytes(pair),
              "bands.csv": lio.csv_bytes(band), "run.json": lio.json_bytes(meta), "mixture.npz": mixture_npz(kd.mixture),
-             "sampler_error.png": figure_png(plot_sampler_error(samp, kd.spec)),
-             "network_error.png": figure_png(plot_network_error(net, etsdm.boundaries(), kd.spec))}  # fmt: skip
+             "sampler_error.png": figure_png(plot_sampler_error(samp, title)),
+             "network_error.png": figure_png(plot_network_error(net, etsdm.boundaries(), title))}  # fmt: skip
 
     def fill(tmp: Path) -> None:
         for name, data in files.items():
