@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 DATA = {"full": "digits-gmm:10", "near": "digits-gmm:10:rank=8:floor=1e-4"}
-SIZE = ["--size", "reduced", "--arch", "unet", "--steps", "1500", "--finetune-steps", "500", "--seeds", "3",
-        "--samples", "256", "--eval-samples", "256", "--samplers", "ddim,dpmsolver++:2", "--nfe", "5,10,20,50",
+SIZE = ["--size", "reduced", "--arch", "unet", "--steps", "1200", "--finetune-steps", "400", "--seeds", "3",
+        "--samples", "256", "--eval-samples", "128", "--samplers", "ddim,dpmsolver++:2", "--nfe", "5,10,20",
         "--threads", "1"]  # fmt: skip
 
 
@@ -30,7 +30,7 @@ def command(process: str, kind: str, out: Path) -> list[str]:
 def _ci(r: pd.Series) -> str:
     lo, hi = r["diff_ci_low"], r["diff_ci_high"]
     mark = " ↓" if hi < 0 else " ↑" if lo > 0 else ""
-    return f"{r['diff_mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
+    return f"{r['diff_mean']:+.3g} [{lo:+.3g}, {hi:+.3g}]{mark}"
 
 
 def tables(folder: Path, nfe: tuple[int, ...] = (5, 10, 20)) -> str:
@@ -51,7 +51,7 @@ def tables(folder: Path, nfe: tuple[int, ...] = (5, 10, 20)) -> str:
                 return pair[sel & (pair["sampler"] == s) & (pair["nfe"] == f)].iloc[0]
 
             e = [mean[(v, s, f)] for v in ("eps*", "base", "control", "etsdm")]
-            g = " / ".join(f"{gap[(v, s, f)]:+.3f}" for v in ("base", "control", "etsdm"))
+            g = " / ".join(f"{gap[(v, s, f)]:+.4g}" for v in ("base", "control", "etsdm"))
             out.append(f"| {s} | {f} | {e[0]:.4f} | {e[1]:.4f} | {e[2]:.4f} | {e[3]:.4f} | "
                        f"{_ci(pick('etsdm', 'control', 'total_mean'))} | {_ci(pick('etsdm', 'base', 'total_mean'))} | "
                        f"{g} | {_ci(pick('etsdm', 'control', 'nll_mean'))} |")  # fmt: skip
