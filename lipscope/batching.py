@@ -168,7 +168,11 @@ def progress_bar(enabled: bool, total: int, label: str) -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        TextColumn("{task.description}", markup=False),  # a model name is printed as it is (no markup, no emoji)
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
     ) as p:
         task = p.add_task(label, total=total)
         yield lambda k: p.advance(task, k)
@@ -209,7 +213,9 @@ def run_batched(
     """
     bs = resolve_batch_size(batch_size, model, total)
     stats = stats if stats is not None else RunStats()
-    done_idx, done_vals = journal.done(label) if journal is not None else (torch.empty(0, dtype=torch.long), None)
+    done_idx, done_vals = (
+        journal.done(label, total) if journal is not None else (torch.empty(0, dtype=torch.long), None)
+    )
     shard.barrier()  # every process read the same finished items before any writes new ones
     todo = torch.ones(total, dtype=torch.bool)
     todo[done_idx] = False

@@ -3,7 +3,13 @@
 f(t) = (t̃/n)·⌊t·n/t̃⌋ for t < t̃, f(t) = t otherwise (defaults t̃ = 100 of T = 1000, n = 5). The
 noise schedule is unchanged: training noises at the true t and the network sees f(t).
 If n does not divide t̃ the sub-interval starts are the (fractional) multiples of t̃/n: the rule
-is the same formula, applied to float timesteps.
+is the same formula, applied to float timesteps. Below 0 (an EDM σ under σ_min, which EDM's log-normal training
+density draws) the first sub-interval continues: f = 0.
+
+The map lives on lipscope's model-step axis k for every process. VP and flow denoisers are fed k (in their own
+units); VE and EDM denoisers are fed σ or c_noise = ¼ ln σ, so their E-TSDM classes carry the process's axis
+(``etsdm_axis`` in the config: VE k = T ln(σ/σ_min)/ln(σ_max/σ_min), linear in ln σ; EDM k = the step of the
+model's Karras or exponential ramp) and map fed → k → f(k) → fed (docs/etsdm.md).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from diffusers import UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
 from .errors import InputError
+from .sigmas import edm_sigma, edm_step, ve_sigma, ve_step
 
 
 def etsdm_map(t: torch.Tensor, t_tilde: float = 100.0, n: int = 5) -> torch.Tensor:
@@ -31,8 +38,37 @@ def etsdm_map(t: torch.Tensor, t_tilde: float = 100.0, n: int = 5) -> torch.Tens
         raise InputError(f"E-TSDM needs t_tilde > 0 and an integer n ≥ 1 (got t_tilde={t_tilde}, n={n})")
     t = torch.as_tensor(t)
     w = t_tilde / n
-    left = torch.floor(t * (n / t_tilde)) * w
+    left = torch.floor(t.clamp(min=0) * (n / t_tilde)) * w
     return torch.where(t < t_tilde, left, t)
+
+
+AXES = ("ve", "edm")  # processes whose denoisers are fed a function of σ, not the step
+
+
+def check_axis(axis: Any) -> None:
+    """Refuse an ``etsdm_axis`` that does not describe a VE or EDM process (what :func:`fed_to_step` reads)."""
+    keys = {"ve": {"process", "T", "sigma_min", "sigma_max"}, "edm": {"process", "T", "sigma_min", "sigma_max", "rho",
+                                                                      "ramp"}}  # fmt: skip
+    ok = isinstance(axis, dict) and axis.get("process") in AXES and set(axis) == keys[axis["process"]]
+    if not ok or not (0 < axis["sigma_min"] < axis["sigma_max"] and int(axis["T"]) >= 2):
+        raise InputError(f"`axis` {axis!r}: give lipscope.processes.etsdm_axis(process) of a VE or EDM process")
+
+
+def fed_to_step(fed: torch.Tensor, axis: dict[str, Any]) -> torch.Tensor:
+    """The model step k (float64) of what a VE (σ) or EDM (c_noise = ¼ ln σ) denoiser is fed."""
+    a = axis
+    if a["process"] == "ve":
+        return ve_step(fed, int(a["T"]), a["sigma_min"], a["sigma_max"])
+    return edm_step(torch.exp(4 * fed.to(torch.float64)), int(a["T"]), a["sigma_min"], a["sigma_max"], a["rho"],
+                    a["ramp"])  # fmt: skip
+
+
+def step_to_fed(k: torch.Tensor, axis: dict[str, Any]) -> torch.Tensor:
+    """What a VE (σ) or EDM (c_noise = ¼ ln σ) denoiser is fed at model step k (float64)."""
+    a = axis
+    if a["process"] == "ve":
+        return ve_sigma(k, int(a["T"]), a["sigma_min"], a["sigma_max"])
+    return 0.25 * torch.log(edm_sigma(k, int(a["T"]), a["sigma_min"], a["sigma_max"], a["rho"], a["ramp"]))
 
 
 def etsdm_boundaries(t_tilde: float = 100.0, n: int = 5) -> list[float]:
@@ -93,10 +129,14 @@ class _ETSDMForward:
         """f(timestep) in the denoiser's own timestep units: integer timesteps become float32; half-precision ones
         (Flux pipelines cast σ to the latents' dtype) are mapped in float32 and cast back."""
         t = torch.as_tensor(timestep)
+        t_tilde, n, axis = float(self.config.etsdm_t_tilde), int(self.config.etsdm_n), axis_of(self)
+        if axis is not None:  # VE σ / EDM c_noise: to the model step, map, back (float64), in the fed dtype
+            fed = etsdm_map(fed_to_step(t.to(torch.float64), axis), t_tilde, n)
+            return step_to_fed(fed, axis).to(t.dtype if t.is_floating_point() else torch.float32)
         if not t.is_floating_point():
-            return etsdm_map(t.to(torch.float32), float(self.config.etsdm_t_tilde), int(self.config.etsdm_n))
+            return etsdm_map(t.to(torch.float32), t_tilde, n)
         wide = t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
-        return etsdm_map(wide, float(self.config.etsdm_t_tilde), int(self.config.etsdm_n)).to(t.dtype)
+        return etsdm_map(wide, t_tilde, n).to(t.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         i = self._timestep_index
@@ -117,16 +157,21 @@ def _etsdm_class(base: Any) -> Any:
     name = f"ETSDM{base.__name__}"
     default = 100.0 * UNITS_PER_STEP[base.__name__]
 
-    def __init__(self, *args: Any, etsdm_t_tilde: float = default, etsdm_n: int = 5, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, etsdm_t_tilde: float = default, etsdm_n: int = 5, etsdm_axis: Any = None, **kwargs: Any
+    ) -> None:
         base.__init__(self, *args, **kwargs)
         etsdm_map(torch.zeros(1), etsdm_t_tilde, etsdm_n)  # validates the settings
         self.register_to_config(etsdm_t_tilde=float(etsdm_t_tilde), etsdm_n=int(etsdm_n))
+        if etsdm_axis is not None:  # VE / EDM: t̃ in model steps on this axis (kept out of VP configs)
+            check_axis(etsdm_axis)
+            self.register_to_config(etsdm_axis=dict(etsdm_axis))
 
     # diffusers reads a model's config keys from its __init__ signature: the base's, then ours
     sig = inspect.signature(base.__init__)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     ours = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in
-            (("etsdm_t_tilde", default), ("etsdm_n", 5))]  # fmt: skip
+            (("etsdm_t_tilde", default), ("etsdm_n", 5), ("etsdm_axis", None))]  # fmt: skip
     __init__.__signature__ = sig.replace(parameters=[*params, *ours])  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{name}.__init__"
     fwd = [p for p in inspect.signature(base.forward).parameters if p != "self"]
@@ -178,9 +223,15 @@ def _base_name(module: object) -> str | None:
     return None
 
 
+def axis_of(module: object) -> dict[str, Any] | None:
+    """The VE / EDM axis an E-TSDM denoiser maps on (None: it is fed the model step, in its own units)."""
+    axis = getattr(getattr(module, "config", None), "etsdm_axis", None)
+    return dict(axis) if axis is not None else None
+
+
 def _units(module: object) -> float:
-    """The denoiser's timestep units per model step (:data:`UNITS_PER_STEP` of the class it is built on)."""
-    return UNITS_PER_STEP[_base_name(module) or ""]
+    """The denoiser's stored t̃ units per model step (:data:`UNITS_PER_STEP` of its class; 1 on a VE / EDM axis)."""
+    return 1.0 if axis_of(module) is not None else UNITS_PER_STEP[_base_name(module) or ""]
 
 
 def is_etsdm(module: object) -> bool:
@@ -194,19 +245,29 @@ def etsdm_of(module: object) -> Etsdm | None:
     return Etsdm(float(module.config.etsdm_t_tilde) / _units(module), int(module.config.etsdm_n))
 
 
-def with_etsdm(module: Any, t_tilde: float = 100.0, n: int = 5, *, inplace: bool = False) -> Any:
+def with_etsdm(
+    module: Any, t_tilde: float = 100.0, n: int = 5, *, inplace: bool = False, axis: dict[str, Any] | None = None
+) -> Any:
     """Retrofit: ``module`` with the map f attached (``t_tilde`` in model steps k = τ·T, stored in the denoiser's
     own timestep units): its class becomes the E-TSDM subclass and its config gains ``etsdm_t_tilde``, ``etsdm_n``.
+    A VE or EDM denoiser (fed σ or ¼ ln σ) needs ``axis`` = :func:`lipscope.processes.etsdm_axis` of its process: its
+    forward then maps fed → k → f(k) → fed, and ``etsdm_t_tilde`` is stored in model steps.
     No new weights are drawn (torch's RNG is untouched); ``inplace`` converts ``module`` itself (what a training run
     or a pipeline that owns it wants: no second copy of a large model), otherwise a deep copy. An E-TSDM module
     that already carries this map is returned as it is; one with another map is refused."""
     import copy
 
     etsdm_map(torch.zeros(1), t_tilde, n)  # validates t_tilde, n
+    if axis is not None:
+        check_axis(axis)
     if isinstance(module, _ETSDMForward):
         have, want = etsdm_of(module), Etsdm(float(t_tilde), int(n))
-        if have is None or have.n != want.n or not math.isclose(have.t_tilde, want.t_tilde, rel_tol=1e-9):
-            raise InputError(f"this model already carries the E-TSDM map {have}; set `t_tilde` and `n` to it")
+        same = have is not None and have.n == want.n and math.isclose(have.t_tilde, want.t_tilde, rel_tol=1e-9)
+        if not same or axis_of(module) != (dict(axis) if axis is not None else None):
+            raise InputError(
+                f"this model already carries the E-TSDM map {have} (axis {axis_of(module)}); set `t_tilde`, `n` and "
+                "`axis` to it"
+            )
         return module
     base = _base_name(module)
     if base is None or type(module).__name__ != base:
@@ -214,7 +275,10 @@ def with_etsdm(module: Any, t_tilde: float = 100.0, n: int = 5, *, inplace: bool
         raise InputError(f"E-TSDM: {type(module).__name__} has no E-TSDM class; supported denoisers: {supported}")
     new = module if inplace else copy.deepcopy(module)
     new.__class__ = ETSDM_CLASSES[f"ETSDM{base}"]
-    new.register_to_config(etsdm_t_tilde=float(t_tilde) * UNITS_PER_STEP[base], etsdm_n=int(n))
+    units = 1.0 if axis is not None else UNITS_PER_STEP[base]
+    new.register_to_config(etsdm_t_tilde=float(t_tilde) * units, etsdm_n=int(n))
+    if axis is not None:
+        new.register_to_config(etsdm_axis=dict(axis))
     return new
 
 
@@ -252,8 +316,9 @@ def load_etsdm_lora(target: Any, path: str | Path, component: str | None = None)
     if getattr(denoiser, "peft_config", None):
         raise InputError(f"E-TSDM LoRA {file}: the {comp} already holds a LoRA adapter; load into a fresh pipeline")
     if "etsdm_t_tilde" in mapped:
-        steps = float(mapped["etsdm_t_tilde"]) / _units(denoiser)
-        denoiser = with_etsdm(denoiser, steps, int(mapped["etsdm_n"]), inplace=True)
+        axis = mapped.get("etsdm_axis")  # VE / EDM: t̃ already in model steps on that axis
+        steps = float(mapped["etsdm_t_tilde"]) / (1.0 if axis is not None else _units(denoiser))
+        denoiser = with_etsdm(denoiser, steps, int(mapped["etsdm_n"]), inplace=True, axis=axis)
     try:
         denoiser.load_lora_adapter(state, prefix=comp, metadata=meta or None)
     except (ValueError, TypeError, RuntimeError, KeyError) as e:

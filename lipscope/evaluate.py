@@ -11,7 +11,7 @@ from .errors import InputError
 from .features import FeatureSpace, digits_space
 from .metrics import fid_inception, frechet_distance, kid, sliced_wasserstein
 from .models import EpsModel
-from .sampling import sample
+from .sampling import as_images, sample
 
 KEYS = ["model", "scheduler", "steps"]
 
@@ -40,7 +40,7 @@ def evaluate_models(
 
     Every model is sampled with the same seeds (and its own conditioning), so model and baseline see the same
     initial noise. ``reference`` is the real data (n, C, H, W) in [−1, 1], its features computed once; a latent
-    model's samples are decoded by its autoencoder first.
+    model's samples are decoded by its autoencoder first, and pixels from another range (VE: [0, 1]) mapped to it.
     """
     space = features if features is not None else digits_space()
     fd_col, kid_col = f"fd_{space.name}", f"kid_{space.name}"
@@ -51,9 +51,8 @@ def evaluate_models(
         for sch in schedulers:
             for k in steps:
                 for seed in seeds:
-                    x = sample(m, num, scheduler=sch, steps=k, seed=seed)
-                    if m.latent is not None:  # metrics on images: latents decoded as the pipeline does
-                        x = m.latent.decode(x)
+                    # metrics on images in [−1, 1]: latents decoded as the pipeline does, pixels from the model's range
+                    x = as_images(m, sample(m, num, scheduler=sch, steps=k, seed=seed))
                     fid = fid_inception(x, reference, inception_weights) if inception_weights else None
                     feat = space(x)
                     kid_mean, kid_std = kid(feat, ref_feat, subsets=100, subset_size=1000, seed=seed)

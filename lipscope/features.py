@@ -71,12 +71,24 @@ class FeatureSpace:
             raise
         except Exception as e:  # the extractor's own failure: one line
             raise InputError(f"`features` {self.spec}: the extractor raised {short_error(e)}; fix it") from e
-        f = out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float64)
+        try:
+            if isinstance(out, torch.Tensor) and (out.is_complex() or out.dtype == torch.bool):
+                raise TypeError(f"a {out.dtype} tensor")
+            f = out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float64)
+        except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged lists, complex or boolean tensors …
+            raise InputError(
+                f"`features` {self.spec}: the extractor returned {type(out).__name__} that is no array of real "
+                f"numbers ({short_error(e)[:100]}); return a float tensor (N, d)"
+            ) from e
         if f.ndim < 1 or len(f) != len(x):
             raise InputError(
                 f"`features` {self.spec}: {len(x)} images gave features of shape {f.shape}; return one row per image"
             )
         f = f.reshape(len(x), -1)
+        if f.shape[1] == 0:  # FD of empty features is 0: a perfect score from no measurement
+            raise InputError(
+                f"`features` {self.spec}: the extractor returned empty features {f.shape}; return (N, d ≥ 1)"
+            )
         if self.dimension is not None and f.shape[1] != self.dimension:
             raise InputError(f"`features` {self.spec}: features of dimension {f.shape[1]}, expected {self.dimension}")
         if not np.isfinite(f).all():

@@ -41,10 +41,15 @@ def _umask_mode(mode: int = 0o666) -> int:
     return mode & ~cur
 
 
-def write_failure(path: str | Path, e: OSError) -> InputError:
+class WriteFailure(InputError):
+    """An output that could not be written (disk full, read-only, permissions): the fix is in the user's hands,
+    and a rerun with the same options (``resume``) can go on once it is made."""
+
+
+def write_failure(path: str | Path, e: OSError) -> WriteFailure:
     """One line for a write that failed (disk full, read-only, permissions)."""
     hint = "free some space" if e.errno == errno.ENOSPC else "check the permissions"
-    return InputError(f"could not write {path} ({e.strerror or e}); {hint} or choose another `out`")
+    return WriteFailure(f"could not write {path} ({e.strerror or e}); {hint} or choose another `out`")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -122,75 +127,116 @@ def _describe(folder: Path) -> str:
     return "files (" + ", ".join(names) + ("…" if len(names) == 3 else "") + ")"
 
 
+def resolve_out(out: str | Path) -> Path:
+    """The folder a run writes for ``out``: absolute, with symlinks followed. A symlinked ``out`` (live or dangling)
+    is the folder it points to: the run is written there (its lock, journal and staging folder beside the target)
+    and the link is left as it is; a symlink loop is refused."""
+    p = Path(os.path.realpath(os.path.abspath(out)))
+    if p.is_symlink():  # realpath stops inside a loop
+        raise InputError(f"`out` {out} is a symlink loop; point it at a folder or choose another `out`")
+    return p
+
+
 def check_out_dir(
-    out: str | Path, overwrite: bool = False, resume: bool = False, inputs: Iterable[object] = ()
+    out: str | Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    inputs: Iterable[object] = (),
+    whole: bool = True,
 ) -> Path:
-    """Refuse, before any work, an output path lipscope must not or cannot write.
+    """Refuse, before any work, an output path lipscope must not or cannot write; returns it resolved
+    (:func:`resolve_out`). ``inputs``: paths, or (path, what it is).
 
-    An existing file; a path under a file; a parent folder that cannot be written; a non-empty
-    folder unless ``overwrite`` (replace it) or ``resume`` (continue the run it holds); a folder that
-    holds one of the run's ``inputs`` (paths it reads); with ``overwrite``, the current folder, one
-    above it, home or a file-system root; a path the file system cannot hold.
+    An existing file; a path under a file; a parent folder that cannot be written; a non-empty folder unless
+    ``overwrite`` (replace it) or ``resume`` (continue the run it holds); a folder that holds or is one of the run's
+    ``inputs`` (paths it reads); a path the file system cannot hold. ``whole``: the run folder is written elsewhere
+    and renamed into place (probe, theory, sample, evaluate), so the current folder, one above it, home and a root
+    are refused; without ``whole`` (train, finetune write into ``out`` as they go) only with ``overwrite``.
     """
-    p = Path(out)
     try:
-        return _check_out_dir(p, overwrite, resume, inputs)
+        return _check_out_dir(Path(out), overwrite, resume, inputs, whole)
     except OSError as e:  # e.g. ENAMETOOLONG from stat(): Path.exists() does not swallow it
-        raise InputError(f"`out` {str(p)[:80]}…: {short_error(e)[:120]}; choose a shorter path") from e
+        raise InputError(f"`out` {str(out)[:80]}…: {short_error(e)[:120]}; choose a shorter path") from e
 
 
-def _check_out_dir(p: Path, overwrite: bool, resume: bool, inputs: Iterable[object]) -> Path:
-    if p.exists() and not p.is_dir():
-        raise InputError(f"`out` {p} exists and is not a folder; choose another path")
-    rp = p.resolve()
-    for q in inputs:
+def _check_out_dir(p: Path, overwrite: bool, resume: bool, inputs: Iterable[object], whole: bool) -> Path:
+    rp = resolve_out(p)
+    shown = str(p) if Path(os.path.abspath(p)) == rp else f"{p} (→ {rp})"
+    if rp.exists() and not rp.is_dir():
+        raise InputError(f"`out` {shown} exists and is not a folder; choose another path")
+    for q in inputs:  # a path, or (path, what it is)
+        q, what = q if isinstance(q, tuple) else (q, None)
         try:
             rq = Path(q).resolve() if isinstance(q, (str, os.PathLike)) and str(q) and Path(q).exists() else None
-        except OSError:  # an unreadable input path is the loader's to report
+        except (OSError, RuntimeError):  # an unreadable input path (or a link loop) is the loader's to report
             rq = None
         if rq is not None and (rq == rp or rp in rq.parents):
-            raise InputError(f"`out` {p} holds {q}, which this run reads; choose another `out`")
-    if p.is_dir() and any(p.iterdir()) and not (overwrite or resume):
+            named = f"{q} ({what})" if what and what != str(q) else str(q)
+            raise InputError(f"`out` {shown} holds {named}, which this run reads; choose another `out`")
+    cwd = Path.cwd().resolve()
+    if (whole or overwrite) and (
+        rp == cwd or rp in cwd.parents or rp == Path.home().resolve() or rp == Path(rp.anchor)
+    ):
+        why = "`overwrite` would delete it" if overwrite else "a run folder is written beside it and renamed into place"
         raise InputError(
-            f"`out` {p} already holds {_describe(p)}; pass `overwrite` to replace it or choose another `out`"
+            f"`out` {shown} is the current folder, one above it, home or a root: {why}; choose a new folder for `out`"
         )
-    if overwrite and p.exists():
-        cwd = Path.cwd().resolve()
-        if rp == cwd or rp in cwd.parents or rp == Path.home().resolve() or rp == Path(rp.anchor):
-            raise InputError(
-                f"`out` {p} is the current folder, one above it, home or a root: `overwrite` would delete it; "
-                "choose a new folder for `out`"
-            )
-    anc = p if p.exists() else p.parent
+    if rp.is_dir() and any(rp.iterdir()) and not (overwrite or resume):
+        fix = "pass `overwrite` to replace it" if whole else "pass `resume` to continue the run it holds"
+        raise InputError(f"`out` {shown} already holds {_describe(rp)}; {fix} or choose another `out`")
+    anc = rp if rp.exists() else rp.parent
     while not anc.exists():
         anc = anc.parent
     if not anc.is_dir():
-        raise InputError(f"`out` {p} lies under {anc}, which is a file; choose another path")
+        raise InputError(f"`out` {shown} lies under {anc}, which is a file; choose another path")
     if not os.access(anc, os.W_OK | os.X_OK):
-        raise InputError(f"`out` {p}: {anc} is not writable; choose another path")
-    return p
+        raise InputError(f"`out` {shown}: {anc} is not writable; choose another path")
+    return rp
+
+
+def _lock_file(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def lock_holder(out: str | Path) -> str | None:
+    """Who holds the lock of run folder ``out`` ("lipscope process PID on HOST"), None when nobody does."""
+    lock = _lock_file(resolve_out(out))
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = os.read(fd, 200).decode("utf-8", "replace").split()
+        return f"lipscope process {who[0]} on {who[1]}" if len(who) == 2 else "another lipscope process"
+    finally:
+        os.close(fd)
+    return None
 
 
 @contextlib.contextmanager
 def run_lock(out: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder ``out`` (``.<name>.lock`` beside it) for the block."""
-    p = Path(out)
+    """Hold an exclusive lock on the run folder ``out`` (``.<name>.lock`` beside it, holding "PID HOST") for the
+    block; a held lock is refused naming its holder."""
+    p = resolve_out(out)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        lock = p.parent / f".{p.name}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, _umask_mode())
+        fd = os.open(_lock_file(p), os.O_RDWR | os.O_CREAT, _umask_mode())
     except OSError as e:
         raise write_failure(p, e) from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InputError(
-                f"`out` {p} is being written by another lipscope process; wait for it or choose another `out`"
-            ) from None
+            who = lock_holder(p) or "another lipscope process"
+            raise InputError(f"`out` {out} is being written by {who}; wait for it or choose another `out`") from None
+        with contextlib.suppress(OSError):  # who holds it, for the message a second process gets
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {platform.node() or 'localhost'}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # closing drops the lock; the empty lock file stays (removing it would race)
+        os.close(fd)  # closing drops the lock; the lock file stays (removing it would race)
 
 
 def write_run_folder(out: str | Path, files: dict[str, bytes], overwrite: bool = False) -> Path:

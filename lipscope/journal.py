@@ -21,19 +21,23 @@ import numpy as np
 import torch
 
 from . import shard
-from .errors import InputError
-from .io import atomic_write_bytes, json_bytes, npz_bytes
+from .errors import InputError, short_error
+from .io import atomic_write_bytes, json_bytes, npz_bytes, resolve_out
+
+
+class DamagedJournal(InputError):
+    """A journal block that cannot be read: the rest of the journal is kept (the message says which to delete)."""
 
 
 def journal_dir(out: str | Path) -> Path:
-    """Where the journal of run folder ``out`` lives: ``.<name>.partial`` beside it."""
-    p = Path(out)
+    """Where the journal of run folder ``out`` lives: ``.<name>.partial`` beside it (beside a symlink's target)."""
+    p = resolve_out(out)
     return p.parent / f".{p.name}.partial"
 
 
 def interrupted(out: str | Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """The options of the interrupted run of ``out`` that a ``resume`` continues (None for a fresh run); refuses
-    a fresh run over a journal (unless ``overwrite``) and a ``resume`` without one."""
+    """The options of the interrupted run of ``out`` that a ``resume`` continues; None when there is none (a
+    ``resume`` then starts afresh). Refuses a fresh run over a journal (unless ``overwrite``)."""
     meta = journal_dir(out) / "options.json"
     if not resume:
         if meta.is_file() and not overwrite:
@@ -43,14 +47,36 @@ def interrupted(out: str | Path, resume: bool, overwrite: bool) -> dict[str, Any
             )
         return None
     if not meta.is_file():
-        raise InputError(f"`resume`: there is no interrupted run of {out} to continue; leave out `resume`")
+        return None
     try:
         old = json.loads(meta.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"`resume`: {meta} is unreadable ({e}); start a new `out`") from e
+        raise InputError(f"`resume`: {meta} is unreadable ({short_error(e)}); pass `overwrite` to start again") from e
     if not isinstance(old, dict):
-        raise InputError(f"`resume`: {meta} is not a lipscope journal; start a new `out`")
+        raise InputError(f"`resume`: {meta} is not a lipscope journal; pass `overwrite` to start again")
     return old
+
+
+# how a changed key is named when a resume is refused (others: by their option name)
+WHAT = {
+    "weights_sha256": "model weights",
+    "config_hash": "model config",
+    "conditioning": "conditioning (prompts, embeddings, class labels)",
+}
+
+
+def changed(old: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """What differs between the run a journal holds and this one, in words (keys starting with _ are not compared)."""
+    out = []
+    for k in sorted(set(old) | set(want)):
+        if k.startswith("_") or old.get(k) == want.get(k):
+            continue
+        if k in WHAT:
+            a, b = (str(v)[:12] if v is not None else "none" for v in (old.get(k), want.get(k)))
+            out.append(f"{WHAT[k]} ({a}… → {b}…)" if k.endswith(("sha256", "hash")) else WHAT[k])
+        else:
+            out.append(k)
+    return out
 
 
 class Journal:
@@ -66,11 +92,11 @@ class Journal:
         want = json.loads(json_bytes(key))
         old = interrupted(out, resume, overwrite)
         if old is not None:
-            diffs = [k for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k) and not k.startswith("_")]
+            diffs = changed(old, want)
             if diffs:
                 raise InputError(
-                    f"`resume`: {out} was started with other {', '.join(diffs)}; use the same options or start a new "
-                    "`out`"
+                    f"`resume`: {out} was started with other {', '.join(diffs)}; use the same options and model, or "
+                    "pass `overwrite` to start again"
                 )
         elif shard.is_main():
             shutil.rmtree(self.root, ignore_errors=True)  # written with the first finished block
@@ -78,13 +104,14 @@ class Journal:
         self._old = old if old is not None else want
         shard.barrier()
 
-    def done(self, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, values) of every finished item of ``label``, from all processes' blocks."""
+    def done(self, label: str, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, values) of every finished item of ``label`` (of ``total``), from all processes' blocks; a damaged
+        block (cut short, or not the plain arrays lipscope writes: nothing is unpickled) is one line naming it."""
         idx, vals = [], []
         for f in sorted(self.root.glob(f"{label}-r*.npz")):
-            with np.load(f, allow_pickle=False) as z:
-                idx.append(torch.from_numpy(z["idx"]))
-                vals.append(torch.from_numpy(z["vals"]))
+            i, v = _read_block(f, total)
+            idx.append(i)
+            vals.append(v)
         if not idx:
             return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64)
         return torch.cat(idx), torch.cat(vals)
@@ -118,3 +145,20 @@ class Journal:
     def discard(self) -> None:
         """Remove the journal: the run folder is written, or the run failed on something a rerun would meet."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _read_block(f: Path, total: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One journal block: ``idx`` (integer, 1-d, in [0, total)) and ``vals`` (float, one row per index)."""
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            i, v = z["idx"], z["vals"]
+        if i.dtype.kind not in "iu" or i.ndim != 1 or v.dtype.kind != "f" or len(v) != len(i):
+            raise ValueError("not the idx/vals arrays lipscope writes")
+        if len(i) and (i.min() < 0 or (total is not None and i.max() >= total)):
+            raise ValueError(f"item indices outside 0..{total}")
+    except Exception as e:  # a truncated zip, an object array (refused: allow_pickle=False), missing or odd arrays
+        raise DamagedJournal(
+            f"`resume`: the journal block {f} is damaged ({short_error(e)[:120]}); delete that file (its items are "
+            "computed again) or pass `overwrite` to start again"
+        ) from e
+    return torch.from_numpy(i.astype(np.int64)), torch.from_numpy(v)

@@ -165,8 +165,10 @@ def latent_x0(
     if raw is not None and latent_shape is not None and tuple(raw.shape[1:]) == tuple(latent_shape):
         x, how = load_data_with_scaling(raw, n, seed, latent_shape, None)
         return x, DataScaling("latents", f"precomputed latents: {how.mapping}")
+    load = getattr(codec, "load_pixels", None)  # a generic pipeline's codec also takes videos
     try:
-        pix, how = load_data_with_scaling(spec, n, seed, codec.pixel_shape, data_range)
+        pix, how = load(spec, n, seed, data_range) if load else load_data_with_scaling(spec, n, seed, codec.pixel_shape,
+                                                                                        data_range)  # fmt: skip
     except InputError as e:
         if raw is None:
             raise

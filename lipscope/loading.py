@@ -35,7 +35,7 @@ from .data import digits_array
 from .errors import InputError
 from .errors import short_error as _short
 from .etsdm import ETSDMUNet2DModel, load_etsdm_lora
-from .families import family_of_class, family_of_model, load_denoiser, pipeline_denoiser
+from .families import family_of_class, family_of_model, load_denoiser, no_call_args, pipeline_denoiser
 from .gaussian import GaussianMixture, gaussian_eps_model
 from .latents import load_codec, vae_component
 from .lora import lora_run_base
@@ -75,22 +75,19 @@ def load_model(
     sched_cfg = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
     if spec.startswith("py:"):
         return load_py(spec, sched_cfg, dev, dt, kwargs)
-    if kwargs:
-        raise InputError(
-            f"`model_args` are passed to a py: factory, and `model` {spec} is not a py: spec; drop `model_args`"
-        )
+    path = Path(spec).expanduser()
+    no_call_args(kwargs if spec.startswith("builtin:") or path.is_file() else None, spec)
     if spec.startswith("builtin:"):
         return _load_builtin(spec.split(":", 1)[1], dev, dt)
-    path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
             return _load_weights_file(path, config, sched_cfg, trust_pickle, dev, dt)
         if not subfolder and (base := lora_run_base(path)) is not None:  # a `finetune --lora` run folder
             return _load_lora_run(path, base, sched_cfg, offline, dev, dt)
-        return _load_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle)
+        return _load_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle, kwargs)
     if _looks_like_path(spec):
         raise InputError(f"`model` {spec}: no such file or folder; check the path")
-    return _load_hub(spec, revision, subfolder, sched_cfg, offline, dev, dt)
+    return _load_hub(spec, revision, subfolder, sched_cfg, offline, dev, dt, kwargs)
 
 
 def _load_lora_run(run: Path, base: tuple[str, str | None], sched_cfg: dict | None, offline, dev, dt) -> EpsModel:
@@ -198,7 +195,8 @@ def check_unet_config(cfg: dict[str, Any], where: str) -> None:
             raise InputError(f"{where}: {key} must be a positive integer (or a pair for sample_size), got {cfg[key]!r}")
 
 
-def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt, trust_pickle=False) -> EpsModel:
+def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev, dt, trust_pickle=False,
+                 call_args: dict | None = None) -> EpsModel:  # fmt: skip
     if not subfolder and not (path / "config.json").exists() and (path / "pipeline" / "model_index.json").exists():
         path = path / "pipeline"  # a lipscope train/finetune run folder
     index = read_json(path / "model_index.json", "model_index.json") if (path / "model_index.json").is_file() else {}
@@ -207,15 +205,16 @@ def _load_folder(path: Path, subfolder: str | None, sched_cfg: dict | None, dev,
         fam, comp = family_of_class(read_json(cfg, "model config").get("_class_name")), subfolder
     if fam is not None and fam.name != "unet2d":
         sched_cfg = sched_cfg if sched_cfg is not None else find_scheduler_config([path])
-        model = load_denoiser(fam, str(path), comp, sched_cfg, str(path), dev, dt)
+        model = load_denoiser(fam, str(path), comp, sched_cfg, str(path), dev, dt, call_args, index)
     else:
+        no_call_args(call_args, path)
         model = _load_unet_folder(path, subfolder, sched_cfg, dev, dt, trust_pickle)
     return _with_codec(model, path, index, dev, dt)
 
 
 def _with_codec(model: EpsModel, root, index: dict, dev, dt, **hub) -> EpsModel:
-    """A latent pipeline's model carries its autoencoder (:mod:`lipscope.latents`)."""
-    if not vae_component(index):
+    """A latent pipeline's model carries its autoencoder (:mod:`lipscope.latents`; a generic one's: its capture)."""
+    if not vae_component(index) or model.config.get("lipscope_adapter"):
         return model
     codec = load_codec(root, index, dev, dt, **hub)
     log.info("%s: latent pipeline; image data is encoded with its %s (%s)", model.name, codec.kind, codec.component)
@@ -302,7 +301,8 @@ def _unet_from_state_dict(cfg: dict[str, Any], sd: dict[str, torch.Tensor], path
     return unet
 
 
-def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: bool | None, dev, dt) -> EpsModel:
+def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: bool | None, dev, dt,
+              call_args: dict | None = None) -> EpsModel:  # fmt: skip
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -327,8 +327,10 @@ def _load_hub(repo: str, revision, subfolder, sched_cfg: dict | None, offline: b
     name = repo if revision is None else f"{repo}@{revision}"
     if index and (fam := pipeline_denoiser(index, repo)[0]).name != "unet2d":
         sched_cfg = sched_cfg if sched_cfg is not None else find_scheduler_config([""], fetch)
-        model = load_denoiser(fam, repo, fam.component, sched_cfg, name, dev, dt, **hub)
+        comp = pipeline_denoiser(index, repo)[1]
+        model = load_denoiser(fam, repo, comp, sched_cfg, name, dev, dt, call_args, index, **hub)
         return _with_codec(model, repo, index, dev, dt, **hub)
+    no_call_args(call_args, repo)
     subs = [subfolder] if subfolder else ["unet", ""]
     unet_sub, cfg_file = None, None
     for s in subs:

@@ -56,6 +56,56 @@ def check_lora(family: str) -> None:
         )
 
 
+# the layers peft puts LoRA adapters on (torch.nn types); a target that names another module is refused
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+
+
+def _layer_rank(m: torch.nn.Module) -> int:
+    """The highest rank an update of layer ``m`` can have (min of its input and output sizes, a kernel counted
+    into its input): a LoRA rank above it adds parameters and no expressiveness."""
+    if isinstance(m, torch.nn.Linear):
+        return min(m.in_features, m.out_features)
+    if isinstance(m, torch.nn.Embedding):
+        return min(m.num_embeddings, m.embedding_dim)
+    assert isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+    k = 1
+    for d in m.kernel_size:
+        k *= int(d)
+    return min(m.in_channels // m.groups * k, m.out_channels)
+
+
+def check_lora_options(denoiser: Any, rank: int, targets: tuple[str, ...]) -> None:
+    """Refuse, before any work, ``targets`` that match no layer of ``denoiser`` (peft's own name matching) or a
+    module peft cannot adapt, and a ``rank`` above what every targeted layer can use."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    named = list(denoiser.named_modules())
+    hit: list[tuple[str, torch.nn.Module]] = []
+    for t in targets:
+        config = LoraConfig(r=1, target_modules=[t])
+        mine = [(n, m) for n, m in named if n and check_target_module_exists(config, n)]
+        if not mine:
+            layers = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, torch.nn.Linear)})
+            raise InputError(
+                f"`lora_targets` {t}: no module of {type(denoiser).__name__} has that name; its linear layers are "
+                f"named {', '.join(layers[:12])}"
+            )
+        odd = [(n, m) for n, m in mine if not isinstance(m, LORA_LAYERS)]
+        if odd:
+            raise InputError(
+                f"`lora_targets` {t} names {odd[0][0]}, a {type(odd[0][1]).__name__}; LoRA adapts linear, conv and "
+                "embedding layers: name those"
+            )
+        hit += mine
+    most = max(_layer_rank(m) for _, m in hit)
+    if rank > most:
+        raise InputError(
+            f"`lora_rank` {rank} is above what any targeted layer can use (an update of a layer has rank ≤ min(its "
+            f"input, output size) = {most} here at most); use a rank ≤ {most}"
+        )
+
+
 def add_lora(denoiser: Any, rank: int, alpha: int | None, targets: tuple[str, ...]) -> None:
     """Freeze ``denoiser`` and add one LoRA adapter (gaussian init, as diffusers' scripts) to ``targets``."""
     from peft import LoraConfig
@@ -90,6 +140,8 @@ def lora_metadata(denoiser: Any) -> dict[str, Any]:
         cfg = denoiser.config
         meta |= {"etsdm_t_tilde": float(cfg.etsdm_t_tilde), "etsdm_n": int(cfg.etsdm_n)}
         meta["etsdm_class"] = type(denoiser).__name__
+        if getattr(cfg, "etsdm_axis", None) is not None:  # VE / EDM: the axis the map is written on
+            meta["etsdm_axis"] = dict(cfg.etsdm_axis)
     return meta
 
 

@@ -23,9 +23,9 @@ from .conditioning import Conditioning, cat_kwargs, guided
 from .devices import DTYPES as DTYPES  # re-exported
 from .devices import resolve_device, resolve_dtype
 from .errors import InputError, ModelOutputError, short_error
-from .etsdm import Etsdm, etsdm_of, unmapped
+from .etsdm import Etsdm, axis_of, etsdm_of, unmapped
 from .latents import LatentCodec
-from .processes import process_from_config
+from .processes import check_etsdm_axis, process_from_config
 from .schedules import DEFAULT_SCHEDULER_CONFIG, NoiseProcess, Schedule
 from .targets import NATIVE_TARGET, TARGETS, from_epsilon, mean_half
 
@@ -72,6 +72,10 @@ class EpsModel:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise InputError(f"`target` {self.target!r} not known; use one of {', '.join(TARGETS)}")
+        space = getattr(self.conditioning, "space", None)  # a generic pipeline's captured call fixes its input space
+        if space is not None:
+            object.__setattr__(self, "sample_shape", space.sample_shape)
+            object.__setattr__(self, "latent", space.codec)
 
     @property
     def T(self) -> int:  # noqa: N802
@@ -263,6 +267,8 @@ def from_module(
         log.warning("no scheduler config found for %s: using the DDPM default (linear 1e-4..0.02, T=1000)", name)
         scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
     schedule = process_from_config(scheduler_config)
+    if etsdm_of(module) is not None:  # the denoiser's own map must be written on its process's axis
+        check_etsdm_axis(axis_of(module), schedule, name)
     module = module.to(dev).eval()
     if next(module.parameters()).dtype != dt:
         module = module.to(dt)

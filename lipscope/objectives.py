@@ -2,12 +2,22 @@
 
 x_t = α_t x0 + σ_t ε at the true time t; the network is fed f(t) under E-TSDM (paper Sec. 4), else t, in model
 steps k = τ·T (VP: the DDPM step; flow matching: σ·1000, after the sampler's timestep shift, since σ is the
-physical noise level); its target is the model's own: ε, v = αε − σx0, x0 (VP) or the velocity ε − x0 (flow).
+physical noise level; VE and EDM: the step of σ on the process's own axis), through the process's c(·) (VE: σ;
+EDM: c_noise = ¼ ln σ, input c_in·x); its target is the model's own: ε, v = αε − σx0, x0 (VP), the velocity
+ε − x0 (flow), the score −ε/σ (VE) or EDM's F.
 
-Time sampling follows diffusers' training scripts: VP draws whole steps uniformly (train_text_to_image.py);
-flow draws u with ``compute_density_for_timestep_sampling`` (``weighting``: none = uniform, logit_normal, mode,
-cosmap) and takes the scheduler's shifted σ at index ⌊u·T⌋ (train_dreambooth_sd3.py / _flux.py), weighting the
-squared error with ``compute_loss_weighting_for_sd3``.
+Time sampling and weighting follow each process's reference training code:
+
+* VP draws whole steps uniformly (diffusers' train_text_to_image.py);
+* flow draws u with ``compute_density_for_timestep_sampling`` (``weighting``: none = uniform, logit_normal, mode,
+  cosmap) and takes the scheduler's shifted σ at index ⌊u·T⌋ (train_dreambooth_sd3.py / _flux.py), weighting the
+  squared error with ``compute_loss_weighting_for_sd3``;
+* VE (Song et al. 2021, score_sde's ``get_sde_loss_fn``): the SDE time t ~ U[eps, 1] (σ log-uniform in
+  [σ_min (σ_max/σ_min)^eps, σ_max]), denoising score matching weighted by σ²: ‖σ s + ε‖²;
+* EDM (Karras et al. 2022, NVlabs/edm ``EDMLoss``): ln σ ~ N(P_mean = −1.2, P_std = 1.2), λ(σ) = (σ² + σ_d²)/(σσ_d)²,
+  so λ‖D − x0‖² = ‖F − F*‖² with F* = (x0 − c_skip x)/c_out (:meth:`EDMProcess.training_target`).
+
+Every loss is the mean over elements (NVlabs and score_sde sum over a sample's elements; a constant factor).
 """
 
 from __future__ import annotations
@@ -21,22 +31,37 @@ import torch
 from . import rng
 from .errors import InputError
 from .etsdm import Etsdm
-from .processes import FlowProcess, process_from_config
+from .processes import EDMProcess, FlowProcess, VEProcess, process_from_config
 from .schedules import NoiseProcess, Schedule
-from .targets import mean_half, noisy, prediction_target
+from .targets import mean_half, noisy, per_row, prediction_target
 
 WEIGHTINGS = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # Karras et al. 2022, Table 1 (NVlabs/edm EDMLoss defaults)
 
 
 def training_process(scheduler_config: dict[str, Any]) -> NoiseProcess:
-    """The process a model trains under: VP (DDPM family) or flow matching; others are refused."""
+    """The process a model trains under: VP (DDPM family), flow matching, VE or EDM; others are refused."""
     p = process_from_config(scheduler_config)
-    if not isinstance(p, (Schedule, FlowProcess)):
+    if not isinstance(p, (Schedule, FlowProcess, VEProcess, EDMProcess)):
         raise InputError(
-            f"training supports VP (DDPM-family) and flow-matching schedules; this model's scheduler is a {p.kind} "
-            f"process ({scheduler_config.get('_class_name')})"
+            f"training supports VP (DDPM-family), flow-matching, VE and EDM schedules; this model's scheduler is a "
+            f"{p.kind} process ({scheduler_config.get('_class_name')})"
         )
     return p
+
+
+def loss_description(process: NoiseProcess, weighting: str = "none") -> dict[str, Any]:
+    """What train.json records about the loss: the time density, the target and the weighting."""
+    if isinstance(process, VEProcess):
+        return {"time": f"t ~ U[{process.sampling_eps:g}, 1], sigma = sigma_min (sigma_max/sigma_min)^t",
+                "target": "score -eps/sigma", "weighting": "sigma^2 (score_sde denoising score matching)"}  # fmt: skip
+    if isinstance(process, EDMProcess):
+        return {"time": f"ln sigma ~ N({EDM_P_MEAN}, {EDM_P_STD}^2)", "target": "F* = (x0 - c_skip x)/c_out",
+                "weighting": "lambda(sigma) = (sigma^2 + sigma_data^2)/(sigma sigma_data)^2 (EDMLoss)"}  # fmt: skip
+    if isinstance(process, FlowProcess):
+        return {"time": f"compute_density_for_timestep_sampling({weighting}), shifted sigma grid",
+                "target": "velocity eps - x0", "weighting": f"compute_loss_weighting_for_sd3({weighting})"}  # fmt: skip
+    return {"time": "whole steps, uniform", "target": process.prediction_type, "weighting": "none"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,12 @@ def draw_step(
             weighting, batch, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=g
         )
         t = grid[(u * len(grid)).long().clamp(max=len(grid) - 1)]
+    elif isinstance(process, VEProcess):  # score_sde: t ~ U[eps, 1], in model steps k = t·T
+        eps_t = process.sampling_eps
+        t = (eps_t + (1 - eps_t) * torch.rand(batch, generator=g, dtype=torch.float64)) * process.T
+    elif isinstance(process, EDMProcess):  # EDMLoss: ln σ ~ N(P_mean, P_std²), at its (fractional) model step
+        sigma = torch.exp(EDM_P_MEAN + EDM_P_STD * torch.randn(batch, generator=g, dtype=torch.float64))
+        t = process.step_of_sigma(sigma)
     else:
         t = torch.randint(0, process.T, (batch,), generator=g).to(torch.float64)
     eps = torch.randn((batch, *shape), generator=g)
@@ -107,9 +138,10 @@ def diffusion_loss(
     """The one diffusion loss: noise x0 at the true time t, feed the network f(t), regress its own target.
 
     x_t = α_t x0 + σ_t ε (float32 coefficients from the float64 process); the network sees the E-TSDM condition
-    f(t) when ``etsdm`` is set, else t (paper Sec. 4), through the process's c(·); ``forward(x, c, **conditioning)``
-    returns the raw output (a learned-variance output keeps its mean half, as the pipelines do). Flow models weight
-    the squared error with diffusers' ``compute_loss_weighting_for_sd3`` (1 for ``none``/logit_normal/mode).
+    f(t) when ``etsdm`` is set, else t (paper Sec. 4), through the process's c(·) and input scaling (EDM's c_in at
+    the true σ); ``forward(x, c, **conditioning)`` returns the raw output (a learned-variance output keeps its mean
+    half, as the pipelines do). Flow models weight the squared error with diffusers' ``compute_loss_weighting_for_sd3``
+    (1 for ``none``/logit_normal/mode); VE and EDM with their own weighting (module docstring).
     """
     tt = t.to(torch.float64)
     a, s = process.alpha(tt).float(), process.sigma(tt).float()
@@ -117,8 +149,12 @@ def diffusion_loss(
     x = x.to(device) if device is not None else x
     cond = etsdm.map(tt) if etsdm is not None else tt
     c = process.condition(cond).float().to(x.device)
-    target = prediction_target(prediction_type, x0, eps, a, s).to(x.device)
     out = mean_half(forward(process.scale_input(x, tt.to(x.device)), c, **conditioning), x).float()
+    if isinstance(process, VEProcess):  # σ²‖s − (−ε/σ)‖² = ‖σ s + ε‖² (score_sde)
+        return torch.nn.functional.mse_loss(per_row(s.to(x.device), x.ndim) * out, -eps.to(x.device))
+    if isinstance(process, EDMProcess):  # λ(σ)‖D − x0‖² = ‖F − F*‖² (EDMLoss)
+        return torch.nn.functional.mse_loss(out, process.training_target(x0, eps, tt, prediction_type).to(x.device))
+    target = prediction_target(prediction_type, x0, eps, a, s).to(x.device)
     if not isinstance(process, FlowProcess) or weighting in ("none", "logit_normal", "mode"):
         return torch.nn.functional.mse_loss(out, target)
     from diffusers.training_utils import compute_loss_weighting_for_sd3

@@ -9,6 +9,7 @@ T = ``num_train_timesteps``), so the probe, the E-TSDM map and the batching are 
 * EDM (``EDMEulerScheduler``, Karras et al. 2022): α = 1, σ on the scheduler's own ramp read from the
   low-noise end (Karras ρ-ramp or exponential), native time σ; the network is fed c_noise = ¼ ln σ and
   c_in·x, and its output F gives x̂0 = c_skip x + c_out F (the scheduler's ``precondition_*``).
+* Cosine v-diffusion (``IPNDMScheduler``: DanceDiffusion): α = cos(πτ/2), σ = sin(πτ/2), v-prediction.
 * Flow matching (``FlowMatchEulerDiscreteScheduler`` and kin: SD3, Flux): α = 1 − σ, σ = τ; the network
   is fed the timestep σ·T (= k) and predicts the velocity u = ε − x0. A timestep ``shift`` only changes
   which σ a sampler visits, never what the network is fed at a given σ: recorded, not applied.
@@ -26,6 +27,7 @@ import torch
 
 from .errors import InputError
 from .schedules import NoiseProcess, _as_f64, schedule_from_config
+from .sigmas import edm_sigma, edm_step, ve_sigma, ve_step
 from .targets import mean_half, per_row
 
 VP_CLASSES = (
@@ -39,6 +41,7 @@ VP_CLASSES = (
 VE_CLASSES = ("ScoreSdeVeScheduler",)
 EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+COSINE_CLASSES = ("IPNDMScheduler",)
 
 
 def _num(cfg: dict[str, Any], key: str, default: float, positive: bool = True) -> float:
@@ -67,13 +70,18 @@ class VEProcess(NoiseProcess):
     sigma_min: float = 0.01
     sigma_max: float = 1348.0
     prediction_type: str = "score"
+    sampling_eps: float = 1e-5  # the SDE time t ∈ [eps, 1] samplers visit and score_sde's loss draws
 
     @property
     def T(self) -> int:  # noqa: N802
         return self.steps
 
     def sigma(self, k: torch.Tensor) -> torch.Tensor:
-        return self.sigma_min * torch.exp(_as_f64(k) / self.T * math.log(self.sigma_max / self.sigma_min))
+        return ve_sigma(k, self.T, self.sigma_min, self.sigma_max)
+
+    def step_of_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The (fractional) model step of σ: k = T ln(σ/σ_min)/ln(σ_max/σ_min)."""
+        return ve_step(sigma, self.T, self.sigma_min, self.sigma_max)
 
     def alpha(self, k: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(_as_f64(k))
@@ -93,6 +101,7 @@ class VEProcess(NoiseProcess):
             "network_fed": "sigma(k)",
             "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max,
+            "sampling_eps": self.sampling_eps,
         }
 
 
@@ -119,11 +128,11 @@ class EDMProcess(NoiseProcess):
         return _as_f64(k) / (self.T - 1)
 
     def sigma(self, k: torch.Tensor) -> torch.Tensor:
-        r = self._r(k)
-        if self.ramp == "exponential":
-            return torch.exp(math.log(self.sigma_min) + r * math.log(self.sigma_max / self.sigma_min))
-        a, b = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
-        return (a + r * (b - a)) ** self.rho
+        return edm_sigma(k, self.T, self.sigma_min, self.sigma_max, self.rho, self.ramp)
+
+    def step_of_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The (fractional) model step of σ on the ramp (below 0 under σ_min, above T−1 over σ_max)."""
+        return edm_step(sigma, self.T, self.sigma_min, self.sigma_max, self.rho, self.ramp)
 
     def alpha(self, k: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(_as_f64(k))
@@ -158,6 +167,15 @@ class EDMProcess(NoiseProcess):
         c_out = s * self.sigma_data / torch.sqrt(s * s + sd2) * (-1.0 if prediction_type == "v_prediction" else 1.0)
         cx, cf = per_row((1 - c_skip) / s, x.ndim).to(x.dtype), per_row(c_out / s, x.ndim).to(x.dtype)
         return cx * x - cf * mean_half(out, x)
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, k: torch.Tensor, prediction_type: str):
+        """What F is trained toward (Karras et al. 2022, Eq. 8): F* = (x0 − c_skip x)/c_out at x = x0 + σε, written
+        without cancellation as (σ/σ_d · x0 − σ_d ε)/√(σ² + σ_d²) (sign flipped for v_prediction's negative c_out);
+        with it the λ(σ) = 1/c_out²-weighted denoiser loss λ‖D − x0‖² is the unit-weight ‖F − F*‖²."""
+        s, sd = self.sigma(k), self.sigma_data
+        norm = torch.sqrt(s * s + sd * sd) * (-1.0 if prediction_type == "v_prediction" else 1.0)
+        a, b = (per_row(v, x0.ndim).to(x0.device, x0.dtype) for v in (s / sd / norm, sd / norm))
+        return a * x0 - b * eps
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -205,6 +223,35 @@ class FlowProcess(NoiseProcess):
         }
 
 
+@dataclass(frozen=True)
+class CosineProcess(NoiseProcess):
+    """v-diffusion (Salimans & Ho 2022; Crowson's audio diffusion, DanceDiffusion's ``IPNDMScheduler``): α = cos(πτ/2),
+    σ = sin(πτ/2), τ = k/T; the network predicts v = α ε − σ x0 (its pipeline feeds τ itself)."""
+
+    kind: ClassVar[str] = "cosine"
+    steps: int = 1000
+    prediction_type: str = "v_prediction"
+
+    @property
+    def T(self) -> int:  # noqa: N802
+        return self.steps
+
+    def _angle(self, k: torch.Tensor) -> torch.Tensor:
+        return _as_f64(k) / self.T * (math.pi / 2)
+
+    def alpha(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.cos(self._angle(k))
+
+    def sigma(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self._angle(k))
+
+    def dalpha_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        return -(math.pi / 2) * torch.sin(self._angle(k))
+
+    def dsigma_dtau(self, k: torch.Tensor) -> torch.Tensor:
+        return (math.pi / 2) * torch.cos(self._angle(k))
+
+
 def process_from_config(config: dict[str, Any]) -> NoiseProcess:
     """The noise process of a diffusers scheduler config, by its ``_class_name`` (no name: DDPM-family VP)."""
     if not isinstance(config, dict):
@@ -215,9 +262,12 @@ def process_from_config(config: dict[str, Any]) -> NoiseProcess:
             steps=_steps(config, 2000),
             sigma_min=_num(config, "sigma_min", 0.01),
             sigma_max=_num(config, "sigma_max", 1348.0),
+            sampling_eps=_num(config, "sampling_eps", 1e-5),
         )
         if not ve.sigma_min < ve.sigma_max:
             raise InputError(f"scheduler config: needs sigma_min < sigma_max, got {ve.sigma_min} and {ve.sigma_max}")
+        if not ve.sampling_eps < 1:
+            raise InputError(f"scheduler config: sampling_eps must be below 1, got {ve.sampling_eps}")
         return ve
     if name in EDM_CLASSES:
         pred = config.get("prediction_type", "epsilon")
@@ -245,6 +295,8 @@ def process_from_config(config: dict[str, Any]) -> NoiseProcess:
             )
         dynamic = bool(config.get("use_dynamic_shifting"))
         return FlowProcess(steps=_steps(config, 1000), shift=None if dynamic else _num(config, "shift", 1.0))
+    if name in COSINE_CLASSES:
+        return CosineProcess(steps=_steps(config, 1000))
     if name is None or name in VP_CLASSES:
         return schedule_from_config(config)
     if name == "ScoreSdeVpScheduler":
@@ -256,4 +308,40 @@ def process_from_config(config: dict[str, Any]) -> NoiseProcess:
         f"scheduler config: {name} is not a noise process lipscope knows (VP: DDPM-family schedulers; VE: "
         f"{', '.join(VE_CLASSES)}; EDM: {', '.join(EDM_CLASSES)}; flow: {', '.join(FLOW_CLASSES)}); "
         "pass another `scheduler_config`"
+    )
+
+
+def etsdm_axis(process: NoiseProcess) -> dict[str, Any] | None:
+    """What an E-TSDM denoiser of this process needs to map the timestep its pipeline passes (σ for VE, c_noise =
+    ¼ ln σ for EDM) on the model-step axis k (:mod:`lipscope.etsdm`); None where it is fed k itself (VP, flow)."""
+    if isinstance(process, VEProcess):
+        return {"process": "ve", "T": process.T, "sigma_min": process.sigma_min, "sigma_max": process.sigma_max}
+    if isinstance(process, EDMProcess):
+        return {"process": "edm", "T": process.T, "sigma_min": process.sigma_min, "sigma_max": process.sigma_max,
+                "rho": process.rho, "ramp": process.ramp}  # fmt: skip
+    return None
+
+
+def check_etsdm_axis(axis: dict[str, Any] | None, process: NoiseProcess, name: str) -> None:
+    """Refuse an E-TSDM denoiser whose own map (the axis in its config) is not its process's: lipscope maps the model
+    step of the scheduler's process, so the two would feed different conditions."""
+    want = etsdm_axis(process)
+    if axis == want or (axis is not None and want is not None and _same_axis(axis, want)):
+        return
+    have = "the model step" if axis is None else f"a {axis.get('process')} axis {axis}"
+    need = "the model step (no `etsdm_axis`)" if want is None else f"the {process.kind} axis {want}"
+    raise InputError(
+        f"`model` {name}: its E-TSDM map is written on {have}, but its scheduler is a {process.kind} process that "
+        f"needs {need}; retrofit the denoiser with lipscope.etsdm.with_etsdm(..., axis=etsdm_axis(process)), or pass "
+        "the `scheduler_config` it was trained with"
+    )
+
+
+def _same_axis(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    num = (int, float)
+    return all(
+        math.isclose(a[k], b[k], rel_tol=1e-12) if isinstance(a[k], num) and isinstance(b[k], num) else a[k] == b[k]
+        for k in a
     )

@@ -17,7 +17,7 @@ import torch
 
 from .conditioning import Conditioning
 from .errors import InputError, short_error
-from .families import EncodedPrompts, family_of_model, pipeline_denoiser, resolve_conditioning
+from .families import GENERIC, EncodedPrompts, family_of_model, pipeline_denoiser, resolve_conditioning
 from .loading import hub_local_only, read_json
 from .lora import lora_run_base
 from .models import EpsModel, resolve_device
@@ -161,6 +161,11 @@ def conditioning_for(
     text = fam is not None and fam.conditioned_on == "text"
     if prompts and prompt_embeds:
         raise InputError("give `prompt` or `prompt_embeds`, not both")
+    if fam is GENERIC:  # the pipeline's own call encodes the prompts: its conditioning is that call, recorded
+        return GENERIC.conditioning(  # type: ignore[misc]
+            model, class_labels=list(class_labels or []), prompt_embeds=prompt_embeds, guidance_scale=guidance_scale,
+            prompts=list(prompts) if prompts else None, negative_prompt=negative_prompt,
+        )  # fmt: skip
     if (prompts or negative_prompt is not None) and not text:
         kind = "class-conditional: give `class_labels`" if fam and fam.conditioned_on else "unconditional"
         raise InputError(f"`model` {model.name} is {kind}; leave out `prompt` / `negative_prompt`")

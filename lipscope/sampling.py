@@ -1,9 +1,12 @@
 """Sampling through diffusers schedulers (the model's own noise levels, seeded per sample).
 
-The EpsModel already returns ε and applies the E-TSDM map, so every scheduler is built with
-``prediction_type="epsilon"`` from the model's own betas; the E-TSDM map is honoured for free.
-Each sample has its own generator (initial noise and, for DDPM, the per-step noise), so samples do
-not depend on the batch size.
+The EpsModel already returns ε and applies the E-TSDM map, so every VP scheduler is built with
+``prediction_type="epsilon"`` from the model's own betas; the E-TSDM map is honoured for free. Flow models
+sample with their own ``FlowMatchEulerDiscreteScheduler``; VE and EDM models with ``ScoreSdeVeScheduler``'s
+predictor-corrector and the EDM Euler / DPM-Solver++ schedulers (:mod:`lipscope.sigma_samplers`).
+Each sample has its own generator (initial noise and, for DDPM and PC, the per-step noise), so samples do
+not depend on the batch size. Samples are x0 in the model's own space: pixels clamped to its data range (VE:
+[0, 1], as ``ScoreSdeVePipeline`` does), latents and unbounded (Gaussian) models unclamped.
 """
 
 from __future__ import annotations
@@ -19,21 +22,49 @@ import torch
 from . import rng, shard
 from .errors import InputError, ModelOutputError
 from .models import EpsModel
-from .processes import FlowProcess
+from .processes import EDMProcess, FlowProcess, VEProcess
 from .schedules import Schedule
+from .sigma_samplers import samplers_for, sigma_sample
 
 log = logging.getLogger("lipscope")
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver", "dpmsolver++")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver", "dpmsolver++", "pc")
 
 
 def check_sampleable(model: EpsModel) -> None:
-    """Sampling runs for VP schedules (DDPM-family samplers) and flow matching (its Euler scheduler)."""
-    if not isinstance(model.schedule, Schedule | FlowProcess):
+    """Sampling runs for VP schedules (DDPM-family samplers), flow matching (its Euler scheduler), VE and EDM."""
+    if not isinstance(model.schedule, Schedule | FlowProcess | VEProcess | EDMProcess):
         raise InputError(
-            f"sampling {model.schedule.kind} models is not supported yet (VP and flow only); to probe one, give "
-            "`data` as images or arrays instead of model samples"
+            f"sampling {model.schedule.kind} models is not supported yet (VP, VE, EDM and flow only); to probe one, "
+            "give `data` as images or arrays instead of model samples"
         )
+
+
+def check_sampler(model: EpsModel, name: str) -> None:
+    """Refuse, before any work, a sampler ``name`` this model's process has none of."""
+    check_sampleable(model)
+    p = model.schedule
+    allowed = SAMPLERS[:4] if isinstance(p, Schedule) else ("ddim",) if isinstance(p, FlowProcess) else samplers_for(p)
+    if name not in allowed:
+        raise InputError(f"`scheduler` {name}: this {p.kind} model samples with {', '.join(allowed)}; use one of them")
+
+
+def data_range_of(model: EpsModel) -> tuple[float, float] | None:
+    """The range of the model's pixel data (its own, else its process family's convention); None: unbounded."""
+    r = model.data_range
+    return model.schedule.default_data_range if isinstance(r, str) else r
+
+
+def as_images(model: EpsModel, x: torch.Tensor) -> torch.Tensor:
+    """Samples as images in [−1, 1] (what grids and sample-quality metrics take): a latent model's decoded by its
+    autoencoder, pixels mapped from the model's data range (VE: [0, 1])."""
+    if model.latent is not None:
+        return model.latent.decode(x)
+    r = data_range_of(model)
+    if r is None or tuple(r) == (-1.0, 1.0):
+        return x
+    lo, hi = r
+    return (x - lo) * (2.0 / (hi - lo)) - 1.0
 
 
 def betas_of(model: EpsModel) -> np.ndarray:
@@ -106,12 +137,14 @@ def sample(
     batch_size: int = 256,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to
-    [−1, 1]; a latent model's samples stay latents, unclamped."""
-    clip = model.latent is None
-    flow = isinstance(model.schedule, FlowProcess)
-    # samplers integrate ε (VP) or the velocity (flow), whatever a probe measured
-    if model.target != ("velocity" if flow else "eps"):
+    """Draw n samples (float32 (n, C, H, W)); NaN/inf samples are refused. Pixel samples are clamped to the
+    model's data range ([−1, 1]; VE [0, 1]); a latent model's samples stay latents, unclamped."""
+    check_sampler(model, scheduler)
+    span = data_range_of(model) if model.latent is None else None
+    clip = span is not None
+    flow, sigma = isinstance(model.schedule, FlowProcess), isinstance(model.schedule, VEProcess | EDMProcess)
+    # samplers integrate ε (VP) or the velocity (flow), whatever a probe measured (VE/EDM: their own, below)
+    if not sigma and model.target != ("velocity" if flow else "eps"):
         model = dataclasses.replace(model, target="velocity" if flow else "eps")
     if model.sample_shape is None:
         raise InputError(
@@ -124,24 +157,27 @@ def sample(
     x_all = rng.normal(seed, rng.Stream.SAMPLER_INIT, n, tuple(model.sample_shape))
     with torch.inference_mode():
         for s in shard.split(torch.arange(0, n, batch_size), 1).tolist():  # several processes: whole batches each
-            # multistep solvers keep per-run state
-            sched = flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
             xb = x_all[s : s + batch_size].to(model.device, model.dtype)
-            gens = [
-                rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=model.device) for i in range(xb.shape[0])
-            ]
-            for t in sched.timesteps:
-                tt = torch.full((xb.shape[0],), float(t), device=model.device)
-                # ε, or the velocity u = ε − x0 at σ = t/T for flow; sample s + r gets the conditioning of row s + r
-                pred = model(xb, tt, torch.arange(s, s + xb.shape[0]))
-                xb = sched.step(pred, t, xb, generator=gens).prev_sample
+            rows = torch.arange(s, s + xb.shape[0])  # sample s + r gets the conditioning of row s + r
+            dev = "cpu" if sigma else model.device  # ScoreSdeVeScheduler.step_correct draws on the CPU
+            gens = [rng.generator(seed, rng.Stream.SAMPLER_STEP, s + i, device=dev) for i in range(xb.shape[0])]
+            if sigma:
+                xb = sigma_sample(model, scheduler, steps, xb, rows, gens)
+            else:  # multistep solvers keep per-run state: one scheduler per batch
+                sched = (
+                    flow_scheduler(scheduler, model, steps) if flow else make_scheduler(scheduler, model, steps, clip)
+                )
+                for t in sched.timesteps:
+                    tt = torch.full((xb.shape[0],), float(t), device=model.device)
+                    # ε, or the velocity u = ε − x0 at σ = t/T for flow
+                    xb = sched.step(model(xb, tt, rows), t, xb, generator=gens).prev_sample
             bad = ~torch.isfinite(xb).reshape(xb.shape[0], -1).all(1)
             if bad.any():
                 raise ModelOutputError(
                     f"sampling {model.name} ({scheduler}, {steps} steps) gave NaN/inf in {int(bad.sum())} of "
                     f"{xb.shape[0]} samples (batch at {s}); check the weights, or sample in float32"
                 )
-            out.append((s, (xb.float().clamp(-1, 1) if clip else xb.float()).cpu()))
+            out.append((s, (xb.float().clamp(*span) if span is not None else xb.float()).cpu()))
     return torch.cat([x for _, x in sorted(p for part in shard.gather(out) for p in part)])
 
 
@@ -199,9 +235,10 @@ def model_samples(
             log.warning("ignoring the unreadable sample cache %s; drawing the samples again", path)
     check_sampleable(model)  # refuse before announcing the work
     log.warning(
-        "drawing %d x0 samples from the model itself (DDIM, %d steps); "
+        "drawing %d x0 samples from the model itself (ddim: %s, %d steps); "
         "pass real data (digits, a folder or an array file) to probe on it",
         n,
+        "Euler in sigma" if isinstance(model.schedule, VEProcess | EDMProcess) else "DDIM",
         steps,
     )
     x0 = ddim_sample(model, n, seed, steps)

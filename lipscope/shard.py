@@ -70,6 +70,15 @@ def gather(obj: Any) -> list[Any]:
     return list(gather_object([obj]))
 
 
+def broadcast(obj: Any) -> Any:
+    """The main process's ``obj``, on every process (``obj`` itself with one process)."""
+    if state() is None:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj if is_main() else None], from_process=0)[0]
+
+
 def barrier() -> None:
     s = state()
     if s is not None:

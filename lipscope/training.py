@@ -9,8 +9,7 @@ accumulation and multi-GPU through accelerate (``accelerate launch -m lipscope f
 Reproducibility: step s's draws come from a generator seeded by (seed, s, process index) alone: a resumed run
 replays the steps an uninterrupted run takes (bit-exact on CPU).
 
-Run folder: ``loss.csv`` (step, loss, lr), ``train.json``, ``checkpoints/step-N/`` (:mod:`lipscope.checkpoints`),
-and the model: ``pipeline/`` (written by the caller's ``save``), or ``lora/`` for LoRA runs.
+Run folder: ``loss.csv``, ``train.json``, ``checkpoints/step-N/``, the model (``pipeline/``, or ``lora/`` for LoRA).
 """
 
 from __future__ import annotations
@@ -51,10 +50,10 @@ from .errors import InputError
 from .etsdm import etsdm_of, with_etsdm
 from .families import family_of_model
 from .io import atomic_write_bytes, json_bytes
-from .lora import add_lora, check_lora, save_lora, trainable_parameters
+from .lora import add_lora, check_lora, check_lora_options, save_lora, trainable_parameters
 from .models import EpsModel
-from .objectives import WEIGHTINGS, diffusion_loss, draw_step, flow_grid, training_process
-from .processes import FlowProcess
+from .objectives import WEIGHTINGS, diffusion_loss, draw_step, flow_grid, loss_description, training_process
+from .processes import FlowProcess, etsdm_axis
 
 log = logging.getLogger("lipscope")
 
@@ -131,8 +130,7 @@ class TrainData:
     empty_row: int | None = None  # the unconditional row captions drop to
     spec: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # recorded in train.json (captions, latents)
-    # data with a known density: fresh(index, n, rank) draws micro-batch ``index``'s n x0 afresh (then ``x0`` is
-    # only the sample the run's data hash is taken of); None: micro-batches are rows of ``x0``
+    # known density: fresh(index, n, rank) draws micro-batch ``index``'s n x0 afresh (``x0`` only feeds the hash)
     fresh: Callable[[int, int, int], torch.Tensor] | None = None
 
 
@@ -148,20 +146,30 @@ class _TrainNet(torch.nn.Module):
         return self._call(x, c, **kw)
 
 
-def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tuple[Any, EpsModel]:
-    """The module to train (E-TSDM attached when asked, LoRA adapters added) and the EpsModel that calls it."""
+def check_trainable(model: EpsModel, cfg: TrainConfig) -> None:
+    """Refuse what training ``model`` with ``cfg`` cannot do, before anything is written (latents, checkpoints): a
+    model lipscope cannot train, one that holds a LoRA adapter or an E-TSDM map the options drop, LoRA for a family
+    without ``load_lora_weights``, targets that name no layer, a rank no targeted layer can use."""
     fam = family_of_model(model)
     if fam is None or model.module is None:
         raise InputError(f"`model` {model.name}: training needs a diffusers denoiser lipscope wraps")
-    denoiser = model.module
-    if getattr(denoiser, "peft_config", None):
+    if getattr(model.module, "peft_config", None):
         raise InputError(f"`model` {model.name} holds a LoRA adapter; fine-tune its base model (or a merged copy)")
-    if cfg.etsdm:  # in place: the run owns the loaded module; an E-TSDM model must carry this very map
-        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True)
-    elif etsdm_of(denoiser) is not None:
+    if not cfg.etsdm and etsdm_of(model.module) is not None:
         raise InputError("this model already carries an E-TSDM map; set `etsdm` to keep training it that way")
     if cfg.lora:
         check_lora(fam.name)
+        check_lora_options(model.module, cfg.lora_rank, cfg.lora_targets)
+
+
+def _prepare_denoiser(model: EpsModel, cfg: TrainConfig, t_tilde: float) -> tuple[Any, EpsModel]:
+    """The module to train (E-TSDM attached when asked, LoRA adapters added) and the EpsModel that calls it."""
+    check_trainable(model, cfg)
+    fam, denoiser = family_of_model(model), model.module
+    assert fam is not None and denoiser is not None
+    if cfg.etsdm:  # in place: the run owns the loaded module; an E-TSDM model must carry this very map
+        denoiser = with_etsdm(denoiser, t_tilde, cfg.n, inplace=True, axis=etsdm_axis(model.schedule))
+    if cfg.lora:
         add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     built = fam.build(denoiser, model.scheduler_config, model.name, model.device, model.dtype)
     return denoiser, built
@@ -220,7 +228,9 @@ def train_loop(
     if cfg.etsdm and not t_tilde < process.T:
         raise InputError(f"`t_tilde` {t_tilde:g} must be below T = {process.T} (E-TSDM maps the steps t < t̃)")
     if cfg.weighting != "none" and not isinstance(process, FlowProcess):
-        raise InputError(f"`weighting` {cfg.weighting} is for flow-matching models; {model.name} is VP: leave it out")
+        raise InputError(
+            f"`weighting` {cfg.weighting} is for flow-matching models; {model.name} is {process.kind}: leave it out"
+        )
     if cfg.caption_dropout > 0 and td.empty_row is None:
         raise InputError("`caption_dropout` needs a text-conditioned model trained on captions; leave it at 0")
     with rng.isolated_torch_rng(cfg.seed):  # LoRA's initial A matrices: a function of the seed alone
@@ -235,13 +245,7 @@ def train_loop(
         "model_config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
         "scheduler": model.scheduler_config,  # the noise schedule: a resume on another one is refused
         "processes": int(os.environ.get("WORLD_SIZE", "1")),  # each process draws its own stream: same count to resume
-        "data": {
-            "spec": td.spec,
-            "shape": list(arr.shape),
-            "sha256": digest,
-            "conditioning": cond_digest,
-            "rows": rows_digest,
-        },  # fmt: skip
+        "data": dict(spec=td.spec, shape=list(arr.shape), sha256=digest, conditioning=cond_digest, rows=rows_digest),
     }
     run = json.loads(json.dumps(run, default=str))  # as a checkpoint holds it
     with rng.isolated_torch_rng(cfg.seed):
@@ -256,10 +260,11 @@ def _train(
     from diffusers.training_utils import EMAModel
 
     resume, progress, stop_after, save = flags
-    cks = checkpoints(out)
-    if resume and not cks:
-        raise InputError(f"`resume`: no checkpoint in {out}/checkpoints; start without `resume`")
-    if not resume and ((out / "loss.csv").exists() or cks):
+    cks = checkpoints(out)  # complete ones: a `.step-N.tmp` a kill left is no checkpoint (and is removed below)
+    if resume and not cks:  # a job script passes `resume` on every start: nothing to continue is a fresh start
+        log.warning("`resume`: %s holds no complete checkpoint to continue; starting at step 0", out)
+        resume = False
+    elif not resume and ((out / "loss.csv").exists() or cks):
         raise InputError(f"{out} already holds a run; pass `resume` to continue it or choose another `out_dir`")
     meta: dict[str, Any] = {"step": 0, "losses": []}
     if resume:
@@ -346,6 +351,7 @@ def _train(
         result |= {"config": asdict(cfg), "source": run["source"], "data": run["data"], "class": type(final).__name__}
         result |= {"train_seconds_this_session": time.time() - t0, "processes": acc.num_processes}
         result |= {"device": str(acc.device), "prediction_type": pred_type, "process": process.describe()}
+        result |= {"loss": loss_description(process, cfg.weighting)}
         result |= {"mixed_precision": acc.mixed_precision}
         result |= {"trained": "LoRA adapters" if cfg.lora else "every weight", **td.info}
         if etsdm is not None:
@@ -370,7 +376,7 @@ def _train(
 def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dict[str, Any] | None = None) -> Path:
     """Save a DDPM pipeline folder of a ``UNet2DModel`` (E-TSDM: its class from ``lipscope.etsdm``) atomically, with
     the scheduler its config names (DDPM when it names none; a flow model keeps its ``FlowMatchEulerDiscreteScheduler``,
-    whose ``step`` DDPMPipeline's loop calls the same way)."""
+    whose ``step`` DDPMPipeline's loop calls the same way; a VE model is a ``ScoreSdeVePipeline``)."""
     import diffusers
 
     name = scheduler_config.get("_class_name") or "DDPMScheduler"
@@ -381,7 +387,8 @@ def save_pipeline(unet, scheduler_config: dict[str, Any], dest: Path, extra: dic
         unet.save_pretrained(tmp / "unet")
         sched_cls.from_config(scheduler_config).save_pretrained(tmp / "scheduler")
         lib = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
-        index = {"_class_name": "DDPMPipeline", "unet": [lib, type(unet).__name__]}
+        pipe = "ScoreSdeVePipeline" if sched_cls.__name__ == "ScoreSdeVeScheduler" else "DDPMPipeline"
+        index = {"_class_name": pipe, "unet": [lib, type(unet).__name__]}
         index["scheduler"] = ["diffusers", sched_cls.__name__]
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if extra:

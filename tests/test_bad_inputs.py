@@ -88,9 +88,23 @@ def snapshot(p: Path) -> dict[str, str] | str | None:
 
 
 def run_inprocess(argv: list[str], capfd, monkeypatch) -> Result:
+    """``lipscope ARGV`` in this process; the logging state a command sets up (its handler on the lipscope logger,
+    no propagation, Python's warning printer, transformers' level) is put back afterwards, so tests that read
+    lipscope's log through pytest's caplog see it whatever ran before."""
+    import logging
+    import warnings
+
     from lipscope.cli import main
 
     monkeypatch.setattr(sys, "argv", ["lipscope", *argv])
+    lg = logging.getLogger("lipscope")
+    monkeypatch.setattr(lg, "handlers", list(lg.handlers))
+    monkeypatch.setattr(lg, "propagate", lg.propagate)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", os.environ.get("TRANSFORMERS_VERBOSITY", ""))
+    if not os.environ["TRANSFORMERS_VERBOSITY"]:
+        monkeypatch.delenv("TRANSFORMERS_VERBOSITY")
+    level = lg.level
     code: int | None
     exc = ""
     try:
@@ -102,6 +116,8 @@ def run_inprocess(argv: list[str], capfd, monkeypatch) -> Result:
         code = 130
     except BaseException:  # escaped main(): the console script would print a traceback, exit 1
         code, exc = 1, traceback.format_exc()
+    finally:
+        lg.setLevel(level)
     o, e = capfd.readouterr()
     return Result(code, o, e, exc)
 
@@ -245,6 +261,13 @@ def _pipeline_16px(tmp: Path, pipe: Path) -> None:
     shutil.copy(pipe / "model_index.json", tmp / "big" / "model_index.json")
 
 
+def _sd_text_pipeline(tmp: Path, pipe: Path) -> None:
+    """tmp/sd: a tiny text-conditioned Stable Diffusion pipeline (a latent model: fine-tuning caches latents)."""
+    from text_fixtures import save_sd_text_pipeline
+
+    save_sd_text_pipeline(tmp / "sd")
+
+
 def _foreign_folder(tmp: Path, pipe: Path) -> None:
     d = tmp / "out"
     d.mkdir()
@@ -311,7 +334,9 @@ class Case:
     mentions: str | tuple[str, ...]
     setup: Setup | None = None
     base: bool = True  # prepend BASE[cmd]; options given in ``args`` replace the base's
-    skip_root: bool = False
+    # root ignores permission bits: as root the kernel's answer to a user (os.access denies writing to mode 0555
+    # folders) is given in its place, so the refusal is still exercised
+    as_user: bool = False
     marks: list = field(default_factory=list)
 
     def argv(self, tmp: Path, pipe: Path) -> list[str]:
@@ -336,11 +361,11 @@ class Case:
         return [a.format(tmp=tmp, pipe=pipe) for a in argv]
 
 
-def C(id, cmd, *args, mentions, setup=None, base=True, skip_root=False):
+def C(id, cmd, *args, mentions, setup=None, base=True, as_user=False):
     args = list(args)
     if any(a.startswith("py:") for a in args) and cmd == "probe":  # no "no schedule given" warning
         args += ["--scheduler-config", "{pipe}/scheduler/scheduler_config.json"]
-    return Case(id, cmd, args, mentions, setup, base, skip_root)
+    return Case(id, cmd, args, mentions, setup, base, as_user)
 
 
 PYNET = "import torch\n"
@@ -447,7 +472,7 @@ CASES: list[Case] = [
     # ---- out folders -----------------------------------------------------------------------------
     C("probe-out-is-a-file", "probe", "--out", "{tmp}/out", mentions="--out", setup=_write("out", "i am a file")),
     C("probe-out-under-a-file", "probe", "--out", "{tmp}/f/out", mentions="--out", setup=_write("f", "i am a file")),
-    C("probe-out-readonly-parent", "probe", "--out", "{tmp}/ro/out", mentions="--out", setup=_readonly_parent, skip_root=True),
+    C("probe-out-readonly-parent", "probe", "--out", "{tmp}/ro/out", mentions="--out", setup=_readonly_parent, as_user=True),
     C("probe-out-foreign-nonempty-folder", "probe", "--out", "{tmp}/out", mentions="--out", setup=_foreign_folder),
     C("theory-out-is-a-file", "theory", "--out", "{tmp}/out", mentions="--out", setup=_write("out", "i am a file")),
     C("theory-out-under-a-file", "theory", "--out", "{tmp}/f/out", mentions="--out", setup=_write("f", "i am a file")),
@@ -491,14 +516,12 @@ CASES: list[Case] = [
     C("train-mixed-precision-banana", "train", "--mixed-precision", "banana", mentions="--mixed-precision"),
     C("train-etsdm-n-0", "train", "--etsdm", "--n", "0", mentions="--n"),
     C("train-etsdm-t-tilde-beyond-T", "train", "--etsdm", "--t-tilde", "5000", mentions="--t-tilde"),
-    C("train-resume-without-checkpoint", "train", "--resume", mentions="--resume"),
     C("train-scheduler-config-negative-T", "train", "--scheduler-config", "{tmp}/s.json", mentions="num_train_timesteps", setup=_write("s.json", json.dumps({"num_train_timesteps": -5}))),
     C("finetune-py-model", "finetune", "--model", "py:lsmod_ft:f", mentions="--model", setup=_py_module("lsmod_ft", "def f():\n    return lambda x, t: x\n")),
     C("finetune-missing-model", "finetune", "--model", "./nope", mentions="./nope"),
     C("finetune-steps-0", "finetune", "--steps", "0", mentions="--steps"),
     C("finetune-lr-nan", "finetune", "--lr", "nan", mentions="--lr"),
     C("finetune-ema-decay-2", "finetune", "--ema-decay", "2", mentions="--ema-decay"),
-    C("finetune-resume-without-checkpoint", "finetune", "--resume", mentions="--resume"),
     C("finetune-mixed-precision-banana", "finetune", "--mixed-precision", "banana", mentions="--mixed-precision"),
     # ---- sample ----------------------------------------------------------------------------------
     C("sample-num-0", "sample", "--num", "0", mentions="--num"),
@@ -544,10 +567,10 @@ CASES: list[Case] = [
     C("probe-scheduler-flow-inverted", "probe", "--scheduler-config", "{tmp}/s.json", mentions="invert_sigmas", setup=_write("s.json", json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True}))),
     C("probe-scheduler-edm-sigmas-swapped", "probe", "--scheduler-config", "{tmp}/s.json", mentions="sigma_min", setup=_write("s.json", json.dumps({"_class_name": "EDMEulerScheduler", "sigma_min": 80.0, "sigma_max": 0.002}))),
     C("probe-scheduler-ve-negative-sigma", "probe", "--scheduler-config", "{tmp}/s.json", mentions="sigma_min", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_min": -0.01}))),
-    C("probe-ve-data-model", "probe", "--data", "model", "--scheduler-config", "{tmp}/s.json", mentions="--data", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler", "sigma_max": 50.0}))),
-    C("sample-edm", "sample", "--model", "{tmp}/edm", mentions="edm", setup=_edm_folder),
-    C("train-ve-scheduler", "train", "--scheduler-config", "{tmp}/s.json", mentions="VP", setup=_write("s.json", json.dumps({"_class_name": "ScoreSdeVeScheduler"}))),
-    C("finetune-flow-folder", "finetune", "--model", "{tmp}/edm", mentions="VP", setup=_edm_folder),
+    C("probe-cosine-data-model", "probe", "--data", "model", "--scheduler-config", "{tmp}/s.json", mentions="--data", setup=_write("s.json", json.dumps({"_class_name": "IPNDMScheduler"}))),
+    C("sample-edm-ddpm", "sample", "--model", "{tmp}/edm", "--scheduler", "ddpm", mentions="edm", setup=_edm_folder),
+    C("train-cosine-scheduler", "train", "--scheduler-config", "{tmp}/s.json", mentions="VP", setup=_write("s.json", json.dumps({"_class_name": "IPNDMScheduler"}))),
+    C("finetune-edm-weighting", "finetune", "--model", "{tmp}/edm", "--weighting", "logit_normal", mentions="--weighting", setup=_edm_folder),
     # ---- paths the file system cannot hold, runs that would destroy what they read, special files ----
     C("probe-out-name-too-long", "probe", "--out", "{tmp}/" + "a" * 300, mentions="shorter path"),
     C("probe-model-name-too-long", "probe", "--model", "{tmp}/" + "b" * 300, mentions="shorter path"),
@@ -558,6 +581,23 @@ CASES: list[Case] = [
     C("probe-data-range-beyond-float32", "probe", "--data-range=-1e308,1e308", mentions="--data-range"),
     C("compare-different-targets", "compare", "{tmp}/a", "{tmp}/b", "--out", "{tmp}/c.png", mentions="targets", setup=_chain(_run_folder("a", GOOD_CSV, GOOD_META), _run_folder("b", GOOD_CSV.replace("sigma\n", "sigma,target\n").replace("0.01\n", "0.01,score\n").replace("0.8\n", "0.8,score\n"), GOOD_META))),
     C("compare-out-inside-a-run", "compare", "{tmp}/a", "--out", "{tmp}/a/lipschitz.png", mentions="--out", setup=_run_folder("a", GOOD_CSV, GOOD_META)),
+    # ---- the second hostile review (issues 23 and 26) ----------------------------------------------------------------
+    C("probe-out-is-the-current-folder", "probe", "--out", ".", mentions=("--out", "current folder")),
+    C("theory-out-is-the-current-folder", "theory", "--out", ".", mentions=("--out", "current folder")),
+    C("probe-message-keeps-emoji-codes", "probe", "--data", "patches:abc:", mentions="patches:abc:"),
+    C("probe-message-keeps-markup", "probe", "--data", "x[bold]y[/bold]:smile:", mentions="x[bold]y[/bold]:smile:"),
+    C("probe-resume-of-a-finished-run", "probe", "--resume", "--out", "{tmp}/out", mentions=("--resume", "finished run"), setup=_run_folder("out", GOOD_CSV, json.dumps({"command": "probe"}))),
+    C("evaluate-features-empty", "evaluate", "--features", "py:lsmod_feat_empty:f", mentions=("--features", "empty"), setup=_py_module("lsmod_feat_empty", PYNET + "def f():\n    return lambda x: torch.zeros(len(x), 0)\n")),
+    C("evaluate-features-strings", "evaluate", "--features", "py:lsmod_feat_str:f", mentions="--features", setup=_py_module("lsmod_feat_str", "def f():\n    return lambda x: ['a'] * len(x)\n")),
+    C("evaluate-features-complex", "evaluate", "--features", "py:lsmod_feat_cx:f", mentions="--features", setup=_py_module("lsmod_feat_cx", PYNET + "def f():\n    return lambda x: torch.ones(len(x), 3, dtype=torch.complex64)\n")),
+    C("compare-K-not-a-number", "compare", "{tmp}/r", "--out", "{tmp}/c.png", mentions=("K_mean", "lipschitz.csv"), setup=_run_folder("r", GOOD_CSV.replace(",5,1,0.7", ",abc,1,0.7"), GOOD_META)),
+    C("compare-K-all-nan", "compare", "{tmp}/r", "--out", "{tmp}/c.png", mentions="K_mean", setup=_run_folder("r", GOOD_CSV.replace(",5,1,0.7", ",nan,1,0.7").replace(",1,0.1,0.07", ",nan,0.1,0.07"), GOOD_META)),
+    C("compare-T-not-whole", "compare", "{tmp}/r", "--out", "{tmp}/c.png", mentions=("run.json", "model.T"), setup=_run_folder("r", GOOD_CSV, json.dumps({"model": {"T": 2.5}}))),
+    C("compare-T-a-word", "compare", "{tmp}/r", "--out", "{tmp}/c.png", mentions=("run.json", "model.T"), setup=_run_folder("r", GOOD_CSV, json.dumps({"model": {"T": "many"}}))),
+    C("compare-etsdm-record-malformed", "compare", "{tmp}/r", "--out", "{tmp}/c.png", mentions=("run.json", "etsdm"), setup=_run_folder("r", GOOD_CSV, json.dumps({"model": {"T": 1000, "etsdm": {"t_tilde": "x"}}}))),
+    C("compare-etsdm-record-a-list", "compare", "{tmp}/r", "--out", "{tmp}/c.png", mentions=("run.json", "etsdm"), setup=_run_folder("r", GOOD_CSV, json.dumps({"model": {"T": 1000, "etsdm": [100, 5]}}))),
+    C("finetune-lora-rank-beyond-any-layer", "finetune", "--model", "{tmp}/sd", "--lora", "--lora-rank", "100000", mentions="--lora-rank", setup=_sd_text_pipeline),
+    C("finetune-lora-targets-unknown", "finetune", "--model", "{tmp}/sd", "--lora", "--lora-targets", "bogus", mentions=("--lora-targets", "bogus"), setup=_sd_text_pipeline),
 ]
 # fmt: on
 
@@ -572,8 +612,17 @@ def _out_path(argv: list[str], tmp: Path) -> Path:
 
 
 def _prepare(case: Case, tmp: Path, pipe: Path, monkeypatch) -> tuple[list[str], Path]:
-    if case.skip_root and hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("root ignores permission bits")
+    if case.as_user and hasattr(os, "geteuid") and os.geteuid() == 0:
+        import lipscope.io
+
+        access = os.access
+
+        def user_access(path, mode, **kw):  # a user's answer: no write to a folder without its write bit
+            if mode & os.W_OK and Path(path).is_dir() and not Path(path).stat().st_mode & 0o200:
+                return False
+            return access(path, mode, **kw)
+
+        monkeypatch.setattr(lipscope.io.os, "access", user_access)
     work = tmp / "w"
     work.mkdir()
     monkeypatch.chdir(work)  # relative paths (./nope, runs/…) and compare.png land here

@@ -187,21 +187,21 @@ def test_lambda_and_native_columns():
 
 
 def test_training_and_sampling_refuse_other_processes(folders, tmp_path):
-    """VP-only code refuses a VE/flow/EDM model by its process, never reads it as a DDPM schedule."""
+    """VP, flow, VE and EDM models sample and train (tests/test_sigma_*.py for VE and EDM); a process without a sampler
+    or a loss (cosine v-diffusion, DanceDiffusion's IPNDMScheduler) is refused by its process, never read as DDPM."""
     from lipscope.runs import TrainOptions, run_training
     from lipscope.sampling import model_samples
-
-    for kind in ("ve", "edm"):  # flow models train (tests/test_finetune_families.py, and below)
-        with pytest.raises(InputError, match=f"VP \\(DDPM-family\\) and flow-matching schedules.*{kind} process"):
-            run_training(TrainOptions(model=str(folders[kind]), out=str(tmp_path / kind)), progress=False)
     from lipscope.training import TrainConfig
 
+    cosine = tmp_path / "ipndm.json"
+    cosine.write_text(json.dumps({"_class_name": "IPNDMScheduler", "num_train_timesteps": 1000}))
+    with pytest.raises(InputError, match="VP \\(DDPM-family\\), flow-matching, VE and EDM schedules.*cosine process"):
+        run_training(TrainOptions(model=str(folders["flow"]), scheduler_config=str(cosine), out=str(tmp_path / "c")))
+    with pytest.raises(InputError, match="sampling cosine models is not supported yet"):
+        model_samples(load_model(str(folders["flow"]), scheduler_config=str(cosine)), 2, 0)
     cfg = TrainConfig(steps=1, batch_size=2, warmup_steps=0)
     res = run_training(TrainOptions(model=str(folders["flow"]), out=str(tmp_path / "flow"), training=cfg))
     assert res["prediction_type"] == "flow_prediction" and res["process"]["process"] == "flow"
-    for kind in ("ve", "edm"):  # flow models sample with their own Euler scheduler (test below)
-        with pytest.raises(InputError, match=f"sampling {kind} models is not supported yet"):
-            model_samples(load_model(str(folders[kind])), 2, 0)
 
 
 def test_flow_sampling_matches_diffusers_euler_loop(folders):

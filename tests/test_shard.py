@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lipscope.errors import InputError
+from lipscope.io import WriteFailure
 from lipscope.runs import ProbeOptions, run_probe
 
 GRID = "0,1,2,5,10,50,100,500"
@@ -90,8 +91,8 @@ def test_resume_gives_the_uninterrupted_table(tmp_path, interrupted):
     assert res.meta["forwards"] == interrupted.meta["forwards"] - 16  # the 8 finished pairs were not recomputed
     assert sorted(p.name for p in cut.iterdir()) == ["lipschitz.csv", "lipschitz.png", "run.json"]
     assert not (tmp_path / ".cut.partial").exists()
-    with pytest.raises(InputError, match="there is no interrupted run of"):
-        run_probe(_opts(tmp_path, "never", resume=True))
+    fresh = run_probe(_opts(tmp_path, "never", resume=True))  # nothing to resume: a fresh start (issue 23 §3)
+    _same_numbers(fresh.table, interrupted.table)
 
 
 def test_a_failing_run_leaves_nothing(tmp_path, monkeypatch):
@@ -161,7 +162,12 @@ def test_an_interrupted_overwrite_resumes_and_a_late_failure_keeps_the_work(tmp_
     run_probe(_opts(tmp_path, "fresh", seed=1))
     _same_numbers(pd.read_csv(tmp_path / "o" / "lipschitz.csv"), pd.read_csv(tmp_path / "fresh" / "lipschitz.csv"))
     assert json.loads((tmp_path / "o" / "run.json").read_text())["seed"] == 1
-    _fail_at_call(monkeypatch, 3, InputError("`model` went wrong"))
-    with pytest.raises(InputError, match="went wrong; the finished items are kept: fix that and rerun with `resume`"):
+    _fail_at_call(monkeypatch, 3, WriteFailure("could not write x (disk full)"))
+    with pytest.raises(InputError, match="disk full.; the finished items are kept: fix that and rerun with `resume`"):
         run_probe(_opts(tmp_path, "late"))
     assert (tmp_path / ".late.partial").is_dir() and not (tmp_path / "late").exists()
+    monkeypatch.undo()
+    _fail_at_call(monkeypatch, 3, InputError("`model` went wrong"))  # the same options meet it again: nothing kept
+    with pytest.raises(InputError, match="went wrong$"):
+        run_probe(_opts(tmp_path, "late2"))
+    assert not (tmp_path / ".late2.partial").exists() and not (tmp_path / "late2").exists()

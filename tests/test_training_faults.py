@@ -6,9 +6,11 @@ same weights. Runs are tiny (conftest's tiny UNet, 6 steps) and compared bit-exa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -415,3 +417,158 @@ def test_signals_then_resume_give_the_uninterrupted_weights(tmp_path):
         _, ref_err = reference.communicate(timeout=300)
     assert reference.returncode == 0, ref_err[-2000:]
     _assert_same_run(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. killed inside the first checkpoint, --resume with nothing to resume (issue 23 §2, §3)
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _warnings():
+    """The messages lipscope's logger warns with inside the block (whatever handlers a CLI run left on it)."""
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record.getMessage())
+
+    lg, h = logging.getLogger("lipscope"), Keep(logging.WARNING)
+    lg.addHandler(h)
+    try:
+        yield got
+    finally:
+        lg.removeHandler(h)
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    """The conftest UNet's config.json, for `lipscope train --config`."""
+    _cli(tmp_path, tmp_path / "unused")  # writes tmp_path/tiny.json
+    return tmp_path / "tiny.json"
+
+
+def test_killed_inside_the_first_checkpoint_continues_from_step_0(tmp_path, reference, capfd, monkeypatch):
+    """SIGKILL while `.step-2.tmp` was written (the first checkpoint): no complete checkpoint, a folder that is not
+    empty. A fresh start is refused naming --resume (train has no --overwrite); --resume ignores the unfinished
+    folder, says it starts at step 0, removes it, and ends with the uninterrupted run."""
+    from test_bad_inputs import assert_one_line_refusal, run_inprocess
+
+    run = tmp_path / "run"
+    _train(run, stop_after=2)
+    cks = run / "checkpoints"
+    os.replace(cks / "step-2", cks / ".step-2.tmp")  # what the kill left: the folder before its rename
+    (cks / ".step-2.tmp" / "ema.safetensors").write_bytes(b"cut sho")
+    (run / "loss.csv").unlink()  # written after the checkpoint: never reached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _tiny_config(tmp_path)
+    argv = ["train", "--config", str(cfg), "--steps", "2", "--batch-size", "8", "--no-progress", "--out", str(run)]
+    line = assert_one_line_refusal(run_inprocess(argv, capfd, monkeypatch), ("--out", "--resume"))
+    assert "--overwrite" not in line
+    res = _train(run, resume=True)  # the Python API: the same loop
+    assert res["steps"] == 6 and _leftovers(run) == []
+    _assert_same_run(run, reference)
+
+
+def test_resume_with_nothing_to_resume_starts_fresh_and_says_so(tmp_path, reference):
+    """A pre-emptible job passes --resume on every start: with no checkpoint the run starts at step 0 (one warning);
+    a checkpoint of other options is still refused."""
+    run = tmp_path / "run"
+    with _warnings() as said:
+        _train(run, resume=True)
+    assert any("no complete checkpoint" in w and "step 0" in w for w in said), said
+    _assert_same_run(run, reference)
+    with pytest.raises(InputError, match="`seed` 3 → 4"):
+        _train(run, _cfg(seed=4), resume=True)
+
+
+def test_cli_resume_with_nothing_to_resume_is_a_fresh_run(tmp_path, capfd, monkeypatch):
+    """The same through `lipscope train --resume` on an --out that does not exist: exit 0, the warning is the only
+    stderr line."""
+    from test_bad_inputs import ANSI, run_inprocess
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _tiny_config(tmp_path)
+    argv = ["train", "--config", str(cfg), "--steps", "2", "--batch-size", "4", "--no-progress", "--resume"]
+    res = run_inprocess([*argv, "--out", str(tmp_path / "run")], capfd, monkeypatch)
+    assert res.code == 0, res.stderr + res.exc
+    lines = [ln for ln in ANSI.sub("", res.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: --resume:") and "step 0" in lines[0], lines
+    assert (tmp_path / "run" / "pipeline").is_dir()
+
+
+def test_a_torch_message_during_resume_is_not_turned_into_flags(tmp_path, capfd, monkeypatch):
+    """A pickle planted in the optimizer state: torch's refusal quotes `weights_only` and `False`; the line keeps
+    them as they are (they are no lipscope parameters), instead of --weights-only … --False."""
+    from test_bad_inputs import assert_one_line_refusal, run_inprocess
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["train", "--config", str(_tiny_config(tmp_path)), "--steps", "2", "--batch-size", "4", "--no-progress"]
+    argv += ["--checkpoint-every", "1", "--out", str(run)]
+    assert run_inprocess(argv, capfd, monkeypatch).code == 0
+    (run / "checkpoints" / "step-2" / "accelerate" / "optimizer.bin").write_bytes(_payloads(marker)["torch.save"])
+    argv.append("--resume")
+    line = assert_one_line_refusal(run_inprocess(argv, capfd, monkeypatch), ("optimizer.bin", "--out"))
+    assert not marker.exists()
+    assert "`weights_only`" in line and "--weights-only" not in line and "--False" not in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. latent models: the latent cache is a cache, LoRA options are checked before it is written
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny text-conditioned SD pipeline folder and a folder of six 16×16 images."""
+    import numpy as np
+    from PIL import Image
+    from text_fixtures import save_sd_text_pipeline
+
+    root = tmp_path_factory.mktemp("sd")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    rs = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rs.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(imgs / f"im{i}.png")
+    return save_sd_text_pipeline(root / "sd"), imgs
+
+
+def _finetune_sd(sd, out: Path, **kw):
+    from lipscope.runs import TrainOptions, run_training
+
+    cfg = TrainConfig(**{**dict(steps=2, batch_size=2, warmup_steps=0, checkpoint_every=1, seed=3), **kw})
+    return run_training(TrainOptions(model=str(sd[0]), data=str(sd[1]), out=str(out), training=cfg,
+                                     resume=(out / "checkpoints").is_dir()))  # fmt: skip
+
+
+def test_a_damaged_latent_cache_is_encoded_again(tmp_path, sd):
+    run = tmp_path / "run"
+    first = _finetune_sd(sd, run)
+    lat = run / "latents.safetensors"
+    good, kept = lat.read_bytes(), load_file(lat)["latents"].clone()  # (load_file maps the file)
+    lat.write_bytes(good[: len(good) // 2])
+    with _warnings() as said:
+        res = _finetune_sd(sd, run)  # a resume of the finished run: reads the cache, finds it damaged
+    assert any("latent cache" in w and "again" in w for w in said), said
+    assert res["latents"]["cache"] == "written" and torch.equal(load_file(lat)["latents"], kept)
+    assert res["final_loss_mean_last_100"] == first["final_loss_mean_last_100"]
+
+
+def test_a_full_disk_while_caching_latents_is_one_line_and_leaves_no_folder(tmp_path, sd, monkeypatch):
+    import safetensors.torch as st
+
+    real = st.save_file
+
+    def full(tensors, filename, *a, **k):
+        if "latents" in str(filename):
+            raise OSError(errno.ENOSPC, ENOSPC)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", full)
+    with pytest.raises(InputError) as e:
+        _finetune_sd(sd, tmp_path / "run")
+    msg = str(e.value)
+    assert "\n" not in msg and "latents.safetensors" in msg and ENOSPC in msg, msg
+    assert not (tmp_path / "run").exists()

@@ -5,15 +5,15 @@ Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal error, 130 interr
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 import typer
-from rich.markup import escape
 from typer.exceptions import TyperException
 
 from . import compare, groundtruth, probe, sample, theory, train
-from .common import Terminated, app, err
+from .common import Terminated, app, error, stopped
 
 
 @app.callback()
@@ -37,7 +37,16 @@ for _command in (
 
 
 def _terminate(signum: int, frame: object) -> None:
+    # one interrupt: a second SIGTERM (torchrun sends one to every worker when a peer stops) must not raise inside
+    # the clean-up the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """SIGTERM after the command returned (interpreter shut-down, atexit): nothing is left to clean, exit 143 with
+    no traceback (raising here would print one from inside an atexit callback)."""
+    os._exit(128 + signum)
 
 
 def main() -> None:
@@ -45,9 +54,16 @@ def main() -> None:
     SIGTERM interrupts like Ctrl-C (the run's clean-up runs; exit 143)."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        _run()
+    finally:
+        signal.signal(signal.SIGTERM, _exit_now)
+
+
+def _run() -> None:
+    try:
         rc = app(standalone_mode=False)
     except typer.Abort:
-        err.print("[red]interrupted[/]: no output was written")
+        stopped("no output was written")
         sys.exit(130)
     except TyperException as e:  # click's UsageError/BadParameter family (typer vendors click)
         fmt = getattr(e, "format_message", None)
@@ -56,7 +72,7 @@ def main() -> None:
         ctx, msg = getattr(e, "ctx", None), fmt()
         if msg:  # (an empty message: help was printed for a bare command)
             where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            err.print(f"[red]error:[/] {escape(msg)}{where}", highlight=False, soft_wrap=True)
+            error(f"{msg}{where}")
         sys.exit(int(getattr(e, "exit_code", 2)))
     sys.exit(rc if isinstance(rc, int) else 0)
 

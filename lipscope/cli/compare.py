@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_errors, out
+from .common import cli_errors, say
 
 
 @cli_errors
@@ -31,8 +31,8 @@ def compare(
             f"{s['median_K_above']:.4g}",
             f"{s['singularity_ratio']:.3g}",
         )
-    out.print(tab)
-    out.print(f"written {out_file}")
+    say(tab)
+    say(f"written {out_file}")
 
 
 @cli_errors
@@ -63,4 +63,4 @@ def models() -> None:
             f"{c['final_loss_mean_last_100']:.4f}",
             f"{fd['max_below']:.4g} / {fd['median_above']:.4g}",
         )
-    out.print(tab)
+    say(tab)

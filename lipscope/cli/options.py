@@ -69,6 +69,18 @@ DEVICE = device
 BATCH_SIZE = batch_size
 
 
+VERBOSE = typer.Option(
+    False,
+    "--verbose",
+    "-v",
+    help="Also lipscope's info lines, and the messages and progress bars of diffusers, transformers and the hub.",
+)
+RESUME_TRAINING = typer.Option(
+    False,
+    "--resume",
+    help="Continue from the last complete checkpoint in --out (same options), or start at step 0 when there is none.",
+)
+
 # conditioning flags shared by probe, sample and evaluate (lipscope.runs.ConditioningOptions)
 CLASS_LABEL = typer.Option(
     None, "--class-label", help="Class to condition a class-conditional model (DiT) on (repeatable; cycled)."

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .. import shard
-from .common import cli_errors, out, setup_logging
+from .common import cli_errors, say, setup_logging
 from .options import (
     BATCH_SIZE,
     CLASS_LABEL,
@@ -28,6 +28,7 @@ from .options import (
     SCHEME,
     SPACE,
     TARGET,
+    VERBOSE,
     conditioning_kwargs,
 )
 
@@ -63,7 +64,10 @@ def probe(
         help="hub id, pipeline/unet folder, weights file (+ --config), py:module:factory or builtin:NAME.",
     ),
     model_arg: list[str] | None = typer.Option(
-        None, "--model-arg", help="key=value keyword argument of a py: factory (repeatable; values parsed as JSON)."
+        None,
+        "--model-arg",
+        help="key=value keyword argument of a py: factory, or a generic pipeline's __call__ size for its capture "
+        "(height, width, num_frames; repeatable; values parsed as JSON).",
     ),
     data: str | None = typer.Option(
         None,
@@ -172,15 +176,15 @@ def probe(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue the interrupted probe of --out (same options; any process count): finished items are kept "
-        "beside --out, in .<out>.partial, as the probe goes.",
+        help="Continue the interrupted probe of --out (same options and model; any process count), or start it when "
+        "there is none: finished items are kept beside --out, in .<out>.partial, as the probe goes.",
     ),
     allow_noise_limited: bool = typer.Option(
         False,
         "--allow-noise-limited",
         help="Keep a float16/bfloat16 FD run whose rows are limited by rounding noise (flagged in fd_noise_limited).",
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Measure the Lipschitz constant of ε_θ in t: writes lipschitz.csv, run.json and lipschitz.png."""
     setup_logging(verbose)
@@ -251,4 +255,4 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())
         tab.add_row("noise-limited", f"{flagged} of {fd} FD rows (fd_noise_limited; use --method jvp or a larger --dt)")
     tab.add_row("written", f"{out_dir}/lipschitz.csv, run.json, lipschitz.png")
-    out.print(tab)
+    say(tab)

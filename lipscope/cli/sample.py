@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .. import shard
-from .common import cli_errors, out, parse_list, setup_logging
+from .common import cli_errors, parse_list, say, setup_logging
 from .options import (
     CLASS_LABEL,
     DEVICE,
@@ -18,6 +18,7 @@ from .options import (
     PROMPT_EMBEDS,
     PROMPT_FILE,
     SAMPLER,
+    VERBOSE,
     conditioning_kwargs,
 )
 
@@ -26,7 +27,10 @@ from .options import (
 def sample(
     model: str = typer.Option(..., "--model", "-m"),
     scheduler: str = typer.Option(
-        "ddim", "--scheduler", parser=SAMPLER, help="ddpm, ddim, dpmsolver (DPM-Solver++ 2M)."
+        "ddim",
+        "--scheduler",
+        parser=SAMPLER,
+        help="ddpm, ddim, dpmsolver (DPM-Solver++ 2M), pc (score-SDE VE predictor-corrector); VE/EDM: ddim is Euler.",
     ),
     steps: int = typer.Option(50, "--steps"),
     num: int = typer.Option(64, "--num", "-n", min=1),
@@ -41,7 +45,7 @@ def sample(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sample a model (E-TSDM map honoured): writes samples.png (grid) and samples.npz."""
     setup_logging(verbose)
@@ -61,7 +65,7 @@ def sample(
     )
     run_sample(opts)
     if shard.is_main():
-        out.print(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
+        say(f"{num} samples ({scheduler}, {steps} steps) written to {out_dir}/samples.png and samples.npz")
 
 
 @cli_errors
@@ -71,7 +75,7 @@ def evaluate(
         [], "--baseline", "-b", help="Model(s) to compare with, same seeds (repeatable)."
     ),
     data: str = typer.Option("digits", "--data", "-d", help="Reference data."),
-    scheduler: str = typer.Option("ddim,dpmsolver", "--scheduler", help="Comma list: ddpm, ddim, dpmsolver."),
+    scheduler: str = typer.Option("ddim,dpmsolver", "--scheduler", help="Comma list: ddpm, ddim, dpmsolver, pc (VE)."),
     steps: str = typer.Option("5,10,20,50", "--steps", help="Comma list of sampling step counts."),
     num: int = typer.Option(500, "--num", "-n", min=3, help="Samples per (model, scheduler, steps, seed)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds (0..S−1): the spread of each metric."),
@@ -96,7 +100,7 @@ def evaluate(
     negative_prompt: str | None = NEGATIVE_PROMPT,
     prompt_embeds: Path | None = PROMPT_EMBEDS,
     guidance_scale: float | None = GUIDANCE_SCALE,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Sample quality vs steps for a model and a baseline: Fréchet distances (pixels, --features: the
     digits classifier by default), KID (same features; unbiased at small --num), sliced Wasserstein, FID
@@ -140,10 +144,10 @@ def evaluate(
             fid,
         )
     if shard.is_main():
-        out.print(tab)
+        say(tab)
         if res.paired is not None and len(res.paired):
-            out.print(_paired_table(res.paired))
-        out.print(f"note: {res.meta['comparability']}", highlight=False, soft_wrap=True)
+            say(_paired_table(res.paired))
+        say(f"note: {res.meta['comparability']}")
 
 
 def _paired_table(paired) -> Table:

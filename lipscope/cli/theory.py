@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_errors, out, parse_list, setup_logging
-from .options import SCHEDULE
+from .common import cli_errors, parse_list, say, setup_logging
+from .options import SCHEDULE, VERBOSE
 
 
 @cli_errors
@@ -33,7 +33,7 @@ def theory(
     etsdm: bool = typer.Option(False, "--etsdm", help="With --train: also train the E-TSDM variant."),
     out_dir: Path = typer.Option(Path("runs/theory"), "--out", "-o"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder (atomically)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Theorem 3.1 on Gaussian data: closed forms vs FD, JVP and (optionally) a trained net."""
     setup_logging(verbose)
@@ -73,4 +73,4 @@ def theory(
             f"net {name} at t = {first['t']:g}", f"FD {df['K_fd_' + name].iloc[0]:.4g} (truth {first['K_fd_mc']:.4g})"
         )
     tab.add_row("written", f"{res.out}/theory.csv, run.json, theory.png")
-    out.print(tab)
+    say(tab)

@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 
-from .common import cli_errors, out, setup_logging
-from .options import MIXED_PRECISION
+from .common import cli_errors, say, setup_logging
+from .options import MIXED_PRECISION, RESUME_TRAINING, VERBOSE
 
 
 def _train_config(opts: dict):
@@ -48,7 +48,7 @@ def _run(opts, progress: bool) -> None:
 
     res = run_training(opts, progress=progress and sys.stderr.isatty())
     where = "lora" if opts.training.lora else "pipeline"
-    out.print(
+    say(
         f"trained {res['steps']} steps on {res['samples']} samples; final loss (mean of last 100) "
         f"{res['final_loss_mean_last_100']:.4g}; model in {opts.out}/{where}"
     )
@@ -75,9 +75,9 @@ def train(
     etsdm: bool = typer.Option(False, "--etsdm/--no-etsdm", help="Train with the E-TSDM timestep map."),
     t_tilde: float | None = typer.Option(None, "--t-tilde", help="E-TSDM: t̃ in model steps (default 0.1·T)."),
     n_sub: int = typer.Option(5, "--n", help="E-TSDM: number of sub-intervals of [0, t̃)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    resume: bool = RESUME_TRAINING,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Train a UNet2DModel from a config (optionally with E-TSDM)."""
     setup_logging(verbose)
@@ -141,11 +141,11 @@ def finetune(
         None, "--t-tilde", help="E-TSDM: t̃ in model steps k = τ·T (flow: σ·1000); default 0.1·T (100 of 1000)."
     ),
     n_sub: int = typer.Option(5, "--n", help="E-TSDM: number of sub-intervals of [0, t̃)."),
-    resume: bool = typer.Option(False, "--resume"),
+    resume: bool = RESUME_TRAINING,
     revision: str | None = typer.Option(None, "--revision"),
     offline: bool = typer.Option(False, "--offline"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Fine-tune a pretrained model (any family) with the same loop; --etsdm retrofits the fix, without it a control."""
     setup_logging(verbose)

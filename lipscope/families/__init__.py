@@ -4,6 +4,10 @@ A family is recognised from a pipeline's ``model_index.json`` (its ``unet`` or `
 a denoiser config's ``_class_name``. Each family is one small module with a ``build`` function (denoiser →
 :class:`~lipscope.models.EpsModel`) and, for conditional families, a ``conditioning`` function (options →
 :class:`~lipscope.conditioning.Conditioning`). Adding a family is one module and one line in ``FAMILIES``.
+
+Every other pipeline (and the cascades the hand-written families do not wrap, DeepFloyd IF) goes to ``GENERIC``
+(:mod:`.generic`): its own ``__call__`` recorded once and replayed; :mod:`.registry` says which pipelines that was
+tested on and the status of every diffusers denoiser class (docs/models.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..models import EpsModel
-from . import dit, flux, pixart, sd, sd3, unet2d
+from . import dit, flux, generic, pixart, sd, sd3, unet2d
 from .embeds import EncodedPrompts
 
 
@@ -27,6 +31,9 @@ class Family:
     conditioning: Callable[..., Any] | None = None  # (model, **options) → Conditioning | None
     conditioned_on: str | None = None  # "class" or "text"
     encode: Callable[..., dict] | None = None  # (pipeline, prompts, negative_prompt, device) → encode_prompt's tensors
+    load: Callable[..., EpsModel] | None = (
+        None  # (root, component, scheduler_config, name, device, dtype, …): whole pipeline
+    )
 
 
 def _with_etsdm(*classes: str) -> tuple[str, ...]:  # each class and its E-TSDM subclass (lipscope.etsdm)
@@ -53,12 +60,16 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-__all__ = ["FAMILIES", "EncodedPrompts", "Family", "family_of_class", "family_of_model", "load_denoiser",
-           "pipeline_denoiser", "resolve_conditioning", "supported"]  # fmt: skip
+# any other pipeline: its own call recorded and replayed (conditioned on whatever its __call__ takes)
+GENERIC = Family("generic", (), "", generic.build_refused, generic.conditioning, "call", None, generic.load)
+
+__all__ = ["FAMILIES", "GENERIC", "EncodedPrompts", "Family", "family_of_class", "family_of_model", "load_denoiser",
+           "no_call_args", "pipeline_denoiser", "resolve_conditioning", "supported"]  # fmt: skip
 
 
 # pipelines whose denoiser class a family wraps but whose conditioning or inputs differ (DeepFloyd IF's cascaded
-# pixel UNets and T5 call, Kandinsky's image embeddings, SD's upscaler): refused by name, not mis-wrapped
+# pixel UNets and T5 call, Kandinsky's image embeddings, SD's upscaler): never wrapped by that family; they go to
+# the generic adapter, which records what their own call feeds
 FOREIGN_PIPELINES = ("IF", "Kandinsky", "StableDiffusionUpscale", "StableDiffusionLatentUpscale", "StableUnCLIP")
 
 
@@ -67,6 +78,8 @@ def family_of_class(cls: str | None) -> Family | None:
 
 
 def family_of_model(model: EpsModel) -> Family | None:
+    if model.config.get("lipscope_adapter") == "generic":
+        return GENERIC
     return family_of_class(model.config.get("_class_name", "UNet2DModel"))
 
 
@@ -75,7 +88,10 @@ def supported() -> str:
 
 
 def pipeline_denoiser(index: dict[str, Any], where: str) -> tuple[Family, str]:
-    """(family, component) of a pipeline's denoiser; refuses, naming the classes, what no family wraps."""
+    """(family, component) of a pipeline's denoiser: a hand-written family where one wraps its class in this kind of
+    pipeline, else the generic adapter; refuses, naming the class and why, what the generic adapter cannot take."""
+    from .registry import refusal
+
     comps = {
         k: v[1] for k in ("unet", "transformer", "prior") if isinstance(v := index.get(k), list | tuple) and len(v) == 2
     }
@@ -85,27 +101,42 @@ def pipeline_denoiser(index: dict[str, Any], where: str) -> tuple[Family, str]:
         fam = family_of_class(cls)
         if fam is not None and not other:
             return fam, comp
-    if other:
-        raise InputError(
-            f"`model` {where} is a {pipe}, whose {', '.join(comps.values())} is fed other inputs than the families "
-            f"lipscope wraps ({supported()}); wrap it as `model` py:module:factory"
-        )
+    for comp, cls in comps.items():
+        why = refusal(cls)
+        if why is not None:
+            raise InputError(f"`model` {where} is a {pipe or 'pipeline'} whose {comp} is a {cls}: {why}")
+        if cls:
+            return GENERIC, comp
     raise InputError(
-        f"`model` {where} is a {index.get('_class_name', 'pipeline')} "
-        f"({', '.join(f'{k}: {v}' for k, v in comps.items()) or 'no unet or transformer component'}), which "
-        f"lipscope does not support yet; supported: {supported()}; wrap other networks as `model` "
-        "py:module:factory"
+        f"`model` {where} is a {index.get('_class_name', 'pipeline')} (no unet or transformer component), which "
+        f"lipscope cannot probe; supported: {supported()} and any pipeline with a unet or transformer (generic); wrap "
+        "other networks as `model` py:module:factory"
     )
 
 
+def no_call_args(call_args: dict[str, Any] | None, spec: Any) -> None:
+    """Refuse ``model_args`` for a model that is neither a py: factory nor a generic pipeline."""
+    if call_args:
+        raise InputError(
+            f"`model_args` are passed to a py: factory or a generic pipeline's call, and `model` {spec} is neither; "
+            "drop `model_args`"
+        )
+
+
 def load_denoiser(
-    fam: Family, root: str, subfolder: str | None, sched_cfg: dict | None, name: str, dev, dt, **hub: Any
-) -> EpsModel:
-    """Load a family's denoiser with its class's ``from_pretrained`` and build its EpsModel."""
+    fam: Family, root: str, subfolder: str | None, sched_cfg: dict | None, name: str, dev, dt,
+    call_args: dict[str, Any] | None = None, index: dict[str, Any] | None = None, **hub: Any,
+) -> EpsModel:  # fmt: skip
+    """Load a family's denoiser with its class's ``from_pretrained`` and build its EpsModel (the generic adapter:
+    the whole pipeline; ``call_args``: its ``__call__`` sizes for the capture, given as ``model_args``)."""
     import diffusers
 
     from ..errors import short_error
     from ..etsdm import ETSDM_CLASSES
+
+    if fam.load is not None:
+        return fam.load(root, subfolder, sched_cfg, name, dev, dt, call_args=call_args, index=index, **hub)
+    no_call_args(call_args, name)
 
     try:
         cls = getattr(diffusers, fam.classes[0])

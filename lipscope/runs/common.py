@@ -1,27 +1,154 @@
-"""What every run shares: the output-folder check, the model record of run.json, how a model is loaded."""
+"""What every run shares: the inputs a run reads and the output-folder check, the lock, the model record of
+run.json and what its numbers depend on, how a model is loaded."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import io as lio
 from .. import shard
-from ..io import check_out_dir
+from ..errors import InputError
 from ..loading import load_model
+from ..lora import lora_run_base
 from ..models import EpsModel
 from ..prompts import conditioning_for, read_prompt_file
+from ..sampling import weights_digest
 
-__all__ = ["ConditioningOptions", "ModelOptions", "check_out_dir", "main_lock", "model_info", "write_on_main"]
+__all__ = [
+    "ConditioningOptions",
+    "ModelOptions",
+    "check_out_dir",
+    "input_paths",
+    "main_lock",
+    "model_digest",
+    "model_info",
+    "write_on_main",
+]
+
+# specs that name no file: built-in models and data sets, samples of the model, the Hugging Face hub
+_NOT_PATHS = ("builtin:", "hf:")
 
 
-def main_lock(out: Path):
+def input_paths(*specs: object) -> list[tuple[Path, str]]:
+    """Every file and folder a run reads, as (path, what it is), from its raw inputs: paths (models, data, configs,
+    captions, prompt files, embeddings, feature folders, weights), the source of a ``py:module:factory`` spec (its
+    top-level package folder, or the module file), the base model a LoRA run folder names, and the Hugging Face
+    cache a hub id is read from. Lists and tuples are walked; None and names that are no path (``digits``,
+    ``model``, ``builtin:…``) add nothing."""
+    found: list[tuple[Path, str]] = []
+    for v in specs:
+        if v is None or v == "":
+            continue
+        if isinstance(v, (list, tuple)):
+            found += input_paths(*v)
+            continue
+        s = str(v)
+        if s.startswith("py:"):
+            found += [(src, f"the source of {s}") for src in _py_source(s)]
+            continue
+        if s.startswith(_NOT_PATHS):
+            continue
+        p = Path(s).expanduser()
+        try:
+            exists = p.exists()
+        except OSError:  # a name the file system cannot hold: the loader says so
+            continue
+        if exists:
+            found.append((p, s))
+            with contextlib.suppress(InputError):  # a damaged record: the loader says so
+                base = lora_run_base(p) if p.is_dir() else None
+                if base is not None:
+                    found += [(b, f"the base model of {s}") for b, _ in input_paths(base[0])]
+        elif s.count("/") == 1 and not s.startswith((".", "/", "~")):  # a hub id: read from the local cache
+            found += [(c, f"the Hugging Face cache that {s} is read from") for c in _hub_cache()]
+    return found
+
+
+def _py_source(spec: str) -> list[Path]:
+    """The source of ``py:package.module:factory`` without running it: its top-level package folder (or module
+    file), found on sys.path and the working folder as the import will find it."""
+    import importlib.machinery
+
+    top = spec[3:].partition(":")[0].split(".")[0]
+    if not top.isidentifier():
+        return []
+    mod = sys.modules.get(top)
+    if mod is not None:
+        where = list(getattr(mod, "__path__", None) or []) or [getattr(mod, "__file__", None)]
+        return [Path(w) for w in where if w]
+    try:
+        found = importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path])
+    except (ImportError, ValueError, OSError):
+        return []
+    if found is None:
+        return []
+    if found.submodule_search_locations:
+        return [Path(w) for w in found.submodule_search_locations]
+    return [Path(found.origin)] if found.origin and found.has_location else []
+
+
+def _hub_cache() -> list[Path]:
+    try:
+        from huggingface_hub import constants
+
+        return [Path(constants.HF_HUB_CACHE)]
+    except ImportError:
+        return []
+
+
+def check_out_dir(
+    out: str | Path,
+    overwrite: bool = False,
+    resume: bool = False,
+    inputs: tuple[object, ...] = (),
+    whole: bool = True,
+) -> Path:
+    """:func:`lipscope.io.check_out_dir` with the run's raw ``inputs`` turned into the paths it reads
+    (:func:`input_paths`): an ``out`` that holds or is one of them is refused."""
+    return lio.check_out_dir(out, overwrite=overwrite, resume=resume, inputs=input_paths(*inputs), whole=whole)
+
+
+@contextlib.contextmanager
+def main_lock(out: Path) -> Iterator[None]:
     """The run-folder lock, held by the main process (launched with several processes, the others compute and
-    gather but never write)."""
+    gather but never write). A lock refused on the main process is refused on every process (the same line, the
+    same exit code), so none waits for a peer that stopped."""
     shard.barrier()  # every process checked `out` before the main one writes there
-    return lio.run_lock(out) if shard.is_main() else contextlib.nullcontext()
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if shard.is_main():
+            try:
+                stack.enter_context(lio.run_lock(out))
+            except InputError as e:
+                refused = e
+        said = shard.broadcast(str(refused) if refused is not None else None)
+        if refused is not None:
+            raise refused
+        if said is not None:
+            raise InputError(said)
+        yield
+
+
+def model_digest(m: EpsModel, spec: str) -> str | None:
+    """sha256 (16 hex) of what a model's numbers depend on beyond its configs: the network's weights (and a latent
+    model's autoencoder), or the source file of a ``py:`` callable without weights; None for closed forms."""
+    parts = []
+    if m.module is not None:
+        parts.append(weights_digest(m.module))
+    if m.latent is not None:
+        parts.append(weights_digest(m.latent.vae))
+    if not parts and spec.startswith("py:"):  # the module is imported by now: its file
+        file = getattr(sys.modules.get(spec[3:].partition(":")[0]), "__file__", None)
+        if file and Path(file).is_file():
+            parts.append(hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16])
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else None
 
 
 def write_on_main(out: Path, files: dict[str, bytes], overwrite: bool) -> None:

@@ -5,19 +5,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .. import io as lio
 from .. import shard
 from ..data import check_data_range
-from ..errors import InputError
+from ..errors import InputError, short_error
 from ..etsdm import Etsdm
-from ..journal import Journal, interrupted
+from ..io import WriteFailure
+from ..journal import DamagedJournal, Journal, interrupted
 from ..models import EpsModel
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..probe import probe
@@ -25,7 +28,15 @@ from ..reduction import check_t_split, summary
 from ..speed import Speed, accelerated
 from ..targets import TARGETS
 from ..zoo import DEFAULT_DATA
-from .common import ConditioningOptions, ModelOptions, check_out_dir, main_lock, model_info, write_on_main
+from .common import (
+    ConditioningOptions,
+    ModelOptions,
+    check_out_dir,
+    main_lock,
+    model_digest,
+    model_info,
+    write_on_main,
+)
 
 log = logging.getLogger("lipscope")
 
@@ -89,13 +100,27 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
-    prior = interrupted(opts.out, opts.resume, opts.overwrite)  # checked before loading (and by the Journal)
-    # a resumed run may replace `out` if the run it continues was allowed to (its `overwrite`)
-    consent = bool(prior and prior.get("_overwrite"))
-    out = check_out_dir(opts.out, overwrite=opts.overwrite or consent, inputs=reads)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume, inputs=reads)
     opts = opts.resolved()
-    with main_lock(out):
+    with main_lock(out):  # first: a live run of `out` is refused by its lock (naming it), not taken for a stopped one
+        _continues(opts, out)
         return _probe(opts, out, progress)
+
+
+def _continues(opts: ProbeOptions, out: Path) -> None:
+    """What ``resume`` finds in ``out``: an interrupted run (continued), or nothing (a fresh start, said so); a
+    finished run folder is not replaced unless the run that is continued was started with ``overwrite``."""
+    prior = interrupted(out, opts.resume, opts.overwrite)
+    full = out.is_dir() and any(out.iterdir())
+    if opts.resume and prior is None:
+        if full:
+            raise InputError(
+                f"`resume`: {opts.out} holds a finished run and no interrupted one, so there is nothing to continue; "
+                "pass `overwrite` to run it again or choose another `out`"
+            )
+        log.warning("`resume`: %s has no interrupted run to continue; starting it from the beginning", opts.out)
+    elif prior is not None and full and not prior.get("_overwrite"):
+        check_out_dir(out)  # the run it continues may not replace this folder: refused as a fresh run would be
 
 
 # options that do not change the numbers: a resumed run may change them
@@ -106,9 +131,11 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     start = time.time()
     m = opts.load()
     cond = opts.conditioning(m, opts.model, opts.revision, opts.offline or None)
+    m = dataclasses.replace(m, conditioning=cond) if cond is not None else m  # a generic pipeline's space comes with it
     check_t_split(opts.t_split, m.T)
     key = {k: v for k, v in asdict(opts).items() if k not in RESUMABLE}
     key |= {"config_hash": m.config_hash, "conditioning": cond.digest() if cond is not None else None}
+    key["weights_sha256"] = model_digest(m, opts.model)  # a resume on other weights of the same config is refused
     key["_overwrite"] = opts.overwrite  # not compared on resume: the consent to replace `out`
     journal = Journal(out, key, opts.resume, opts.overwrite)
     try:
@@ -116,11 +143,15 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     except KeyboardInterrupt:
         raise  # the finished blocks stay: `resume` continues from them
     except BaseException as e:
-        if not journal.has_blocks():  # nothing finished (bad input, a failing model): nothing left behind
+        # kept for `resume` only when a rerun with the same options can go on: an internal error, or an output that
+        # could not be written (full disk); bad input or a refused result (a failing model, noise-limited rows)
+        # would meet the same refusal, so nothing is left behind (the advised rerun with other options starts clean)
+        kept = isinstance(e, (WriteFailure, DamagedJournal))  # fixed by the user, not by other options
+        if not journal.has_blocks() or (isinstance(e, InputError) and not kept):
             if shard.is_main():
                 journal.discard()
-        elif isinstance(e, InputError):
-            raise InputError(f"{e}; the finished items are kept: fix that and rerun with `resume`") from e
+        elif isinstance(e, WriteFailure):
+            raise WriteFailure(f"{e}; the finished items are kept: fix that and rerun with `resume`") from e
         raise
     summ = summary(df, m.T, opts.t_split)
     wall = time.time() - start
@@ -199,6 +230,15 @@ def read_probe_run(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if missing or df.empty:
         what = f"lacks the columns {', '.join(missing)}" if missing else "has no rows"
         raise InputError(f"{csv} {what}; pass folders written by lipscope probe")
+    for c in ("t", "K_mean"):  # a probe writes finite numbers only: anything else is a damaged or foreign table
+        v = pd.to_numeric(df[c], errors="coerce")
+        bad = ~np.isfinite(v.to_numpy(dtype=np.float64))
+        if bad.any():
+            raise InputError(
+                f"{csv}: column {c} holds {int(bad.sum())} values that are no finite number (e.g. "
+                f"{df[c][bad].iloc[0]!r}); rerun lipscope probe for that folder"
+            )
+        df[c] = v
     meta: dict[str, Any] = {}
     if (r / "run.json").exists():
         try:
@@ -221,11 +261,10 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
         df, meta = read_probe_run(r)
         model_meta = meta.get("model")
         info: dict[str, Any] = model_meta if isinstance(model_meta, dict) else {}
-        et = info.get("etsdm")
+        et, T = info.get("etsdm"), _steps_of(info.get("T", 1000), r)
         if et:
-            bounds.update(Etsdm(et["t_tilde"], et["n"]).boundaries()[1:])
+            bounds.update(_etsdm_of(et, r).boundaries()[1:])
         frames[Path(r).name] = df
-        T = int(info.get("T", 1000))
         steps.add(T)
         for method in df["method"].unique():
             rows.append({"run": Path(r).name, **summary(df, T, t_split, method=method)})
@@ -242,3 +281,26 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
     png = figure_png(plot_compare(frames, sorted(bounds)))
     lio.atomic_write_bytes(out_file, png)
     return rows
+
+
+def _steps_of(T: Any, run: str | Path) -> int:
+    """run.json's model.T: a whole number of steps ≥ 1."""
+    ok = not isinstance(T, bool) and isinstance(T, (int, float)) and math.isfinite(T) and T >= 1 and T == int(T)
+    if not ok:
+        raise InputError(
+            f"{Path(run) / 'run.json'}: model.T {T!r} is not a whole number of steps; rerun lipscope probe"
+        )
+    return int(T)
+
+
+def _etsdm_of(et: Any, run: str | Path) -> Etsdm:
+    """run.json's model.etsdm record as the map it describes."""
+    try:
+        if not isinstance(et, dict):
+            raise TypeError(type(et).__name__)
+        return Etsdm(float(et["t_tilde"]), int(et["n"]))
+    except (KeyError, TypeError, ValueError, InputError) as e:
+        raise InputError(
+            f"{Path(run) / 'run.json'}: model.etsdm {str(et)[:80]} is not an E-TSDM record (t_tilde, n) "
+            f"({short_error(e)[:80]}); rerun lipscope probe"
+        ) from e

@@ -16,7 +16,7 @@ from ..evaluate import evaluate_models, metric_names, paired_differences, summar
 from ..features import FeatureSpace, load_features
 from ..loading import load_model
 from ..plots import figure_png, plot_eval
-from ..sampling import SAMPLERS, image_grid, png_bytes, sample
+from ..sampling import SAMPLERS, as_images, check_sampler, image_grid, png_bytes, sample
 from .common import ConditioningOptions, check_out_dir, main_lock, write_on_main
 
 
@@ -54,13 +54,13 @@ def run_sample(opts: SampleOptions) -> dict[str, Any]:
             "conditioning": {**cond.info, "guidance_scale": cond.guidance_scale} if cond is not None else None,
             "versions": lio.package_versions(),
         }
-        arrays = {"x0": x.numpy()}
-        if m.latent is not None:  # x are latents: the grid shows them decoded; the npz keeps both
-            x = m.latent.decode(x)
-            arrays["images"] = x.numpy()
+        arrays = {"x0": x.numpy()}  # in the model's own space (VE pixels in [0, 1])
+        images = as_images(m, x)  # the grid shows images in [−1, 1]: latents decoded, pixels mapped from their range
+        if m.latent is not None:  # x are latents: the npz keeps both
+            arrays["images"] = images.numpy()
             meta["space"] = m.latent.describe()
         files = {
-            "samples.png": png_bytes(image_grid(x)),
+            "samples.png": png_bytes(image_grid(images)),
             "samples.npz": lio.npz_bytes(**arrays),
             "run.json": lio.json_bytes(meta),
         }
@@ -98,6 +98,8 @@ class EvaluateResult:
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
+    reads = (opts.model, opts.baseline, opts.data, opts.features, opts.inception_weights, opts.conditioning_reads())
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=reads)
     for sch in opts.scheduler:
         if sch not in SAMPLERS:
             raise InputError(f"`scheduler` {sch!r} not known; use {', '.join(SAMPLERS)}")
@@ -112,12 +114,6 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise InputError(
                 "`inception_weights` needs torchmetrics for FID: pip install 'lipscope[fid]' (or leave it out)"
             ) from None
-    feature_reads = () if opts.features == "digits" or opts.features.startswith("py:") else (opts.features,)
-    out = check_out_dir(
-        opts.out,
-        overwrite=opts.overwrite,
-        inputs=(opts.model, *opts.baseline, opts.data, *feature_reads, *opts.conditioning_reads()),
-    )
     space = load_features(opts.features, trust_pickle=opts.trust_pickle, device=opts.device)
     with main_lock(out):
         specs = {"model": opts.model}
@@ -128,6 +124,9 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             m = load_model(spec, device=opts.device, trust_pickle=opts.trust_pickle)
             cond = opts.conditioning(m, spec)
             models[k] = dataclasses.replace(m, conditioning=cond) if cond is not None else m
+        for m in models.values():  # a sampler a model's process has none of: refused before any sampling
+            for sch in opts.scheduler:
+                check_sampler(m, sch)
         shapes = {k: _image_shape(m) for k, m in models.items()}
         if len(set(shapes.values())) != 1:
             raise InputError(

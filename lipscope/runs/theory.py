@@ -51,7 +51,7 @@ class TheoryResult:
 def run_theory(opts: TheoryOptions) -> TheoryResult:
     """Build the distribution, compare closed forms with the estimators, write the run folder."""
 
-    out = check_out_dir(opts.out, overwrite=opts.overwrite)
+    out = check_out_dir(opts.out, overwrite=opts.overwrite, inputs=(opts.cov,))
     with lio.run_lock(out):
         if opts.samples < 2 or opts.steps < 1:
             raise InputError("`samples` must be ≥ 2 and `steps` ≥ 1")

@@ -3,9 +3,9 @@ the run folder; captions encoded once by the pipeline's own frozen text encoders
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +16,19 @@ import torch
 from .. import io as lio
 from .. import rng
 from ..captions import read_captions
+from ..checkpoints import writing
 from ..data import load_data
-from ..errors import InputError
+from ..errors import InputError, short_error
 from ..families import family_of_model, pipeline_denoiser
 from ..loading import check_unet_config, load_model, read_json, read_scheduler_config, unet_class
 from ..models import EpsModel, from_unet
 from ..prompts import conditioning_for, pipeline_source
+from ..sampling import data_range_of
 from ..schedules import DEFAULT_SCHEDULER_CONFIG
-from ..training import TrainConfig, TrainData, train_loop
-from .common import check_out_dir
+from ..training import TrainConfig, TrainData, check_trainable, train_loop
+from .common import check_out_dir, main_lock
+
+log = logging.getLogger("lipscope")
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,8 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
     cfg = opts.training
     # under torchrun/accelerate every process runs this; the main one alone checks and locks the folder
     main = int(os.environ.get("RANK", "0")) == 0
-    reads = (opts.config, opts.model, opts.data, opts.scheduler_config)
-    out = check_out_dir(opts.out, resume=opts.resume, inputs=reads) if main else Path(opts.out)
+    reads = (opts.config, opts.model, opts.model_config, opts.data, opts.scheduler_config, opts.captions)
+    out = check_out_dir(opts.out, resume=opts.resume, inputs=reads, whole=False) if main else lio.resolve_out(opts.out)
     if (opts.config is None) == (opts.model is None):
         raise InputError("pass exactly one of `config` (train from scratch) and `model` (fine-tune)")
     if opts.model is not None and str(opts.model).startswith("py:"):
@@ -65,11 +69,20 @@ def run_training(opts: TrainOptions, progress: bool = False) -> dict[str, Any]:
             f"`model` {opts.model}: a py: callable cannot be fine-tuned; pass a diffusers denoiser lipscope wraps "
             "(hub id, pipeline folder or weights file)"
         )
-    with lio.run_lock(out) if main else contextlib.nullcontext():
-        m = _initial_model(opts)
-        td = _train_data(opts, m, out)
-        save = None if _family(m) == "unet2d" and m.latent is None else _pipeline_saver(opts, m)
-        res = train_loop(m, None, td, cfg, out, resume=opts.resume, progress=progress, source=opts.source(), save=save)
+    fresh = not out.exists()
+    with main_lock(out):
+        try:
+            m = _initial_model(opts)
+            if opts.model is not None:
+                check_trainable(m, cfg)  # LoRA targets and rank, E-TSDM, family: before the latents are cached
+            td = _train_data(opts, m, out)
+            save = None if _family(m) == "unet2d" and m.latent is None else _pipeline_saver(opts, m)
+            res = train_loop(m, None, td, cfg, out, resume=opts.resume, progress=progress, source=opts.source(),
+                             save=save)  # fmt: skip
+        except BaseException:
+            if main and fresh and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+            raise
         return {**res, "samples": int(td.x0.shape[0])}
 
 
@@ -85,7 +98,8 @@ def _train_data(opts: TrainOptions, m: EpsModel, out: Path) -> TrainData:
     pixel = tuple(m.latent.pixel_shape) if m.latent is not None else tuple(m.sample_shape or ())
     if opts.captions is not None and (fam is None or fam.conditioned_on != "text"):
         raise InputError(f"`captions`: {opts.model or opts.config} is not text-conditioned; leave out `captions`")
-    x = load_data(opts.data, None, cfg.seed, pixel)
+    span = data_range_of(m) if m.latent is None else None  # pixels in the model's range (VE: [0, 1])
+    x = load_data(opts.data, None, cfg.seed, pixel, span or (-1.0, 1.0))
     info: dict[str, Any] = {}
     if opts.model is not None:  # what a LoRA run is applied to: a local path made absolute, a hub id at its revision
         local = Path(opts.model).expanduser()
@@ -126,17 +140,26 @@ def _cached_latents(m: EpsModel, x: torch.Tensor, out: Path) -> tuple[torch.Tens
            "vae_sha256": weights.hexdigest(), "dtype": str(x.dtype)}  # fmt: skip
     path = out / "latents.safetensors"
     if path.is_file():
-        from safetensors import safe_open
+        try:
+            from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            if f.metadata() == key:
-                return load_file(str(path))["latents"], {**m.latent.describe(), "cache": "reused"}
+            with safe_open(str(path), "pt") as f:
+                if f.metadata() == key:
+                    z = load_file(str(path))["latents"]
+                    if z.shape[0] == x.shape[0] and torch.isfinite(z).all():
+                        return z, {**m.latent.describe(), "cache": "reused"}
+        except Exception as e:  # a cache: a damaged one is encoded again (and replaced)
+            log.warning("the latent cache %s cannot be read (%s); encoding the images again", path, short_error(e))
     z = m.latent.encode(x)
     if int(os.environ.get("RANK", "0")) == 0:
-        out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".latents.safetensors.tmp"
-        save_file({"latents": z.contiguous()}, str(tmp), metadata=key)
-        os.replace(tmp, path)
+        with writing(path):
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                save_file({"latents": z.contiguous()}, str(tmp), metadata=key)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     return z, {**m.latent.describe(), "cache": "written"}
 
 
@@ -175,6 +198,8 @@ def _initial_model(opts: TrainOptions) -> EpsModel:
         offline=opts.offline or None,
         trust_pickle=opts.trust_pickle,
     )
+    if m.config.get("lipscope_adapter") == "generic":  # probed through its own call; trained through a family only
+        family_of_model(m).build(m.module)  # type: ignore[union-attr]  # refuses in one line, naming why
     if m.module is None or family_of_model(m) is None:
         raise InputError(
             f"`model` {opts.model}: fine-tuning needs a diffusers denoiser lipscope wraps (a hub id, pipeline folder "
