@@ -148,3 +148,15 @@ def test_bench_groundtruth_tiny(tmp_path, monkeypatch):
     runpy.run_path(str(ROOT / "benchmarks" / "bench_groundtruth.py"), run_name="__main__")
     res = json.loads(out.read_text())
     assert res["ode_solve_s"] > 0 and res["sampler_step_s"] > 0 and res["ode_over_step"] > 0
+
+
+def test_interrupted_run_message_names_no_other_command(tmp_path):
+    """A killed ``groundtruth`` (any journaled run) is told its finished part is kept, not 'the probe's'."""
+    from lipscope.cli.common import what_is_left
+    from lipscope.journal import journal_dir
+
+    out = tmp_path / "gt"
+    journal_dir(out).mkdir(parents=True)
+    (journal_dir(out) / "options.json").write_text("{}")
+    msg = what_is_left(out)
+    assert "probe" not in msg and str(out) in msg and "--resume" in msg
