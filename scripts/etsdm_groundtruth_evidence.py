@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 DATA = {"full": "digits-gmm:10", "near": "digits-gmm:10:rank=8:floor=1e-4"}
-SIZE = ["--size", "reduced", "--arch", "unet", "--steps", "1200", "--finetune-steps", "400", "--seeds", "3",
+SIZE = ["--size", "reduced", "--arch", "unet", "--steps", "500", "--finetune-steps", "150", "--seeds", "3",
         "--samples", "256", "--eval-samples", "128", "--samplers", "ddim,dpmsolver++:2", "--nfe", "5,10,20",
         "--threads", "1"]  # fmt: skip
 
