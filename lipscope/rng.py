@@ -16,6 +16,7 @@ SAMPLER    initial x_T of sample i                          SeedSequence([seed, 
 SAMPLER    per-step noise of sample i (DDPM)                SeedSequence([seed, 2**21 + i])
 TRAINING   batch of training step s on process p            SeedSequence([seed, 256·s + p])
 BOOTSTRAP  resampled sample rows of an interval (exponent)  numpy SeedSequence([seed, 0xB007])
+FRESH      block i of fresh x0 from a known density          SeedSequence([seed, 2**40 + i])
 INIT       weights of a network built by lipscope           torch seed ``seed`` in an isolated RNG
 ========== ================================================ ==========================================
 
@@ -37,6 +38,7 @@ _BOOTSTRAP_TAG = 0xB007
 _SAMPLER_INIT = 1 << 20
 _SAMPLER_STEP = 1 << 21
 _TRAINING_SHIFT = 8  # up to 256 processes per training step
+_FRESH = 1 << 40  # above every TRAINING index a run can reach (256·s + p < 2**40 for s < 2**32 steps)
 
 
 class Stream(enum.Enum):
@@ -48,6 +50,7 @@ class Stream(enum.Enum):
     SAMPLER_STEP = "sampler_step"
     TRAINING = "training"
     BOOTSTRAP = "bootstrap"
+    FRESH = "fresh"
 
 
 def _entropy_index(stream: Stream, index: int, process: int = 0) -> int:
@@ -65,6 +68,8 @@ def _entropy_index(stream: Stream, index: int, process: int = 0) -> int:
         if not 0 <= process < (1 << _TRAINING_SHIFT):
             raise ValueError(f"training stream supports up to {1 << _TRAINING_SHIFT} processes (got {process})")
         return (index << _TRAINING_SHIFT) + process
+    if stream is Stream.FRESH:
+        return _FRESH + index
     raise ValueError(f"stream {stream} has no per-item generators; use data_rng")
 
 

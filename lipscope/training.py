@@ -131,6 +131,8 @@ class TrainData:
     empty_row: int | None = None  # the unconditional row captions drop to
     spec: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # recorded in train.json (captions, latents)
+    # known density: fresh(index, n, rank) draws micro-batch ``index``'s n x0 afresh (``x0`` only feeds the hash)
+    fresh: Callable[[int, int, int], torch.Tensor] | None = None
 
 
 class _TrainNet(torch.nn.Module):
@@ -186,7 +188,8 @@ def _micro_loss(
         r = torch.where(b.drop, td.empty_row if td.empty_row is not None else r, r)
         kw = td.conditioning.rows(r, acc.device, torch.float32)[0]
     with acc.autocast():
-        return diffusion_loss(net, td.x0[b.idx], b.t, b.eps, process, target, etsdm, device=acc.device,
+        x0 = td.x0[b.idx] if td.fresh is None else td.fresh(index, cfg.batch_size, acc.process_index).float()
+        return diffusion_loss(net, x0, b.t, b.eps, process, target, etsdm, device=acc.device,
                               weighting=cfg.weighting, **kw)  # fmt: skip
 
 
@@ -259,13 +262,7 @@ def train_loop(
         "model_config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
         "scheduler": model.scheduler_config,  # the noise schedule: a resume on another one is refused
         "processes": int(os.environ.get("WORLD_SIZE", "1")),  # each process draws its own stream: same count to resume
-        "data": {
-            "spec": td.spec,
-            "shape": list(arr.shape),
-            "sha256": digest,
-            "conditioning": cond_digest,
-            "rows": rows_digest,
-        },  # fmt: skip
+        "data": dict(spec=td.spec, shape=list(arr.shape), sha256=digest, conditioning=cond_digest, rows=rows_digest),
     }
     run = json.loads(json.dumps(run, default=str))  # as a checkpoint holds it
     with rng.isolated_torch_rng(cfg.seed):

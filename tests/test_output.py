@@ -254,3 +254,19 @@ def test_help_shows_every_grid_form_as_written_and_reads_at_80_columns():
         opts = [ln for ln in lines if ln.startswith("  -")]
         starts = [len(ln) - len(ln.lstrip()) for ln in lines if ln.startswith(" " * 20) and ln.strip()]
         assert not opts or min(starts, default=0) <= 80 - 45, (args, text)
+
+
+def test_compare_writes_its_default_png_into_the_current_folder(tmp_path, monkeypatch):
+    """`lipscope compare RUN` with no --out writes compare.png beside the user (the current folder is not refused as
+    if a run folder were renamed into it)."""
+    from test_bad_inputs import GOOD_CSV, GOOD_META
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "lipschitz.csv").write_text(GOOD_CSV)
+    (run / "run.json").write_text(GOOD_META)
+    r = subprocess.run(
+        [sys.executable, "-m", "lipscope", "compare", "r"], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "compare.png").stat().st_size > 0

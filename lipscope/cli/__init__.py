@@ -12,7 +12,7 @@ import sys
 import typer
 from typer.exceptions import TyperException
 
-from . import compare, probe, report, sample, theory, train
+from . import compare, groundtruth, probe, report, sample, theory, train
 from .common import Terminated, app, error, stopped
 
 
@@ -32,6 +32,7 @@ for _command in (
     compare.compare,
     report.report,
     compare.models,
+    groundtruth.groundtruth,
 ):
     app.command()(_command)
 

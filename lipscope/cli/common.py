@@ -274,7 +274,7 @@ def what_is_left(out: Path | None) -> str:
 
     try:
         if out is not None and (journal_dir(out) / "options.json").is_file():
-            return f"the finished part of the probe is kept beside {out}; continue with --resume (same options)"
+            return f"the finished part of the run is kept beside {out}; continue with --resume (same options)"
     except InputError:  # a symlink loop: nothing was written there
         return "no output was written"
     if out is None or not out.is_dir() or not any(out.iterdir()):

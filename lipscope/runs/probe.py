@@ -315,7 +315,8 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
     inside = [r for r in runs if (q := Path(r).resolve()) == parent.resolve() or q in parent.resolve().parents]
     if inside:
         raise InputError(f"`out` {out_file} lies inside the run {inside[0]}, which this compares; write it elsewhere")
-    check_out_dir(parent, resume=True)  # a file beside others: only "writable" (resume: a non-empty folder is fine)
+    # a file beside others: only "writable" (resume: a non-empty folder is fine; not whole: the current folder is)
+    check_out_dir(parent, resume=True, whole=False)
     png = figure_png(plot_compare(frames, sorted(bounds)))
     lio.atomic_write_bytes(out_file, png)
     return rows
