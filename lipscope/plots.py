@@ -16,6 +16,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from . import labels
+
 log = logging.getLogger("lipscope")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,14 +44,23 @@ def _t_axes(ax) -> None:
 
 @_themed
 def plot_lipschitz(
-    df: pd.DataFrame, title: str = "", t_split: float | None = None, x: str = "t", fits: dict | None = None
+    df: pd.DataFrame,
+    title: str = "",
+    t_split: float | None = None,
+    x: str = "t",
+    fits: dict | None = None,
+    marks: dict[str, float] | None = None,
 ):
     """K vs t on log-log axes (symlog in t so t = 0 shows), with the 95% CI band per method; the optimal denoisers'
-    rows (``ref-*``) dashed.
+    rows (``ref-*``) dashed. Legend entries and the y axis say what each method measured and with which step
+    (:mod:`lipscope.labels`); rows with K = 0 exactly (E-TSDM inside a sub-interval) are drawn as markers on the
+    axis floor, counted in the legend.
 
-    ``x="lambda"``: K per unit of log-SNR against λ = log(α²/σ²) (``K_per_lambda`` columns), the axis on which
+    ``x="lambda"``: K per unit of log-SNR λ = log(α²/σ²) (``K_per_lambda`` columns), the axis on which
     models of different noise processes compare; low noise (small t) is on the right. ``fits`` (method →
-    :func:`lipscope.explain.method_diagnosis`): each method's fitted power law drawn over its range (``x="t"``)."""
+    :func:`lipscope.explain.method_diagnosis`): each method's fitted power law drawn over its range (``x="t"``).
+    ``marks`` (label → position on the x axis, e.g. t_split and E-TSDM's t̃, as λ for ``x="lambda"``): dashed
+    vertical lines; ``t_split`` alone draws one unlabelled line (``x="t"``)."""
     if x not in ("t", "lambda"):
         raise ValueError(f"x must be t or lambda, got {x!r}")
     xcol, k = ("t", "K") if x == "t" else ("lambda", "K_per_lambda")
@@ -59,13 +70,14 @@ def plot_lipschitz(
     undrawn = int((~np.isfinite(df[xcol])).sum())
     if undrawn:  # e.g. flow's σ = 0 at t = 0: λ = +∞
         log.warning("%d rows at %s = ±∞ have no place on the plot's axis; they are in lipschitz.csv", undrawn, xcol)
+    zeros = []
     for c, (method, d) in zip(palette, df.groupby("method", sort=False), strict=False):
         d = d[np.isfinite(d[xcol])].sort_values(xcol)
         mean = d[f"{k}_mean" if k == "K" else k]
         ref = str(method).startswith("ref-")
-        ax.plot(
-            d[xcol], mean, marker="" if ref else "o", ms=2.5, lw=1.4, color=c, label=method, ls="--" if ref else "-"
-        )
+        ax.plot(d[xcol], mean, marker="" if ref else "o", ms=2.5, lw=1.4, color=c, ls="--" if ref else "-",
+                label=labels.legend(str(method), d, x))  # fmt: skip
+        zeros.append((c, method, d.loc[labels.exact_zeros(d), xcol]))
         e = (fits or {}).get(method, {}).get("exponent") if x == "t" else None
         if e and not e.get("reason"):
             tt = np.geomspace(e["t_lo"], e["t_hi"], 20)
@@ -78,21 +90,40 @@ def plot_lipschitz(
     if x == "t":
         _t_axes(ax)
         ax.set_xlabel("timestep t (model steps)")
-        ax.set_ylabel("K(t) = E‖ε(x_t,t′) − ε(x_t,t)‖ / Δτ")
-        if t_split is not None:
+        if t_split is not None and not marks:
             ax.axvline(t_split, color="0.4", ls="--", lw=0.8)
     else:
         ax.set_yscale("log")
-        ax.set_xlabel("log-SNR λ = log(α²/σ²)")
-        ax.set_ylabel("K per unit λ = E‖Δε‖ / |Δλ|")
+        ax.set_xlabel("log-SNR λ = log(α²/σ²)   → less noise (small t on the right)")
+    for (label, pos), ls in zip((marks or {}).items(), ("--", "-.", ":"), strict=False):
+        ax.axvline(pos, color="0.4", ls=ls, lw=0.9, label=label)
+    ax.set_ylabel(labels.y_label(df, x))
+    _floor_marks(ax, zeros)
     ax.set_title(title, fontsize=10)
-    if len(ax.get_legend_handles_labels()[1]) > 6:  # the diagnosis' fits and references: beside the axes
-        fig.set_size_inches(10, 4.2)
+    if len(ax.get_legend_handles_labels()[1]) > 6 or any(len(t) > 60 for t in ax.get_legend_handles_labels()[1]):
+        fig.set_size_inches(11, 4.2)  # the diagnosis' fits and references, the methods' formulas: beside the axes
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _floor_marks(ax, zeros: list) -> None:
+    """Rows with K = 0 exactly cannot sit on a log axis: a triangle per row on the axis floor, one legend entry per
+    method with their count."""
+    if not any(len(z) for _, _, z in zeros):
+        return
+    if not ax.has_data() or ax.get_ylim()[0] <= 0 or not np.isfinite(ax.get_ylim()).all():
+        ax.set_ylim(1e-3, 1.0)  # every drawn value is 0: the axis has no data range of its own
+    floor = ax.get_ylim()[0]
+    ax.set_ylim(bottom=floor)  # fixed, so the markers stay on the floor
+    many = sum(len(z) > 0 for _, _, z in zeros) > 1
+    for c, method, z in zeros:
+        if len(z):
+            what = f"{method}: " if many else ""
+            ax.scatter(z, np.full(len(z), floor), marker="v", s=28, color=c, clip_on=False, zorder=6,
+                       label=f"{what}K = 0 exactly ({len(z)} points)")  # fmt: skip
 
 
 def figure_png(fig) -> bytes:

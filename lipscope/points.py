@@ -16,6 +16,7 @@ import torch
 from .errors import InputError
 from .etsdm import Etsdm
 from .models import EpsModel
+from .schedules import parse_grid
 from .targets import noisy
 
 log = logging.getLogger("lipscope")
@@ -89,6 +90,23 @@ def condition_points(grid: np.ndarray, dt: float, T: int, etsdm: Etsdm | None) -
     )
 
 
+def generated_grid(
+    spec: str | None, T: int, lo: float, hi: float, etsdm: Etsdm | None, dt: float, s: float
+) -> np.ndarray:
+    """The probe's grid: a generated one (``default``, ``all``, ``linear:N``, ``log:N``) cut to [lo, hi], an explicit
+    one as given. The default grid of an E-TSDM model gets both sides of every sub-interval boundary b (so the jumps
+    show): the pair that crosses it (t_a = b − Δt, t_b = b), and those just before (t_b = b − Δt) and after (t_a = b);
+    ``s`` = t − t_a of the scheme (0 forward, Δt/2 central; Δt = 1, s = 0 without FD)."""
+    grid = parse_grid(spec, T, t_max=hi)
+    if spec is not None and is_explicit(spec):
+        return grid
+    if etsdm is not None and (spec or "default").strip() == "default":
+        b = np.asarray(etsdm.boundaries()[1:])
+        grid = np.unique(np.concatenate([grid, *(b + s - k * dt for k in (0, 1, 2))]))
+        grid = grid[grid <= hi]
+    return grid[grid >= lo]
+
+
 def crosses_boundary(t_a: np.ndarray, t_b: np.ndarray, etsdm: Etsdm | None) -> np.ndarray:
     """True where (t_a, t_b] contains an E-TSDM sub-interval boundary (t̃/n, 2t̃/n, …, t̃)."""
     if etsdm is None:
@@ -129,15 +147,20 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def noise_columns(K: np.ndarray, noise: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def noise_columns(
+    K: np.ndarray, noise: np.ndarray | None, same: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``fd_noise_rel`` = mean noise / mean K per row (both (n, G), noise in K's units) and
-    ``fd_noise_limited`` = rel > NOISE_LIMIT; a row with mean K = 0 is limited iff its noise is > 0.
-    ``noise`` None (JVP: no cancellation): NaN and False."""
+    ``fd_noise_limited`` = rel > NOISE_LIMIT; a row with mean K = 0 is limited iff its noise is > 0 — unless the
+    network was fed the same condition at both points (``same``, (G,)) and K is 0 in every sample: one computation
+    twice, no rounding noise (rel 0; E-TSDM inside a sub-interval). ``noise`` None (JVP, no cancellation): NaN, False.
+    """
     if noise is None:
         return np.full(K.shape[1], np.nan), np.zeros(K.shape[1], dtype=bool)
     num, den = noise.mean(axis=0), K.mean(axis=0)
+    exact = (K == 0).all(axis=0) & (np.zeros(K.shape[1], dtype=bool) if same is None else np.asarray(same, bool))
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(num > 0, np.inf, 0.0))
+        rel = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where((num > 0) & ~exact, np.inf, 0.0))
     return rel, rel > NOISE_LIMIT
 
 

@@ -49,7 +49,7 @@ from .points import (
     crosses_boundary,
     fd_noise,
     fd_points,
-    is_explicit,
+    generated_grid,
     noise_columns,
     valid_range,
 )
@@ -85,7 +85,6 @@ def k_table(
 
     ``noise`` (n, G): the FD rounding-noise estimate in K's units (columns ``fd_noise_rel``,
     ``fd_noise_limited``; None for JVP rows: NaN, False)."""
-    rel, limited = noise_columns(K, noise)
     T = model.T
     s = summarize_samples(K)
     t64 = torch.as_tensor(pts.t, dtype=torch.float64)
@@ -94,6 +93,7 @@ def k_table(
     else:
         c_a = model.network_timesteps(torch.as_tensor(pts.t_a, dtype=torch.float64)).numpy()
         c_b = model.network_timesteps(torch.as_tensor(pts.t_b, dtype=torch.float64)).numpy()
+    rel, limited = noise_columns(K, noise, np.asarray(c_a) == np.asarray(c_b))  # same condition fed: exact zero
     df = pd.DataFrame(
         {
             "t": pts.t,
@@ -234,10 +234,9 @@ def probe(
     T = model.T
     use_fd = bool({"fd", "fd-ode"} & set(methods))
     lo, hi = valid_range(dt, scheme, T) if use_fd and dt > 0 else (0.0, T - 1.0)
-    if timesteps is None or isinstance(timesteps, str):
-        grid = parse_grid(timesteps, T, t_max=hi)
-        if timesteps is None or not is_explicit(timesteps):
-            grid = grid[grid >= lo]
+    if timesteps is None or isinstance(timesteps, str):  # an E-TSDM default grid: both sides of every boundary
+        step, s = (dt, dt / 2 if scheme == "central" else 0.0) if use_fd else (1.0, 0.0)
+        grid = generated_grid(timesteps, T, lo, hi, None if space == "condition" else model.etsdm, step, s)
     else:
         grid = parse_grid(",".join(repr(float(v)) for v in np.asarray(timesteps).ravel()), T)
     check_fractional_dt(model, dt if use_fd else 1.0, scheme=scheme, method=method, timesteps=grid)

@@ -18,6 +18,7 @@ LAYERS = {
     "errors": 0,
     "rng": 0,
     "shard": 0,
+    "labels": 0,
     "io": 1,
     "devices": 1,
     "targets": 1,

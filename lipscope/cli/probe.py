@@ -278,6 +278,8 @@ def _s(p: Path | None) -> str | None:
 
 
 def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
+    from .. import labels  # here: `--help` imports no pandas
+
     tab = Table(title=f"lipscope probe — {name}", show_header=False, title_justify="left")
 
     def num(v: float, fmt: str, why: str) -> str:
@@ -297,7 +299,9 @@ def _print_summary(name: str, s: dict, df, out_dir: Path, wall: float) -> None:
     scaling = df.attrs.get("data_scaling")
     if scaling is not None:
         tab.add_row("data", str(scaling))
-    tab.add_row("forwards/s", f"{df.attrs['forwards_per_s']:.1f}  ({df.attrs['forwards']} forwards, {wall:.1f} s)")
+    tab.add_row("speed", labels.speed_line(df.attrs, list(dict.fromkeys(df["method"].astype(str))), wall))
+    if (zeros := labels.zero_line(df)) is not None:  # E-TSDM inside a sub-interval: a finding, never noise
+        tab.add_row("K = 0 exactly", zeros)
     flagged = int(df["fd_noise_limited"].sum())
     if flagged:
         fd = int(df["method"].astype(str).str.startswith("fd").sum())

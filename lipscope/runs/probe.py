@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import io as lio
-from .. import shard
+from .. import labels, shard
 from ..budgetplot import mark_steps
 from ..data import check_data_range
 from ..errors import InputError, short_error
@@ -199,8 +200,8 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
         "reference": df.attrs.get("reference") or None,  # the data set of the optimal denoisers' rows
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    title = f"{m.name}  (n={opts.samples}, Δt={opts.dt:g}, {opts.scheme})"
-    fig = plot_lipschitz(df, title=title, t_split=summ["t_split"], x=opts.plot_x, fits=diag["methods"])
+    fig = plot_lipschitz(df, labels.title(m.name, opts.samples, df), x=opts.plot_x, fits=diag["methods"],
+                         marks=split_marks(m, summ["t_split"], opts.plot_x))  # fmt: skip
     if opts.plot_x == "t":
         mark_steps(fig, steps, density, str(opts.train_timesteps))
     png = figure_png(fig)
@@ -211,6 +212,18 @@ def _probe(opts: ProbeOptions, out: Path, progress: bool) -> ProbeResult:
     if shard.is_main():
         journal.discard()  # after the folder is in place: a failed write can still be resumed
     return ProbeResult(df, summ, meta, m, out)
+
+
+def split_marks(m: EpsModel, t_split: float, x: str = "t") -> dict[str, float]:
+    """The plot's vertical marks: t_split and, for an E-TSDM model, its t̃ (one mark where they coincide), as
+    positions on the plot's x axis (λ = log(α²/σ²) of the step for ``x="lambda"``)."""
+    at = {"t_split": t_split} | ({"E-TSDM t̃": m.etsdm.t_tilde} if m.etsdm is not None else {})
+    if len(set(at.values())) == 1:
+        at = {" = ".join(at): t_split}
+    if x == "lambda":
+        lam = m.schedule.log_snr(torch.tensor(list(at.values()), dtype=torch.float64)).tolist()
+        return {f"{k} = {t:g} (λ = {v:.3g})": v for (k, t), v in zip(at.items(), lam, strict=True)}
+    return {f"{k} = {t:g}": t for k, t in at.items()}
 
 
 def _run(opts: ProbeOptions, m: EpsModel, cond, progress: bool, journal: Journal) -> pd.DataFrame:
