@@ -294,8 +294,8 @@ def probe(
     with cast(model, low, precision) as m:  # as it is without `precision`; the FD rows' resolution, truncation checked
         tres = None if pts is None else check_time_resolution(m, noise, pts.t_a, pts.t_b, pts.conditions)
         tables, Ks = _measure(m, x0, noise, how, progress, stats, journal)
-        K_fd = Ks[0] if pts is not None else None
-        stats.extra |= fd_checks(m, x0, noise, pts, tables, K_fd, tres, scheme, stats.batch_size)
+        K_fd = Ks[0] if pts is not None and "fd" in methods else None  # the plain FD table (fd-ode's K is K_total)
+        stats.extra |= fd_checks(m, x0, noise, pts, tables, K_fd, tres, scheme, stats.batch_size or batch_size)
     for i, tab in enumerate(tables):
         tab["K_rel_err_est"] = rel_err(Ks[i][guard], K_ref[i]) if guard is not None else np.nan
     if guard is not None:
