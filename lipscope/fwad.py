@@ -134,9 +134,10 @@ def _sdpa(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     boolean mask, no grouped heads, equal head dims); anything else goes to ``original`` on the math backend."""
 
     @functools.wraps(original)
-    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
-             is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
              ) -> torch.Tensor:  # fmt: skip
+        q, k, v = query, key, value  # torch's own parameter names: diffusers' dispatcher passes them by keyword
         plain = dropout_p == 0.0 and not is_causal and not enable_gqa and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
         if plain and (attn_mask is None or attn_mask.is_floating_point()):
             s = q.shape[-1] ** -0.5 if scale is None else scale

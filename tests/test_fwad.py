@@ -150,7 +150,8 @@ def test_sdpa_tangent_equals_torch_math_formula(case, zero):
     def call(*xs):
         it = iter(xs)
         args = [next(it) if m else a for m, a in zip(moving, (q, k, v), strict=True)]
-        return nn.functional.scaled_dot_product_attention(*args, **kw)
+        query, key, value = args  # by keyword, as diffusers' attention dispatcher calls it
+        return nn.functional.scaled_dot_product_attention(query=query, key=key, value=value, **kw)
 
     primals = tuple(a for m, a in zip(moving, (q, k, v), strict=True) if m) or (q,)
     tans = tuple(t for m, t in zip(moving, tangents, strict=True) if m) or (tangents[0],)
