@@ -1,5 +1,5 @@
-"""lipscope.fwad's linear/convolution/GroupNorm patches: the tangents of torch's own forward-AD formulas (to rounding),
-the primal bit-exact, and one matmul or convolution per layer for the tangent instead of two (issue 22 item 1)."""
+"""lipscope.fwad's linear/convolution/GroupNorm/attention patches: the tangents of torch's own forward-AD formulas (to
+rounding), the primal bit-exact, and one matmul or convolution per layer for the tangent instead of two (issue 22)."""
 
 from __future__ import annotations
 
