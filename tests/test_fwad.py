@@ -1,5 +1,5 @@
-"""lipscope.fwad's linear/convolution/GroupNorm patches: the tangents of torch's own forward-AD formulas (to rounding),
-the primal bit-exact, and one matmul or convolution per layer for the tangent instead of two (issue 22 item 1)."""
+"""lipscope.fwad's linear/convolution/GroupNorm/attention patches: the tangents of torch's own forward-AD formulas (to
+rounding), the primal bit-exact, and one matmul or convolution per layer for the tangent instead of two (issue 22)."""
 
 from __future__ import annotations
 
@@ -105,3 +105,79 @@ def test_groupnorm_takes_non_contiguous_tangents():
         with forward_ad_patches(gn):
             got = torch.func.jvp(gn, (x,), (v,))
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+
+
+def _qkv(shape_q=(2, 3, 5, 4), s_len=7, dv=6):
+    g = torch.Generator().manual_seed(1)
+    b, h, _, d = shape_q
+    q = torch.randn(shape_q, dtype=torch.float64, generator=g)
+    k = torch.randn((b, h, s_len, d), dtype=torch.float64, generator=g)
+    v = torch.randn((b, h, s_len, dv), dtype=torch.float64, generator=g)
+    return q, k, v, [torch.randn_like(a) for a in (q, k, v)]
+
+
+SDPA_CASES = {
+    "plain": {},
+    "scale": {"scale": 0.37},
+    "float-mask": {"attn_mask": "float"},
+    "bool-mask (math fallback)": {"attn_mask": "bool"},
+    "causal (math fallback)": {"is_causal": True},
+}
+
+
+def _sdpa_kwargs(case, s_len=7):
+    kw = dict(SDPA_CASES[case])
+    g = torch.Generator().manual_seed(2)
+    if kw.get("attn_mask") == "float":  # an additive bias broadcast over heads, as diffusers' prepare_attention_mask
+        kw["attn_mask"] = torch.randn((2, 1, 5, s_len), dtype=torch.float64, generator=g)
+    elif kw.get("attn_mask") == "bool":
+        kw["attn_mask"] = torch.rand((2, 1, 5, s_len), generator=g) > 0.3
+        kw["attn_mask"][..., 0] = True  # no fully masked row
+    return kw
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+@pytest.mark.parametrize("zero", ["none", "q", "k", "v", "qk", "qkv"])
+def test_sdpa_tangent_equals_torch_math_formula(case, zero):
+    """The written-out attention JVP against torch's own forward AD of the math SDPA path, float64, with absent
+    tangents (inputs closed over, as the weights-only parts of a network are). Tolerance: float64 u = 1.1e-16; the two
+    formulas sum the same ≤ S·d = 28 products of O(1)-O(10) terms in another order, plus the softmax's exp: ≤ 1e-13."""
+    q, k, v, tangents = _qkv()
+    kw = _sdpa_kwargs(case)
+    moving = [name not in zero for name in "qkv"] if zero != "none" else [True] * 3
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call(*xs):
+        it = iter(xs)
+        args = [next(it) if m else a for m, a in zip(moving, (q, k, v), strict=True)]
+        query, key, value = args  # by keyword, as diffusers' attention dispatcher calls it
+        return nn.functional.scaled_dot_product_attention(query=query, key=key, value=value, **kw)
+
+    primals = tuple(a for m, a in zip(moving, (q, k, v), strict=True) if m) or (q,)
+    tans = tuple(t for m, t in zip(moving, tangents, strict=True) if m) or (tangents[0],)
+    if not any(moving):  # every tangent absent: differentiate w.r.t. an unused input
+        f = call
+
+        def call(x):  # noqa: F811
+            return f() + 0 * x.sum()
+
+    with torch.no_grad():
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = torch.func.jvp(call, primals, tans)
+        with forward_ad_patches(nn.Linear(1, 1)):
+            got = torch.func.jvp(call, primals, tans)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-13, atol=1e-13)
+
+
+def test_sdpa_patch_is_applied_and_undone():
+    """Inside the patches diffusers' processors (``F.scaled_dot_product_attention``) get the written-out rule; after
+    them, torch's own function again."""
+    original = nn.functional.scaled_dot_product_attention
+    with forward_ad_patches(nn.Linear(1, 1)):
+        assert nn.functional.scaled_dot_product_attention is not original
+        q, k, v, _ = _qkv()
+        with Count() as c:  # the rule's primal: two matmuls, as the math path
+            nn.functional.scaled_dot_product_attention(q, k, v)
+        assert c.n == 2
+    assert nn.functional.scaled_dot_product_attention is original
