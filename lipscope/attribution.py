@@ -112,14 +112,15 @@ def consumers(model: EpsModel, granularity: str = "blocks") -> list[Consumer]:
     if mod is None or fam is None:
         raise InputError(
             f"`attribute` needs to know where {model.name} consumes its time embedding: declare it on the network "
-            "(`time_consumers = ['block.proj', 'head:emb']`, submodule paths and their input) or leave `attribute` out"
+            "(an attribute time_consumers = ['block.proj', 'head:emb']: submodule paths and their input) or leave "
+            "`attribute` out"
         )
     if fam.name in ("unet2d", "sd"):
         return _unet(mod, granularity)
     if fam.name not in ("dit", "pixart", "sd3", "flux"):
         raise InputError(
             f"`attribute`: where {fam.name} networks consume their time embedding is not known to lipscope; declare "
-            "`time_consumers` on the network (submodule paths and their input) or leave `attribute` out"
+            "a time_consumers attribute on the network (submodule paths and their input) or leave `attribute` out"
         )
     found = _transformer(mod, granularity, ("norm1", "norm1_context", "norm") if fam.name in ("sd3", "flux") else ())
     if fam.name == "dit":

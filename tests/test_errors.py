@@ -76,6 +76,7 @@ def test_every_named_parameter_has_a_flag():
 
     def opts(cmd) -> set[str]:
         out = {o for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
+        out |= {f"argument {p.name}" for p in cmd.params if p.param_type_name == "argument"}  # positional: by name
         for sub in getattr(cmd, "commands", {}).values():
             out |= opts(sub)
         return out
@@ -86,7 +87,7 @@ def test_every_named_parameter_has_a_flag():
         for p in _library_modules()
         for line, text in _error_strings(p)
         for name in PARAM.findall(text)
-        if flag(name) not in known and name not in API_ONLY
+        if flag(name) not in known and f"argument {name}" not in known and name not in API_ONLY
     )
     assert not unknown, "no command has these flags:\n" + "\n".join(unknown)
 

@@ -112,7 +112,7 @@ FLAGS: dict[str, str] = {
 # Python-API parameters no command exposes: shown as they are, never as an invented flag
 API_ONLY = frozenset(
     {"keep_checkpoints", "weight_decay", "lr_schedule", "stop_after", "component", "confidence", "grid", "images"}
-) | {"axis"}  # with_etsdm's VE / EDM axis
+) | {"axis", "df", "mu"}  # with_etsdm's VE / EDM axis; step_budget's table and build_scheduler's shift
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
