@@ -488,7 +488,19 @@ def test_cli_resume_with_nothing_to_resume_is_a_fresh_run(tmp_path, capfd, monke
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = _tiny_config(tmp_path)
-    argv = ["train", "--config", str(cfg), "--steps", "2", "--batch-size", "4", "--no-progress", "--resume"]
+    argv = [
+        "train",
+        "--config",
+        str(cfg),
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--resume",
+    ]
     res = run_inprocess([*argv, "--out", str(tmp_path / "run")], capfd, monkeypatch)
     assert res.code == 0, res.stderr + res.exc
     lines = [ln for ln in ANSI.sub("", res.stderr).splitlines() if ln.strip()]
