@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_models import MODELS, Model, build  # noqa: E402
 
 import lipscope  # noqa: E402
+from lipscope.errors import InputError  # noqa: E402
 from lipscope.probe import METHODS, probe  # noqa: E402
 from lipscope.speed import Speed, accelerated  # noqa: E402
 
@@ -150,6 +151,11 @@ def mode_row(dev, precision: str, seconds: float, evals: int, flops: int | None)
     }
 
 
+# FD's step where Δt = 1 is below a network's time resolution (bf16 time input), and why: recorded per model
+FD_DT_COARSE = 100.0
+FD_STEP: dict[str, tuple[float, str]] = {}
+
+
 def run_probe(m, x0, method: str, b: int, grid: str, dev, reps: int) -> tuple[float, int]:
     """(least wall seconds of ``reps`` probe calls, network evaluations of one); bf16 FD keeps its noise-limited rows
     (speed only). Peak memory is that of the calls."""
@@ -157,16 +163,14 @@ def run_probe(m, x0, method: str, b: int, grid: str, dev, reps: int) -> tuple[fl
     best, evals = float("inf"), 0
     for _ in range(reps):
         t0 = time.perf_counter()
-        df = probe(
-            m,
-            x0,
-            method=method,
-            timesteps=grid,
-            samples=x0.shape[0],
-            batch_size=str(max(2, b)),
-            data_range=None,
-            allow_noise_limited=True,
-        )
+        kw = dict(method=method, timesteps=grid, samples=x0.shape[0], batch_size=str(max(2, b)), data_range=None)
+        try:
+            df = probe(m, x0, allow_noise_limited=True, **kw)
+        except InputError as e:  # a network that reads t in bf16 (Flux) cannot resolve Δt = 1: FD's speed at a step
+            if "time resolution" not in str(e):  # it can resolve (the cost of an FD row does not depend on Δt)
+                raise
+            FD_STEP[m.name] = (FD_DT_COARSE, str(e))
+            df = probe(m, x0, allow_noise_limited=True, dt=FD_DT_COARSE, **kw)
         sync(dev)
         # jvp-ode: items (2 JVPs each, lipscope.ode), counted apart from the runner's forwards
         best, evals = min(best, time.perf_counter() - t0), int(df.attrs.get("forwards") or df.attrs.get("ode_items", 0))
@@ -175,6 +179,7 @@ def run_probe(m, x0, method: str, b: int, grid: str, dev, reps: int) -> tuple[fl
 
 def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    FD_STEP.clear()  # per model and precision
     m, blocks = build(spec, a.tiny, dev, dtype, a.max_blocks)
     res: dict[str, Any] = {
         "model": spec.name,
@@ -213,6 +218,8 @@ def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
                 pk = peak_tflops(dev, precision)
                 row["mfu"] = None if pk is None else row["tflops"] / pk
                 row["raw_forwards_per_jvp"] = 1.0 / row["over_raw"]
+            if method.startswith("fd") and m.name in FD_STEP:  # said in the row: the step it ran at, and why
+                row["dt"], row["dt_why"] = FD_STEP[m.name]
             res[method] = row
     if a.compile:
         res["compile"] = bench_compiled(m, precision, a, dev, res["raw"]["batch"], f1)
@@ -263,16 +270,24 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         fd, jv, ode = r.get("fd", {}), r.get("jvp", {}), r.get("jvp-ode", {})
         comp = r.get("compile", {}).get("fd", {})
         cratio = comp["evals_per_s"] / r["raw"]["evals_per_s"] if comp else None
+        dtcell = f" (Δt = {fd['dt']:g})" if "dt" in fd else ""
         jcell = "n/a" if "n/a" in jv else f"{fmt(jv['over_raw'], '.2f')} ({fmt(jv['raw_forwards_per_jvp'], '.2f')})"
         lines.append(
             f"| {r['model']} | {r['blocks']} | {r['precision']} | {r['raw']['batch']} | {fmt(r['raw']['evals_per_s'])} "
             f"| {fmt(r['raw']['mfu'], '.1%')} | {fmt(r['raw']['peak_mem_gib'], '.1f')} "
-            f"| {fmt(fd.get('over_raw'), '.2f')} "
+            f"| {fmt(fd.get('over_raw'), '.2f')}{dtcell} "
             f"| {fmt(fd.get('peak_mem_gib'), '.1f')} | {jcell} | {fmt(jv.get('mfu'), '.1%')} "
             f"| {fmt(jv.get('peak_mem_gib'), '.1f')} | {ode.get('n/a', fmt(ode.get('over_raw'), '.2f'))} "
             f"| {fmt(cratio, '.2f')} |"
         )
+    coarse = sorted({r["model"] for r in rows if "dt" in r.get("fd", {})})
     tail = (
+        f"\nFD at Δt = {FD_DT_COARSE:g} for {', '.join(coarse)}: Δt = 1 is below the time resolution of a network that "
+        "reads t in bfloat16 (the cost of an FD row does not depend on Δt)\n"
+        if coarse
+        else ""
+    )
+    tail += (
         f"\nSkipped (over --budget-s): {', '.join(meta['skipped_over_budget'])}\n"
         if meta.get("skipped_over_budget")
         else ""

@@ -82,7 +82,15 @@ def test_tiny_precisions_and_compile(tmp_path):
         "--md",
         str(tmp_path / "s.md"),
     ]
-    _check(gpu_suite.main(argv), models, ["tf32", "bf16"], True)
+    out = gpu_suite.main(argv)
+    _check(out, models, ["tf32", "bf16"], True)
+    # Flux reads t in bfloat16: FD at Δt = 1 is below its resolution, so its bf16 row runs FD at a step it resolves
+    # and says so (row and table); the tf32 rows keep Δt = 1
+    rows = {(r["model"], r["precision"]): r for r in out["rows"]}
+    assert rows[("flux-dev", "bf16")]["fd"]["dt"] == gpu_suite.FD_DT_COARSE
+    assert "time resolution" in rows[("flux-dev", "bf16")]["fd"]["dt_why"]
+    assert "dt" not in rows[("flux-dev", "tf32")]["fd"] and "dt" not in rows[("dit-xl-2-256", "bf16")]["fd"]
+    assert "below the time resolution" in (tmp_path / "s.md").read_text()
 
 
 def test_max_blocks_and_budget(tmp_path):
