@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from .common import cli_errors, out, parse_list, setup_logging
+from .common import cli_errors, parse_list, say, setup_logging
 
 
 @cli_errors
@@ -74,12 +73,8 @@ def groundtruth(
     meta = run_groundtruth(opts)
     lines = meta["summary"]
     shown = [x for x in lines if "sampler error:" in x or "network error first" in x or "NLL" in x] or lines
-    for line in shown:
-        out.print(escape(line), highlight=False, soft_wrap=True)
-    out.print(f"{len(lines) - len(shown)} more comparisons in run.json (summary) and paired.csv", highlight=False)
-    out.print(
+    say(*shown, f"{len(lines) - len(shown)} more comparisons in run.json (summary) and paired.csv")
+    say(
         f"written: {out_dir}/ network_error.csv, sampler_error.csv, distribution.csv, paired.csv, bands.csv, "
-        "run.json, mixture.npz, sampler_error.png, network_error.png, models/",
-        highlight=False,
-        soft_wrap=True,
+        "run.json, mixture.npz, sampler_error.png, network_error.png, models/"
     )
