@@ -240,7 +240,6 @@ def train_loop(
     td = data if isinstance(data, TrainData) else TrainData(data, spec=data_spec)
     td = dataclasses.replace(td, x0=td.x0.float())  # what the loss and the data hash see
     process = training_process(model.scheduler_config)
-    cfg = resolved_config(cfg, process)
     t_tilde = cfg.t_tilde if cfg.t_tilde is not None else 0.1 * process.T
     if cfg.etsdm and not t_tilde < process.T:
         raise InputError(f"`t_tilde` {t_tilde:g} must be below T = {process.T} (E-TSDM maps the steps t < t̃)")
@@ -252,6 +251,7 @@ def train_loop(
         raise InputError("`caption_dropout` needs a text-conditioned model trained on captions; leave it at 0")
     with rng.isolated_torch_rng(cfg.seed):  # LoRA's initial A matrices: a function of the seed alone
         denoiser, built = _prepare_denoiser(model, cfg, t_tilde)
+    cfg = resolved_config(cfg, process)  # after every refusal: a refused run prints no warning first
     arr = td.x0.detach().cpu().contiguous().numpy()
     digest = hashlib.sha256(arr.data.cast("B")).hexdigest()  # no copy of the data
     cond_digest = td.conditioning.digest() if td.conditioning is not None else None

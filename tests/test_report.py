@@ -187,6 +187,7 @@ def test_markdown_format_writes_pngs_beside(runs):
         (["{root}/base", "--eval", "{root}/base"], ("--eval", "evaluate")),
         (["{root}/base", "--out", "{tmp}/x.pdf"], ("--out", ".html")),
         (["{root}/base", "--format", "pdf"], ("--format", "html or md")),
+        (["{root}/base", "--out", "{root}/base/r.html"], ("--out", "inside the run")),
     ],
 )
 def test_report_bad_input_one_line(args, mentions, runs, tmp_path, capfd, monkeypatch):
@@ -197,7 +198,7 @@ def test_report_bad_input_one_line(args, mentions, runs, tmp_path, capfd, monkey
         argv += ["--out", str(tmp_path / "r.html")]
     res = run_inprocess(argv, capfd, monkeypatch)
     assert_one_line_refusal(res, mentions)
-    assert not (tmp_path / "r.html").exists()
+    assert not (tmp_path / "r.html").exists() and not (runs / "base" / "r.html").exists()
 
 
 def test_eval_of_other_models_refused(runs, tmp_path, capfd, monkeypatch):

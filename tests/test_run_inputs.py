@@ -23,7 +23,9 @@ NOT_INPUTS = frozenset(
     "--compile --precision --revision --subfolder --t-split --data-range --target --class-label --prompt "
     "--negative-prompt --guidance-scale --plot-x --dim --mean --var --mixture --schedule --steps --grad-accum --lr "
     "--warmup --ema-decay --grad-clip --mixed-precision --checkpoint-every --t-tilde --n --caption-dropout "
-    "--weighting --lora-rank --lora-alpha --lora-targets --scheduler --num --seeds".split()
+    "--weighting --lora-rank --lora-alpha --lora-targets --scheduler --num --seeds --sampler --reference "
+    "--attribute --process --rank --floor --rho --sigma-min --sigma-max --finetune-steps --nfe --arch --size --threads "
+    "--finetune-lr --etsdm-from --train --eval-samples --samplers --rtol".split()
 )
 RESUMES = {"train", "finetune"}  # written into --out as they go: --resume, not --overwrite, lets them into a full one
 
@@ -81,6 +83,12 @@ def _lora_run(out: Path, pipe: Path) -> str:
     return str(run)
 
 
+def _mixture_npz() -> bytes:
+    from lipscope.mixtures import mixture_npz, parse_density
+
+    return mixture_npz(parse_density("gmm:2:1x2x2").mixture)
+
+
 UNET_CONFIG = _file("cfg.json", lambda pipe: (pipe / "unet" / "config.json").read_bytes())
 SCHEDULER_CONFIG = _file("s.json", lambda pipe: (pipe / "scheduler" / "scheduler_config.json").read_bytes())
 DATA = _npy("x.npy", np.zeros((4, 1, 8, 8), np.float32))
@@ -98,8 +106,13 @@ PLANTS: dict[str, list[tuple[str, Plant, str]]] = {
         ("--scheduler-config", SCHEDULER_CONFIG, "scheduler-config"),
         ("--prompt-file", PROMPTS, "prompt-file"),
         ("--prompt-embeds", EMBEDS, "prompt-embeds"),
+        ("--train-timesteps", _npy("t.npy", np.array([1.0, 5.0, 500.0])), "train-timesteps"),
     ],
     "theory": [("--cov", _npy("cov.npy", np.eye(2)), "cov")],
+    "groundtruth": [
+        ("--data", _file("m.npz", lambda pipe: _mixture_npz()), "mixture"),
+        ("--model-config", UNET_CONFIG, "model-config"),
+    ],
     "train": [
         ("--config", UNET_CONFIG, "config"),
         ("--data", DATA, "data"),
@@ -144,7 +157,7 @@ def test_every_input_option_is_planted():
 
     group = typer.main.get_command(app)
     for name, cmd in group.commands.items():
-        if name in ("compare", "models"):  # compare writes one png (refused inside a run it reads); models no file
+        if name in ("compare", "report", "models"):  # one file (refused inside a run it reads); models: no file
             continue
         planted = {f for f, _, _ in PLANTS[name]}
         unknown = _value_options(cmd) - NOT_INPUTS - planted
@@ -161,7 +174,7 @@ def test_an_input_inside_out_is_never_overwritten(cmd, opt, plant, what, tmp_pat
     monkeypatch.syspath_prepend(str(work))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     value = plant(out, pipeline_dir)
-    base = [a.format(pipe=pipeline_dir) for a in BASE[cmd]]
+    base = [a.format(pipe=pipeline_dir) for a in BASE.get(cmd, ["--arch", "unet"])]  # groundtruth: its defaults
     if opt in base:  # the planted value replaces the base's
         i = base.index(opt)
         del base[i : i + 2]

@@ -89,8 +89,11 @@ def test_a_held_out_is_refused_on_every_process(tmp_path):
 def test_resume_with_nothing_to_resume_under_torchrun_starts_fresh(tmp_path):
     r = _torchrun(tmp_path, *SHORT, "--resume", "--out", "o")
     assert r.returncode == 0, r.stderr[-3000:]
-    ours = _ours(r.stderr)
-    assert len(ours) == 1 and ours[0].startswith("warning: --resume:") and "beginning" in ours[0], ours
+    ours = _ours(r.stderr)  # the resume line, and the FD-truncation warning of t = 0, 1 (numbers): each once
+    trunc = [ln for ln in ours if "fd_trunc_limited" in ln]
+    rest = [ln for ln in ours if ln not in trunc]
+    assert len(trunc) <= 1 and len(rest) == 1, ours
+    assert rest[0].startswith("warning: --resume:") and "beginning" in rest[0], ours
     assert r.stdout.count("lipscope probe") == 1 and (tmp_path / "o" / "lipschitz.csv").is_file()
 
 
@@ -179,10 +182,11 @@ PATCHES = {
 
 @pytest.mark.parametrize("when", PATCHES)
 def test_a_sigterm_during_shut_down_prints_no_traceback(tmp_path, when):
-    """torchrun SIGTERMs every worker when a peer dies: one arriving while a worker already exits, or a second one
-    during the first one's clean-up, ends the process with 143 and no traceback from lipscope."""
+    """torchrun SIGTERMs every worker when a peer dies: one arriving while a worker already exits changes nothing (its
+    exit code stays the command's), a second one during the first one's clean-up is ignored; no traceback."""
     code = SHUT_DOWN.format(patch=PATCHES[when])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert "Traceback" not in r.stderr and "lipscope/" not in r.stderr, r.stderr[-3000:]
-    assert r.returncode == 143, (r.returncode, r.stderr[-2000:])
+    # the command's own exit code: 0 (it had finished) or 143 (the first SIGTERM interrupted it)
+    assert r.returncode == (0 if when == "at-exit" else 143), (r.returncode, r.stderr[-2000:])
     assert (tmp_path / "o" / "run.json").is_file() == (when == "at-exit")

@@ -516,7 +516,18 @@ def test_a_torch_message_during_resume_is_not_turned_into_flags(tmp_path, capfd,
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = ["train", "--config", str(_tiny_config(tmp_path)), "--steps", "2", "--batch-size", "4", "--no-progress"]
+    argv = [
+        "train",
+        "--config",
+        str(_tiny_config(tmp_path)),
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     argv += ["--checkpoint-every", "1", "--out", str(run)]
     assert run_inprocess(argv, capfd, monkeypatch).code == 0
     (run / "checkpoints" / "step-2" / "accelerate" / "optimizer.bin").write_bytes(_payloads(marker)["torch.save"])

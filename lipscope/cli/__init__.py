@@ -5,7 +5,6 @@ Exit codes: 0 ok, 2 bad input (one line on stderr), 1 internal error, 130 interr
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -44,12 +43,6 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def _exit_now(signum: int, frame: object) -> None:
-    """SIGTERM after the command returned (interpreter shut-down, atexit): nothing is left to clean, exit 143 with
-    no traceback (raising here would print one from inside an atexit callback)."""
-    os._exit(128 + signum)
-
-
 def main() -> None:
     """Entry point: usage errors (unknown flag, wrong type, value out of range) become one line, exit 2;
     SIGTERM interrupts like Ctrl-C (the run's clean-up runs; exit 143)."""
@@ -57,7 +50,10 @@ def main() -> None:
     try:
         _run()
     finally:
-        signal.signal(signal.SIGTERM, _exit_now)
+        # the command has returned: a SIGTERM now (torchrun's to every worker once one exits) changes nothing — no
+        # traceback from an atexit callback, and the exit code stays the command's (SIG_IGN also survives Python's
+        # finalization, which resets the handlers it installed to the default, so a late one cannot kill it either)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _run() -> None:

@@ -110,6 +110,7 @@ def run_probe(opts: ProbeOptions, progress: bool = False) -> ProbeResult:
     if opts.resume and opts.overwrite:
         raise InputError("give `resume` (continue the run in `out`) or `overwrite` (replace it), not both")
     reads = (opts.model, opts.data, opts.config, opts.scheduler_config, *opts.conditioning_reads())
+    reads += (opts.train_timesteps,)  # FILE.npy or a run folder (a distribution's name is no path)
     out = check_out_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume, inputs=reads)
     opts = opts.resolved()
     with main_lock(out):  # first: a live run of `out` is refused by its lock (naming it), not taken for a stopped one
