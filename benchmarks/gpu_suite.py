@@ -151,16 +151,15 @@ def mode_row(dev, precision: str, seconds: float, evals: int, flops: int | None)
     }
 
 
-# FD's step where Δt = 1 is below a network's time resolution (bf16 time input), and why: recorded per model
+# FD's step where Δt = 1 is below a network's time resolution (bf16 time input)
 FD_DT_COARSE = 100.0
-FD_STEP: dict[str, tuple[float, str]] = {}
 
 
-def run_probe(m, x0, method: str, b: int, grid: str, dev, reps: int) -> tuple[float, int]:
+def run_probe(m, x0, method: str, b: int, grid: str, dev, reps: int) -> tuple[float, int, dict[str, Any]]:
     """(least wall seconds of ``reps`` probe calls, network evaluations of one); bf16 FD keeps its noise-limited rows
     (speed only). Peak memory is that of the calls."""
     reset_peak(dev)
-    best, evals = float("inf"), 0
+    best, evals, step = float("inf"), 0, {}  # step: the FD step it ran at and why, where not Δt = 1
     for _ in range(reps):
         t0 = time.perf_counter()
         kw = dict(method=method, timesteps=grid, samples=x0.shape[0], batch_size=str(max(2, b)), data_range=None)
@@ -169,17 +168,16 @@ def run_probe(m, x0, method: str, b: int, grid: str, dev, reps: int) -> tuple[fl
         except InputError as e:  # a network that reads t in bf16 (Flux) cannot resolve Δt = 1: FD's speed at a step
             if "time resolution" not in str(e):  # it can resolve (the cost of an FD row does not depend on Δt)
                 raise
-            FD_STEP[m.name] = (FD_DT_COARSE, str(e))
+            step = {"dt": FD_DT_COARSE, "dt_why": str(e)}
             df = probe(m, x0, allow_noise_limited=True, dt=FD_DT_COARSE, **kw)
         sync(dev)
         # jvp-ode: items (2 JVPs each, lipscope.ode), counted apart from the runner's forwards
         best, evals = min(best, time.perf_counter() - t0), int(df.attrs.get("forwards") or df.attrs.get("ode_items", 0))
-    return best, evals
+    return best, evals, step
 
 
 def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    FD_STEP.clear()  # per model and precision
     m, blocks = build(spec, a.tiny, dev, dtype, a.max_blocks)
     res: dict[str, Any] = {
         "model": spec.name,
@@ -205,7 +203,7 @@ def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
                 res[method] = {"n/a": f"n/a: no {method} in this lipscope (methods: {', '.join(METHODS)})"}
                 continue
             try:
-                wall, evals = run_probe(fast, x0, method, b, grid, dev, a.probe_reps)
+                wall, evals, step = run_probe(fast, x0, method, b, grid, dev, a.probe_reps)
             except RuntimeError as e:
                 if not is_oom(e):
                     raise
@@ -218,8 +216,7 @@ def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
                 pk = peak_tflops(dev, precision)
                 row["mfu"] = None if pk is None else row["tflops"] / pk
                 row["raw_forwards_per_jvp"] = 1.0 / row["over_raw"]
-            if method.startswith("fd") and m.name in FD_STEP:  # said in the row: the step it ran at, and why
-                row["dt"], row["dt_why"] = FD_STEP[m.name]
+            row |= step  # said in the row: the FD step it ran at, and why
             res[method] = row
     if a.compile:
         res["compile"] = bench_compiled(m, precision, a, dev, res["raw"]["batch"], f1)
@@ -247,7 +244,7 @@ def bench_compiled(m, precision: str, a, dev, b: int, f1: int) -> dict[str, Any]
         out["raw"] = mode_row(dev, precision, s, b, f1 * b)
         x0 = torch.randn(b, *m.sample_shape, generator=torch.Generator().manual_seed(0))
         run_probe(fast, x0, "fd", b, a.grid, dev, 1)  # compiles (one graph per batch shape)
-        wall, evals = run_probe(fast, x0, "fd", b, a.grid, dev, a.probe_reps)
+        wall, evals, _ = run_probe(fast, x0, "fd", b, a.grid, dev, a.probe_reps)
         out["fd"] = {**mode_row(dev, precision, wall, evals, f1 * evals)}
         out["fd"]["over_raw"] = out["fd"]["evals_per_s"] / out["raw"]["evals_per_s"]
     out["jvp"] = {"n/a": "lipscope refuses compile with method jvp (forward AD through compiled graphs)"}
