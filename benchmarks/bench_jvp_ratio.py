@@ -7,9 +7,9 @@ Networks (random weights): the CIFAR-10 DDPM UNet (google/ddpm-cifar10-32's conf
 ``DiTTransformer2DModel`` (hidden 384 = 6 heads × 64, 12 blocks, 32×32×4 latents, class-conditional) and an SD3-like
 MMDiT ``SD3Transformer2DModel`` of the same width and depth (16×32×32 latents, 77 text tokens), each wrapped by its
 lipscope family. Per network and batch, the raw call (``EpsModel``, inference mode) and lipscope's JVP evaluation
-(``torch.func.jvp`` in t under ``forward_ad_patches``, exactly what ``jvp_norms`` computes per batch) are timed
-alternately ``--reps`` times after a warm-up each; the ratio is median(JVP) ÷ median(forward). Ratios, not absolute
-times, are comparable across runs on a shared machine.
+(:func:`lipscope.fwad.jvp` in t under ``forward_ad_patches``, exactly what ``jvp_norms`` computes per batch, in the
+steady state of one patch context) are timed alternately ``--reps`` times after a warm-up each; the ratio is
+median(JVP) ÷ median(forward). Ratios, not absolute times, are comparable across runs on a shared machine.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probe import CIFAR10_DDPM, TINY  # noqa: E402
 
 from lipscope.families import EncodedPrompts, family_of_class  # noqa: E402
-from lipscope.fwad import forward_ad_patches  # noqa: E402
+from lipscope.fwad import forward_ad_patches, jvp  # noqa: E402
 from lipscope.models import from_unet  # noqa: E402
 from lipscope.probe import probe  # noqa: E402
 
@@ -130,28 +130,35 @@ def networks(tiny: bool) -> dict:
     return out
 
 
-def jvp_call(model, x: torch.Tensor, t: torch.Tensor):
-    """One JVP evaluation as ``lipscope.jvp.jvp_norms`` makes it, patches applied and undone around each call (the
-    raw forward it is compared with runs the stock network: fused attention, native norms)."""
+def jvp_call(model, x: torch.Tensor, t: torch.Tensor, evals: int = 2):
+    """JVP evaluations as ``lipscope.jvp.jvp_norms`` makes them: inside one patch context (as a probe's whole run is),
+    one untimed warm-up evaluation (it makes the context's channels-last weight copies), then ``evals`` timed ones
+    through :func:`lipscope.fwad.jvp`; returns seconds per evaluation. The raw forward it is compared with runs the
+    stock network (fused attention, native norms), outside the context."""
     rows = torch.arange(x.shape[0])
 
-    def call():
-        with torch.no_grad(), forward_ad_patches(model.module):
-            return torch.func.jvp(lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
+    def call() -> float:
+        with forward_ad_patches(model.module):
+            jvp(model.name, lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
+            t0 = time.perf_counter()
+            for _ in range(evals):
+                jvp(model.name, lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
+            return (time.perf_counter() - t0) / evals
 
     return call
 
 
 def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, the fns called in turn ``reps`` times after one warm-up each."""
+    """Median seconds per call of each fn, the fns called in turn ``reps`` times after one warm-up each; a fn that
+    returns a float reports its own seconds per evaluation (the JVP: its steady state inside one context)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     for _ in range(reps):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            r = fn()
+            times[k].append(r if isinstance(r, float) else time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -27,7 +27,7 @@ def jvp_norms(
     stats: RunStats | None = None,
     journal: Journal | None = None,
 ) -> torch.Tensor:
-    """‖∂εθ(x_t, t)/∂τ‖₂ by forward-mode AD (``torch.func.jvp``) w.r.t. the timestep input: (n, G).
+    """‖∂εθ(x_t, t)/∂τ‖₂ by forward-mode AD (dual tensors, :func:`lipscope.fwad.jvp`) w.r.t. the timestep input: (n, G).
 
     x_t is held fixed (drawn at t); the tangent is 1 step, times T for per-unit-τ. Runs inside
     :func:`lipscope.fwad.forward_ad_patches`, which restores the model afterwards.
