@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probe import CIFAR10_DDPM, TINY  # noqa: E402
 
 from lipscope.families import EncodedPrompts, family_of_class  # noqa: E402
-from lipscope.fwad import forward_ad_patches, jvp  # noqa: E402
+from lipscope.fwad import forward_ad_patches  # noqa: E402
 from lipscope.models import from_unet  # noqa: E402
 from lipscope.probe import probe  # noqa: E402
 
@@ -87,6 +89,7 @@ SD_S = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
+NAMES = ("cifar10-unet", "dit-s2", "sd3-s", "pixart-s", "flux-s", "sd-s")
 DDPM = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
@@ -130,26 +133,92 @@ def networks(tiny: bool) -> dict:
     return out
 
 
-def jvp_call(model, x: torch.Tensor, t: torch.Tensor, evals: int = 2):
+def _old_group_norm_jvp(ctx, x_t, w_t, b_t, *_):
+    """The GroupNorm tangent before issue 22's rewrite (var_mean over reshaped groups, a dozen passes): the
+    ``-groupnorm`` ablation."""
+    x, g = ctx.x, ctx.groups
+    xg = x.reshape(x.shape[0], g, -1)
+    var, mean = torch.var_mean(xg, dim=-1, unbiased=False, keepdim=True)
+    r = torch.rsqrt(var + ctx.eps)
+    xhat = (xg - mean) * r
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    out = torch.zeros_like(x)
+    if x_t is not None:
+        c = x_t.reshape(xg.shape)
+        c = c - c.mean(-1, keepdim=True)
+        out = ((c - xhat * (xhat * c).mean(-1, keepdim=True)) * r).reshape(x.shape)
+        out = out * (1.0 if ctx.weight is None else ctx.weight.reshape(shape))
+    if w_t is not None:
+        out = out + xhat.reshape(x.shape) * w_t.reshape(shape)
+    if b_t is not None:
+        out = out + b_t.reshape(shape)
+    return out
+
+
+def _func_jvp(name, fn, primals, tangents):
+    return torch.func.jvp(fn, primals, tangents)
+
+
+@contextmanager
+def ablated(change: str | None):
+    """Undo one of issue 22's JVP changes for the duration (what each contributed): ``-dual`` (``torch.func.jvp``
+    instead of dual tensors), ``-cl-weights`` (no channels-last weight copies kept per context), ``-groupnorm`` (the
+    previous tangent formula), ``-chunks`` (attention over the whole score matrix)."""
+    import lipscope.fwad as fw
+
+    if change is None:  # touches nothing (the "before" run imports an older lipscope without these names)
+        yield
+        return
+    saved = {
+        "jvp": fw.jvp,
+        "_channels_last": fw._channels_last,
+        "gn": fw._GroupNorm.jvp,
+        "chunks": dict(fw.CHUNK_ELEMENTS),
+    }
+    try:
+        if change == "-dual":
+            fw.jvp = _func_jvp
+        elif change == "-cl-weights":
+            fw._channels_last = lambda x: False
+        elif change == "-groupnorm":
+            fw._GroupNorm.jvp = staticmethod(_old_group_norm_jvp)
+        elif change == "-chunks":
+            fw.CHUNK_ELEMENTS.update(cpu=2**62, cuda=2**62)
+        elif change is not None:
+            raise ValueError(change)
+        yield
+    finally:
+        fw.jvp, fw._channels_last = saved["jvp"], saved["_channels_last"]
+        fw._GroupNorm.jvp = staticmethod(saved["gn"])
+        fw.CHUNK_ELEMENTS.update(saved["chunks"])
+
+
+ABLATIONS = ("-dual", "-cl-weights", "-groupnorm", "-chunks")
+
+
+def jvp_call(model, x: torch.Tensor, t: torch.Tensor, evals: int = 2, change: str | None = None):
     """JVP evaluations as ``lipscope.jvp.jvp_norms`` makes them: inside one patch context (as a probe's whole run is),
     one untimed warm-up evaluation (it makes the context's channels-last weight copies), then ``evals`` timed ones
     through :func:`lipscope.fwad.jvp`; returns seconds per evaluation. The raw forward it is compared with runs the
-    stock network (fused attention, native norms), outside the context."""
+    stock network (fused attention, native norms), outside the context. ``change``: one change undone
+    (:func:`ablated`)."""
+    import lipscope.fwad as fw
+
     rows = torch.arange(x.shape[0])
 
     def call() -> float:
-        with forward_ad_patches(model.module):
-            jvp(model.name, lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
+        with ablated(change), forward_ad_patches(model.module):
+            fw.jvp(model.name, lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
             t0 = time.perf_counter()
             for _ in range(evals):
-                jvp(model.name, lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
+                fw.jvp(model.name, lambda s: model(x, s, rows), (t,), (torch.ones_like(t),))
             return (time.perf_counter() - t0) / evals
 
     return call
 
 
-def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds per call of each fn, the fns called in turn ``reps`` times after one warm-up each; a fn that
+def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the fns called in turn ``reps`` times after one warm-up each; a fn that
     returns a float reports its own seconds per evaluation (the JVP: its steady state inside one context)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -159,10 +228,10 @@ def interleaved(fns: dict, reps: int) -> dict[str, float]:
             t0 = time.perf_counter()
             r = fn()
             times[k].append(r if isinstance(r, float) else time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
-def measure(model, batch: int, reps: int, with_fd: bool = True) -> dict[str, float]:
+def measure(model, batch: int, reps: int, with_fd: bool = True, ablate: bool = False) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     t = torch.linspace(10.0, 900.0, batch)
@@ -171,23 +240,37 @@ def measure(model, batch: int, reps: int, with_fd: bool = True) -> dict[str, flo
         with torch.inference_mode():
             return model(x, t)
 
-    x0 = torch.randn(batch, *model.sample_shape, generator=g)
-
+    samples = 4 * batch  # FD: samples × 2 grid points = 8 runner batches of `batch` pairs' forwards
+    x0 = torch.randn(samples, *model.sample_shape, generator=g)
     runner: list[float] = []
+    xr = torch.cat([x, x])  # the raw call at the runner's batch: 2·batch forwards (a pair per item)
+    tr = torch.cat([t, t + 1])
 
-    def fd():  # batch samples × 2 grid points: 4 runner batches of `batch` forwards
-        df = probe(model, x0, method="fd", timesteps="20,600", samples=batch, batch_size=batch, data_range=None)
-        runner.append(df.attrs["forwards_per_s"])
-        return df
+    def fd() -> float:
+        # the runner's time per batch, against the raw call timed right before it (the same stretch of machine load)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            with torch.inference_mode():
+                model(xr, tr)
+        raw = (time.perf_counter() - t0) / 4
+        df = probe(model, x0, method="fd", timesteps="20,600", samples=samples, batch_size=2 * batch, data_range=None)
+        runner.append(df.attrs["forwards_per_s"] / (2 * batch / raw))
+        return df.attrs["seconds"]
 
-    fns = {"forward": fwd, "jvp": jvp_call(model, x, t)} | ({"fd": fd} if with_fd else {})
-    med = interleaved(fns, reps)
-    out = {**med, "jvp_over_forward": med["jvp"] / med["forward"]}
+    fns = {"forward": fwd, "jvp": jvp_call(model, x, t)}
+    if ablate:
+        fns |= {f"jvp{c}": jvp_call(model, x, t, change=c) for c in ABLATIONS}
+    fns |= {"fd": fd} if with_fd else {}
+    times = interleaved(fns, reps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out: dict = {"forward": med["forward"], "jvp": med["jvp"], "jvp_over_forward": med["jvp"] / med["forward"]}
+    for c in ABLATIONS if ablate else ():
+        out[f"jvp_over_forward{c}"] = med[f"jvp{c}"] / med["forward"]
     if with_fd:
         # the hot path: forwards/s of the FD runner (noising, conversion to ε, norms, conditioning rows: per batch)
-        # ÷ forwards/s of the raw call; and of the whole probe call (+ per-run work: data, the FD noise estimate)
-        out["fd_over_raw"] = statistics.median(runner[1:]) / (batch / med["forward"])
-        out["fd_call_over_raw"] = (med["forward"] / batch) / (med["fd"] / fd().attrs["forwards"])
+        # ÷ forwards/s of the raw call at the same batch, paired per repetition; median and range over repetitions
+        out["fd_over_raw"] = statistics.median(runner[1:])
+        out["fd_over_raw_range"] = [min(runner[1:]), max(runner[1:])]
     return out
 
 
@@ -197,8 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--only", default=None, help="comma list of cifar10-unet, dit-s2, sd3-s")
+    p.add_argument("--only", default=None, help="comma list of " + ", ".join(NAMES))
     p.add_argument("--no-fd", action="store_true", help="JVP only")
+    p.add_argument("--ablate", action="store_true", help="also the JVP with each change undone (what each contributed)")
     p.add_argument("--merge", action="store_true", help="keep the other rows of an existing --json file")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -206,17 +290,20 @@ def main(argv: list[str] | None = None) -> dict:
         a.batch, a.reps = 2, 2
     torch.set_num_threads(a.threads)
     res: dict = {"torch": torch.__version__, "threads": a.threads, "batch": a.batch, "reps": a.reps, "rows": {}}
+    res["load_before"] = os.getloadavg()[0]
     for name, model in networks(a.tiny).items():
         if a.only and name not in a.only.split(","):
             continue
-        r = {**measure(model, a.batch, a.reps, not a.no_fd), "batch": a.batch, "reps": a.reps}
+        r = {**measure(model, a.batch, a.reps, not a.no_fd, a.ablate), "batch": a.batch, "reps": a.reps}
         res["rows"][name] = r
         fd = f"  FD ÷ raw {r['fd_over_raw']:.3f}" if "fd_over_raw" in r else ""
+        fd += "".join(f"  {c} {r['jvp_over_forward' + c]:.2f}" for c in ABLATIONS if "jvp_over_forward" + c in r)
         print(
             f"{name:13s} forward {r['forward']:.4f}s  jvp {r['jvp']:.4f}s  JVP ÷ forward {r['jvp_over_forward']:.2f}"
             + fd,
             flush=True,
         )
+    res["load_after"] = os.getloadavg()[0]
     if a.json:
         from lipscope.io import atomic_write_text
 

@@ -211,7 +211,7 @@ def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
                 continue
             row = mode_row(dev, precision, wall, evals, f1 * evals)  # FD: f1 per evaluation; JVP: replaced below
             row["over_raw"] = row["evals_per_s"] / res["raw"]["evals_per_s"]
-            if method == "jvp":  # FLOPs of one JVP evaluation, counted through torch.func.jvp
+            if method == "jvp":  # FLOPs of one JVP evaluation, counted through lipscope.fwad.jvp
                 row["tflops"] = jvp_flops(fast) * evals / wall / 1e12
                 pk = peak_tflops(dev, precision)
                 row["mfu"] = None if pk is None else row["tflops"] / pk
@@ -226,12 +226,13 @@ def bench_model(spec: Model, precision: str, a, dev) -> dict[str, Any]:
 
 
 def jvp_flops(m) -> int:
-    from lipscope.fwad import forward_ad_patches
+    """FLOPs of one JVP evaluation, through :func:`lipscope.fwad.jvp` as the probe runs it (tangent ops included)."""
+    from lipscope.fwad import forward_ad_patches, jvp
 
     x = torch.randn(1, *m.sample_shape, device=m.device, dtype=m.dtype)
     t = torch.full((1,), 500.0, device=m.device, dtype=torch.float32)
     with forward_ad_patches(m.module), torch.no_grad():
-        return flops_of(lambda: torch.func.jvp(lambda s: m(x, s), (t,), (torch.ones_like(t),)))
+        return flops_of(lambda: jvp(m.name, lambda s: m(x, s), (t,), (torch.ones_like(t),)))
 
 
 def bench_compiled(m, precision: str, a, dev, b: int, f1: int) -> dict[str, Any]:

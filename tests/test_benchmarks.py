@@ -47,10 +47,15 @@ def test_bench_jvp_ratio_tiny():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_jvp_ratio
 
-    res = bench_jvp_ratio.main(["--tiny"])
+    import lipscope.fwad as fw
+
+    before = (fw.jvp, fw._channels_last, fw._GroupNorm.jvp, dict(fw.CHUNK_ELEMENTS))
+    res = bench_jvp_ratio.main(["--tiny", "--ablate"])
     assert set(res["rows"]) == {"cifar10-unet", "dit-s2", "sd3-s"}
     for r in res["rows"].values():
-        assert r["jvp_over_forward"] > 0 and r["fd_over_raw"] > 0 and r["fd_call_over_raw"] > 0
+        assert r["jvp_over_forward"] > 0 and r["fd_over_raw"] > 0
+        assert all(r["jvp_over_forward" + c] > 0 for c in bench_jvp_ratio.ABLATIONS)
+    assert (fw.jvp, fw._channels_last, fw._GroupNorm.jvp, dict(fw.CHUNK_ELEMENTS)) == before  # every change restored
 
 
 def test_bench_scaling_tiny(tmp_path):
