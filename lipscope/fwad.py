@@ -251,6 +251,7 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
     if module is None:
         yield
         return
+    refuse_compiled(module)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     patched_gn: list[nn.Module] = []
@@ -288,6 +289,18 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
         for mod in patched_gn:
             del mod.forward
         cl_weights.clear()
+
+
+def refuse_compiled(module: nn.Module) -> None:
+    """A ``torch.compile``-d network (or one holding a compiled part) returns a zero tangent to dual-tensor forward AD
+    (measured: benchmarks/bench_compile_jvp.py, torch 2.13): one line instead of a silent K of 0."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if any(isinstance(m, OptimizedModule) for m in module.modules()):
+        raise InputError(
+            "the network is compiled (torch.compile): forward-mode AD through a compiled graph returns a zero "
+            "derivative; pass the uncompiled network for `method` jvp (or use `method` fd)"
+        )
 
 
 def _is_oom(e: BaseException) -> bool:

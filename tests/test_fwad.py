@@ -305,3 +305,13 @@ def test_dual_tensor_jvp_equals_torch_func_jvp():
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], rtol=1e-12, atol=1e-12 * ref[1].abs().max().item())
     assert ref[1].abs().max() > 0 and torch.equal(const[1], torch.zeros_like(x))
+
+
+def test_compiled_network_is_refused():
+    """torch.compile drops dual-tensor tangents (bench_compile_jvp: a zero derivative): the patches refuse a compiled
+    network, or one holding a compiled part, in one line, before anything runs."""
+    from lipscope.errors import InputError
+
+    for net in (torch.compile(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), torch.compile(nn.Linear(2, 2)))):
+        with pytest.raises(InputError, match="compiled"), forward_ad_patches(net):
+            pass
