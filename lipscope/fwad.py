@@ -280,8 +280,8 @@ def forward_ad_patches(module: nn.Module | None) -> Iterator[None]:
                 patched_gn.append(mod)
         original = nn.functional.scaled_dot_product_attention
         nn.functional.scaled_dot_product_attention = _sdpa(original)  # diffusers' processors call it as F.…
-        try:
-            with sdpa_kernel([SDPBackend.MATH]):
+        try:  # no autograd graph: the rules keep their outputs on ctx, a cycle through C++ that would never be freed
+            with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
                 yield
         finally:
             nn.functional.scaled_dot_product_attention = original

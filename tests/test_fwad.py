@@ -315,3 +315,12 @@ def test_compiled_network_is_refused():
     for net in (torch.compile(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2), torch.compile(nn.Linear(2, 2)))):
         with pytest.raises(InputError, match="compiled"), forward_ad_patches(net):
             pass
+
+
+def test_patches_run_without_an_autograd_graph():
+    """The rules keep their outputs on ctx; with a graph that is a reference cycle through C++ that Python never frees
+    (measured: +1.1 GB per PixArt-S JVP under torch.func.jvp with grad enabled). Inside the patches grad is off."""
+    assert torch.is_grad_enabled()
+    with forward_ad_patches(nn.Linear(1, 1)):
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
