@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -232,7 +233,15 @@ def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def measure(model, batch: int, reps: int, with_fd: bool = True, ablate: bool = False) -> dict[str, float]:
+def measure(
+    model,
+    batch: int,
+    reps: int,
+    with_fd: bool = True,
+    ablate: bool = False,
+    with_jvp: bool = True,
+    with_probe: bool = True,
+) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, generator=g)
     t = torch.linspace(10.0, 900.0, batch)
@@ -258,17 +267,36 @@ def measure(model, batch: int, reps: int, with_fd: bool = True, ablate: bool = F
         runner.append(df.attrs["forwards_per_s"] / (2 * batch / raw))
         return df.attrs["seconds"]
 
-    fns = {"forward": fwd, "jvp": jvp_call(model, x, t)}
-    if ablate:
+    from lipscope.fd import fd_norms
+    from lipscope.points import FDPoints
+
+    grid = np.array([20.0])
+    pts = FDPoints(grid, grid, grid + 1.0)
+    noise = torch.randn(x0.shape, generator=g)
+
+    def raw_pairs():  # the raw call at the runner's batch (a pair per item)
+        with torch.inference_mode():
+            return model(xr, tr)
+
+    def fd_batch():  # one runner batch of `batch` pairs: noising, the pair call, the finite check, the norms
+        return fd_norms(model, x0[:batch], noise[:batch], pts, batch_size=2 * batch)
+
+    fns = {"forward": fwd} | ({"jvp": jvp_call(model, x, t)} if with_jvp else {})
+    fns |= {"raw_pairs": raw_pairs, "fd_batch": fd_batch} if with_fd else {}
+    if ablate and with_jvp:
         fns |= {f"jvp{c}": jvp_call(model, x, t, change=c) for c in ABLATIONS}
-    fns |= {"fd": fd} if with_fd else {}
+    fns |= {"fd": fd} if with_fd and with_probe else {}
     times = interleaved(fns, reps)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out: dict = {"forward": med["forward"], "jvp": med["jvp"], "jvp_over_forward": med["jvp"] / med["forward"]}
-    for c in ABLATIONS if ablate else ():
+    out: dict = {"forward": med["forward"]}
+    if with_jvp:
+        out |= {"jvp": med["jvp"], "jvp_over_forward": med["jvp"] / med["forward"]}
+    for c in ABLATIONS if ablate and with_jvp else ():
         out[f"jvp_over_forward{c}"] = med[f"jvp{c}"] / med["forward"]
-    if with_fd:
-        # the hot path: forwards/s of the FD runner (noising, conversion to ε, norms, conditioning rows: per batch)
+    if with_fd:  # one runner batch against the raw call at its batch, interleaved: the hot path alone
+        out["fd_batch_over_raw"] = med["raw_pairs"] / med["fd_batch"]
+    if with_fd and with_probe:
+        # forwards/s of the FD runner (noising, conversion to ε, norms, conditioning rows: per batch)
         # ÷ forwards/s of the raw call at the same batch, paired per repetition; median and range over repetitions
         out["fd_over_raw"] = statistics.median(runner[1:])
         out["fd_over_raw_range"] = [min(runner[1:]), max(runner[1:])]
@@ -283,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", default=None, help="comma list of " + ", ".join(NAMES))
     p.add_argument("--no-fd", action="store_true", help="JVP only")
+    p.add_argument("--no-jvp", action="store_true", help="FD only")
+    p.add_argument("--no-probe", action="store_true", help="FD: the runner batch alone, not whole probe calls")
     p.add_argument("--ablate", action="store_true", help="also the JVP with each change undone (what each contributed)")
     p.add_argument("--merge", action="store_true", help="keep the other rows of an existing --json file")
     p.add_argument("--json", default=None)
@@ -295,15 +325,14 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model in networks(a.tiny).items():
         if a.only and name not in a.only.split(","):
             continue
-        r = {**measure(model, a.batch, a.reps, not a.no_fd, a.ablate), "batch": a.batch, "reps": a.reps}
+        r = measure(model, a.batch, a.reps, not a.no_fd, a.ablate, not a.no_jvp, not a.no_probe)
+        r |= {"batch": a.batch, "reps": a.reps}
         res["rows"][name] = r
-        fd = f"  FD ÷ raw {r['fd_over_raw']:.3f}" if "fd_over_raw" in r else ""
+        fd = f"  FD batch ÷ raw {r['fd_batch_over_raw']:.3f}" if "fd_batch_over_raw" in r else ""
+        fd += f"  FD runner ÷ raw {r['fd_over_raw']:.3f}" if "fd_over_raw" in r else ""
         fd += "".join(f"  {c} {r['jvp_over_forward' + c]:.2f}" for c in ABLATIONS if "jvp_over_forward" + c in r)
-        print(
-            f"{name:13s} forward {r['forward']:.4f}s  jvp {r['jvp']:.4f}s  JVP ÷ forward {r['jvp_over_forward']:.2f}"
-            + fd,
-            flush=True,
-        )
+        jv = f"  jvp {r['jvp']:.4f}s  JVP ÷ forward {r['jvp_over_forward']:.2f}" if "jvp" in r else ""
+        print(f"{name:13s} forward {r['forward']:.4f}s" + jv + fd, flush=True)
     res["load_after"] = os.getloadavg()[0]
     if a.json:
         from lipscope.io import atomic_write_text

@@ -4,10 +4,12 @@
     python benchmarks/bench_scaling.py --tiny      # smoke test (tests/ runs this)
 
 Network: a class-conditional ``DiTTransformer2DModel`` (random weights, 16×16×4 latents, 6 blocks) wrapped by
-lipscope's DiT family. Work: 4 sizes of samples × grid points at the middle width; model: 3 widths at a fixed work.
+lipscope's DiT family. Work: 4 sizes of samples × grid points (16 … 128) at the middle width; model: 3 widths at
+32 points.
 Each configuration runs in a fresh subprocess (one CPU thread, fixed batch): wall time of ``probe`` (FD and JVP), and
 peak memory as the growth of the process's peak resident set during the probe (``ru_maxrss`` after − resident set
-before; CPU has no per-mode allocator counter). The JSON carries the log-log slopes (≈ 1 expected for the work).
+before; CPU has no per-mode allocator counter). The JSON carries the log-log slopes (≈ 1 expected for the work) and a
+linear fit wall = fixed + per_point · points per method (FD's fixed part: its per-run rounding-noise estimate).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import time
 import numpy as np
 
 WIDTHS = (2, 4, 8)  # heads of 64: hidden 128, 256, 512
-WORK = ((2, 2), (4, 2), (8, 2), (8, 4))  # (samples, grid points): 4, 8, 16, 32 points
+WORK = ((4, 4), (8, 4), (8, 8), (16, 8))  # (samples, grid points): 16, 32, 64, 128 points
 MID = 4
-FIXED_WORK = (4, 2)
+FIXED_WORK = (8, 4)  # 32 points
 
 
 def child(heads: int, samples: int, grid: int, method: str, tiny: bool) -> dict:
@@ -156,7 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
         res["slopes"][f"work_{method}_memory"] = slope(
             [r["points"] for r in w], [max(r["peak_rss_growth_MiB"], 1e-3) for r in w]
         )
-    print(res["slopes"])
+        # wall = fixed + per_point · points: the per-run work (FD: the rounding-noise estimate) apart from the rest
+        per_point, fixed = np.polyfit([r["points"] for r in w], [r["wall_s"] for r in w], 1)
+        res["linear_fit"] = res.get("linear_fit", {}) | {method: {"fixed_s": fixed, "per_point_s": per_point}}
+    print(res["slopes"], res["linear_fit"])
     if a.json:
         from lipscope.io import atomic_write_text
 

@@ -53,7 +53,7 @@ def test_bench_jvp_ratio_tiny():
     res = bench_jvp_ratio.main(["--tiny", "--ablate"])
     assert set(res["rows"]) == {"cifar10-unet", "dit-s2", "sd3-s"}
     for r in res["rows"].values():
-        assert r["jvp_over_forward"] > 0 and r["fd_over_raw"] > 0
+        assert r["jvp_over_forward"] > 0 and r["fd_over_raw"] > 0 and r["fd_batch_over_raw"] > 0
         assert all(r["jvp_over_forward" + c] > 0 for c in bench_jvp_ratio.ABLATIONS)
     assert (fw.jvp, fw._channels_last, fw._GroupNorm.jvp, dict(fw.CHUNK_ELEMENTS)) == before  # every change restored
 
@@ -63,8 +63,11 @@ def test_bench_scaling_tiny(tmp_path):
     import bench_scaling
 
     res = bench_scaling.main(["--tiny", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
-    assert [r["points"] for r in res["work"] if r["method"] == "fd"] == [4, 8]
+    assert [r["points"] for r in res["work"] if r["method"] == "fd"] == [16, 32]
     assert all(np.isfinite(v) for v in res["slopes"].values()) and (tmp_path / "s.png").stat().st_size > 0
+    assert set(res["linear_fit"]) == {"fd", "jvp"} and all(
+        np.isfinite(f["per_point_s"]) for f in res["linear_fit"].values()
+    )
 
 
 def test_bench_diagnosis_tiny(tmp_path, monkeypatch):
@@ -76,3 +79,12 @@ def test_bench_diagnosis_tiny(tmp_path, monkeypatch):
     res = json.loads(out.read_text())
     assert set(res["methods"]) == {"fd", "jvp", "jvp-ode", "fd-ode", "attribution", "ref-empirical", "ref-gaussian"}
     assert all(m["raw_forwards_per_item"] > 0 for m in res["methods"].values()) and res["attribution_groups"] == 5
+
+
+def test_bench_attention_jvp_tiny():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_attention_jvp
+
+    res = bench_attention_jvp.main(["--tiny", "--reps", "1"])
+    (row,) = res["rows"]
+    assert row["chunked_over_fused"] > 0 and row["whole_over_fused"] > 0 and row["tangent_rel_diff"] < 1e-5
