@@ -48,6 +48,13 @@ RUNNING_S = 2.0  # after the run is under way, at least this long into the work 
 CLEANUP_CPU_S = 10.0  # CPU seconds a run may spend after the signal: clean-up and exit, not the rest of the work
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT at its default, as in a terminal. A test run launched in the background of a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler (a program
+    started with SIGINT ignored keeps ignoring it, by convention): the Ctrl-C these tests stand for would never come."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], out: Path, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -57,6 +64,7 @@ def _start(args: list[str], out: Path, cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
