@@ -447,6 +447,12 @@ def _tiny_config(tmp_path: Path) -> Path:
     return tmp_path / "tiny.json"
 
 
+def _two_steps(tmp_path: Path) -> list[str]:
+    """`lipscope train` of the tiny UNet for 2 steps, without warm-up (no warm-up warning line) or progress bar."""
+    cfg = str(_tiny_config(tmp_path))
+    return ["train", "--config", cfg, "--steps", "2", "--warmup", "0", "--batch-size", "4", "--no-progress"]
+
+
 def test_killed_inside_the_first_checkpoint_continues_from_step_0(tmp_path, reference, capfd, monkeypatch):
     """SIGKILL while `.step-2.tmp` was written (the first checkpoint): no complete checkpoint, a folder that is not
     empty. A fresh start is refused naming --resume (train has no --overwrite); --resume ignores the unfinished
@@ -487,20 +493,7 @@ def test_cli_resume_with_nothing_to_resume_is_a_fresh_run(tmp_path, capfd, monke
     from test_bad_inputs import ANSI, run_inprocess
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = _tiny_config(tmp_path)
-    argv = [
-        "train",
-        "--config",
-        str(cfg),
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--batch-size",
-        "4",
-        "--no-progress",
-        "--resume",
-    ]
+    argv = [*_two_steps(tmp_path), "--resume"]
     res = run_inprocess([*argv, "--out", str(tmp_path / "run")], capfd, monkeypatch)
     assert res.code == 0, res.stderr + res.exc
     lines = [ln for ln in ANSI.sub("", res.stderr).splitlines() if ln.strip()]
@@ -516,19 +509,7 @@ def test_a_torch_message_during_resume_is_not_turned_into_flags(tmp_path, capfd,
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = [
-        "train",
-        "--config",
-        str(_tiny_config(tmp_path)),
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--batch-size",
-        "4",
-        "--no-progress",
-    ]
-    argv += ["--checkpoint-every", "1", "--out", str(run)]
+    argv = [*_two_steps(tmp_path), "--checkpoint-every", "1", "--out", str(run)]
     assert run_inprocess(argv, capfd, monkeypatch).code == 0
     (run / "checkpoints" / "step-2" / "accelerate" / "optimizer.bin").write_bytes(_payloads(marker)["torch.save"])
     argv.append("--resume")
