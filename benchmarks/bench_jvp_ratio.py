@@ -253,15 +253,18 @@ def measure(
     samples = 4 * batch  # FD: samples × 2 grid points = 8 runner batches of `batch` pairs' forwards
     x0 = torch.randn(samples, *model.sample_shape, generator=g)
     runner: list[float] = []
-    xr = torch.cat([x, x])  # the raw call at the runner's batch: 2·batch forwards (a pair per item)
+    xr = torch.cat([x, x])
     tr = torch.cat([t, t + 1])
+
+    def raw_pairs():  # the raw call at the runner's batch: 2·batch forwards (a pair per item)
+        with torch.inference_mode():
+            return model(xr, tr)
 
     def fd() -> float:
         # the runner's time per batch, against the raw call timed right before it (the same stretch of machine load)
         t0 = time.perf_counter()
         for _ in range(4):
-            with torch.inference_mode():
-                model(xr, tr)
+            raw_pairs()
         raw = (time.perf_counter() - t0) / 4
         df = probe(model, x0, method="fd", timesteps="20,600", samples=samples, batch_size=2 * batch, data_range=None)
         runner.append(df.attrs["forwards_per_s"] / (2 * batch / raw))
@@ -273,10 +276,6 @@ def measure(
     grid = np.array([20.0])
     pts = FDPoints(grid, grid, grid + 1.0)
     noise = torch.randn(x0.shape, generator=g)
-
-    def raw_pairs():  # the raw call at the runner's batch (a pair per item)
-        with torch.inference_mode():
-            return model(xr, tr)
 
     def fd_batch():  # one runner batch of `batch` pairs: noising, the pair call, the finite check, the norms
         return fd_norms(model, x0[:batch], noise[:batch], pts, batch_size=2 * batch)

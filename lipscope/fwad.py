@@ -119,8 +119,9 @@ def _laid_out(x: torch.Tensor, weight: torch.Tensor, weight_cl: torch.Tensor | N
 def _conv_forward(mod: nn.Conv2d, cache: dict[nn.Module, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """A convolution whose weight, for a channels-last input, is the channels-last copy the kernel would make itself
     on every call, made once per patch context (``cache``) and shared by the primal and the tangent: the same values
-    in the same kernel, without two weight copies per layer and evaluation (11 % of a CIFAR-10 UNet JVP on CPU). Only
-    the module's own parameter is cached (a weight substituted by ``functional_call`` is used as given)."""
+    in the same kernel, without two weight copies per layer and evaluation (8 % of a CIFAR-10 UNet JVP on CPU, by
+    profile). Only the module's own parameter is cached (a weight substituted by ``functional_call`` is used as
+    given)."""
 
     def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return nn.functional.conv2d(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
