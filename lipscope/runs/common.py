@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,18 @@ def check_out_dir(
     """:func:`lipscope.io.check_out_dir` with the run's raw ``inputs`` turned into the paths it reads
     (:func:`input_paths`): an ``out`` that holds or is one of them is refused."""
     return lio.check_out_dir(out, overwrite=overwrite, resume=resume, inputs=input_paths(*inputs), whole=whole)
+
+
+def check_out_file(out: str | Path, runs: Iterable[str | Path], verb: str) -> None:
+    """Refuse, before any work, a single output file (a figure, a report page) written into one of the run folders
+    ``runs`` the command ``verb``s (a run folder holds what its own command wrote, nothing else); its folder is
+    otherwise only checked writable (a file beside others: not empty is fine, the current folder too)."""
+    parent = Path(out).parent
+    rp = parent.resolve()
+    inside = [r for r in runs if (q := Path(r).resolve()) == rp or q in rp.parents]
+    if inside:
+        raise InputError(f"`out` {out} lies inside the run {inside[0]}, which this {verb}; write it elsewhere")
+    check_out_dir(parent, resume=True, whole=False)
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from .common import (
     ConditioningOptions,
     ModelOptions,
     check_out_dir,
+    check_out_file,
     main_lock,
     model_digest,
     model_info,
@@ -312,12 +313,7 @@ def compare_runs(runs: list[str | Path], out_file: str | Path, t_split: float | 
         raise InputError(f"the runs measure different targets ({', '.join(sorted(targets))}); compare runs of one")
     if len(steps) > 1:
         log.warning("the runs have different T (%s): their t axes differ; compare K per λ instead", sorted(steps))
-    parent = Path(out_file).parent
-    inside = [r for r in runs if (q := Path(r).resolve()) == parent.resolve() or q in parent.resolve().parents]
-    if inside:
-        raise InputError(f"`out` {out_file} lies inside the run {inside[0]}, which this compares; write it elsewhere")
-    # a file beside others: only "writable" (resume: a non-empty folder is fine; not whole: the current folder is)
-    check_out_dir(parent, resume=True, whole=False)
+    check_out_file(out_file, runs, "compares")
     png = figure_png(plot_compare(frames, sorted(bounds)))
     lio.atomic_write_bytes(out_file, png)
     return rows

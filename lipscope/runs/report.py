@@ -24,7 +24,7 @@ from .. import io as lio
 from ..errors import InputError
 from ..plots import figure_png, plot_compare, plot_lipschitz
 from ..reportpage import Num, Quoted, Section, Text, render_html, render_markdown
-from .common import check_out_dir
+from .common import check_out_file
 
 CONFIDENCE = 0.95
 
@@ -336,11 +336,7 @@ def report(runs: Sequence[str | Path], out: str | Path, evals: Sequence[str | Pa
             raise InputError(f"`eval` {ev['path']} evaluates {', '.join(_eval_specs(ev).values())}, none of the probed "
                              f"models ({', '.join(probed)}); pass evaluations of these models")  # fmt: skip
     out = Path(out)
-    parent = out.parent.resolve()
-    inside = [r for r in [*runs, *evals] if (q := Path(r).resolve()) == parent or q in parent.parents]
-    if inside:  # as compare: a run folder holds what its command wrote, nothing else
-        raise InputError(f"`out` {out} lies inside the run {inside[0]}, which this reads; write it elsewhere")
-    check_out_dir(out.parent, resume=True, whole=False)  # a file beside others: only "writable"
+    check_out_file(out, [*runs, *evals], "reads")
     sections: list[Section] = []
     verdict: list[Text] = []
     for r in loaded:
